@@ -1,0 +1,5 @@
+import sys
+
+from diffdistill.cli import main
+
+sys.exit(main())

@@ -1,0 +1,80 @@
+"""Atomic writes (temp file/folder + rename) and loading of pretrained weights with a useful error."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class StageError(RuntimeError):
+    """A user-facing problem (bad input, missing file): printed as one line, exit code 2."""
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def check_output_free(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise StageError(f"output folder {path} exists; pass --force to overwrite it or set name=... for a new run")
+
+
+@contextmanager
+def staged_dir(final: Path, force: bool) -> Iterator[Path]:
+    """Yield a temp folder beside `final`; on success it replaces `final` (which must not exist unless
+    `force`). On failure nothing is left behind, and an existing `final` is untouched."""
+    check_output_free(final, force)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_pretrained(load: Callable[[], T], source: str, key: str) -> T:
+    """Run `load` (a from_pretrained call); turn "not found / offline" into one actionable line."""
+    try:
+        return load()
+    except (OSError, ValueError) as err:
+        local = Path(source).exists()
+        where = (
+            f"the folder {source} does not hold diffusers weights ({str(err).splitlines()[0]})"
+            if local
+            else f"'{source}' is not on disk and cannot be downloaded here; download it on a machine with "
+            f"internet (huggingface-cli download {source} --local-dir DIR) and set {key}=DIR"
+        )
+        raise StageError(f"{key}: {where}") from None

@@ -1,0 +1,94 @@
+"""`diffdistill STAGE CONFIG [key=value ...]` — argument parsing and dispatch only."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+
+from diffdistill.checkpoint import StageError, check_output_free
+from diffdistill.config import Config, ConfigError, load_config
+
+STAGE_HELP = {
+    "pretrain": "train a class-conditional DiT from scratch on data.train",
+    "finetune": "fine-tune the DiT with the memory losses (finetune.init: pretrain, a folder or a hub id)",
+    "sample": "generate max(sample.ipc) images per class into <run>/samples",
+    "evaluate": "train small classifiers on the distilled set, random-real subsets and the full data",
+    "report": "write results.json, report.md and PNGs at the top of the run folder",
+    "run": "every stage in order: pretrain (if steps > 0), finetune (if steps > 0), sample, evaluate, report",
+}
+
+
+def _report(cfg: Config) -> None:
+    from diffdistill.report import write_report
+
+    print(write_report(cfg.run_dir))
+    print(f"\nreport: {cfg.run_dir / 'report.md'}")
+
+
+def _actions() -> dict[str, Callable[[Config, argparse.Namespace], object]]:
+    from diffdistill.evaluate import evaluate_stage
+    from diffdistill.sample import sample_stage
+    from diffdistill.train import train_stage
+
+    return {
+        "pretrain": lambda cfg, a: train_stage(cfg, "pretrain", a.force),
+        "finetune": lambda cfg, a: train_stage(cfg, "finetune", a.force),
+        "sample": lambda cfg, a: sample_stage(cfg, a.force),
+        "evaluate": lambda cfg, a: (evaluate_stage(cfg, a.force, a.distilled), _report(cfg)),
+        "report": lambda cfg, a: _report(cfg),
+    }
+
+
+# stage -> its output folder inside the run folder
+OUTPUTS = {"pretrain": "pretrain", "finetune": "finetune", "sample": "samples", "evaluate": "evaluate"}
+
+
+def run_order(cfg: Config) -> list[str]:
+    return [s for s in ("pretrain", "finetune") if getattr(cfg, s).steps > 0] + ["sample", "evaluate"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="diffdistill",
+        description="Generative dataset distillation: DiT + self-adaptive memory.",
+        epilog="Overrides use dotted keys, e.g. finetune.memory.policy=fifo data.train=DIR sample.ipc=[1,10]",
+    )
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, text in STAGE_HELP.items():
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("config", help="YAML config file (e.g. configs/demo-digits.yaml)")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+        p.add_argument("--force", action="store_true", help="overwrite existing stage output folders")
+        if name == "evaluate":
+            p.add_argument("--distilled", metavar="DIR",
+                           help="score this folder of class subfolders instead of <run>/samples")
+    parser.set_defaults(distilled=None)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        actions = _actions()
+        if args.stage != "run":
+            actions[args.stage](cfg, args)
+            return 0
+        order = run_order(cfg)
+        if not args.force:  # fail before any work, not after an hour of training
+            for name in order:
+                check_output_free(cfg.run_dir / OUTPUTS[name], False)
+        start = time.perf_counter()
+        for name in order:
+            print(f"== {name} ==", flush=True)
+            actions[name](cfg, args)
+        print(f"done in {time.perf_counter() - start:.0f} s: {cfg.run_dir}")
+    except (ConfigError, StageError) as err:
+        print(f"diffdistill: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffdistill: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""One frozen config tree for every stage: YAML file + dotted `key=value` overrides.
+
+Unknown keys and wrong types are rejected with one line that names the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    builtin: Literal["digits"] = "digits"  # used when `train` is not set
+    train: str | None = None  # folder of class subfolders of images
+    val: str | None = None  # same layout; for digits a seeded split is used instead
+    classes: str | tuple[str, ...] | None = None  # preset name, list of class names, or all
+    image_size: int = 16
+    channels: int | None = None  # 1 or 3; None: 1 if every image is grayscale, else 3
+    hflip: bool = True  # is a horizontal flip label-preserving for this data?
+    val_fraction: float = 0.2  # builtin datasets only
+    split_seed: int = 0  # builtin datasets only
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    kind: Literal["identity", "kl"] = "identity"
+    unshuffle: int = 1  # identity only: pixel-unshuffle factor (16 px gray, 2 -> 4x8x8 latent)
+    pretrained: str | None = None  # kl only: hub id or local folder (diffusers layout)
+    subfolder: str | None = "vae"
+    revision: str | None = None
+    scaling_factor: float | None = None  # None: the VAE's own config value (identity: 1)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    size: str = "tiny"  # a key of diffdistill.models.dit.SIZES
+    class_ids: Literal["local", "imagenet"] = "local"  # condition on 0..C-1 or on ImageNet-1K ids
+    class_dropout: float = 0.1  # label dropout for classifier-free guidance, once per sample
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    train_steps: int = 1000
+    schedule: Literal["linear", "cosine"] = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    policy: Literal["adaptive", "fifo", "none"] = "adaptive"
+    size_real: int = 64  # N_R
+    size_gen: int = 64  # N_G
+    lambda_real: float = 0.002
+    lambda_gen: float = 0.008
+    # "per_class": Σ_c a_c as the paper writes it; "authors": the released code's running-sum weighting.
+    loss_accumulation: Literal["per_class", "authors"] = "per_class"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 0  # 0 skips the stage in `run`
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    ema: float = 0.9999
+    grad_clip: float | None = 1.0
+    warmup_steps: int = 0
+    # None: random init; "pretrain": this run's pretrain output; else a diffusers folder or hub id
+    init: str | None = None
+    revision: str | None = None  # hub revision of `init`
+    trainable: Literal["full", "difffit"] = "full"
+    difffit_blocks: int | None = None  # blocks with DiffFit scale factors; None: the first half
+    log_every: int = 50
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    ipc: tuple[int, ...] = (10,)  # the largest is generated; smaller IPCs are its per-class prefixes
+    checkpoint: str = "finetune"  # "finetune", "pretrain", or a diffusers folder
+    weights: Literal["ema", "raw"] = "ema"
+    scheduler: Literal["ddpm", "ddim", "dpm"] = "ddpm"
+    steps: int = 50
+    guidance: float = 4.0
+    guidance_channels: int | None = None  # None: all latent channels; 3 reproduces the original DiT
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    nets: tuple[str, ...] = ("convnet3",)  # keys of diffdistill.models.classifiers.NETS
+    width: int = 128
+    norm: Literal["instance", "batch", "none"] = "instance"
+    seeds: int = 3
+    epochs: int = 300
+    full: bool = True  # also train on the full real train set (needed for fidelity)
+    full_epochs: int = 50
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    eval_every: int = 50
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop scale range; (1, 1) disables it
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "run"
+    out_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int | None = None  # torch CPU threads; None: torch's default
+    data: DataConfig = field(default_factory=DataConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    pretrain: TrainConfig = field(
+        default_factory=lambda: TrainConfig(lr=5e-4, batch_size=64, memory=MemoryConfig(policy="none"))
+    )
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(init="pretrain"))
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation of values that types alone cannot express. Keys map to (check, what is expected).
+_POSITIVE = "a positive number"
+_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "data.image_size": (lambda v: v > 0, _POSITIVE),
+    "data.channels": (lambda v: v is None or v in (1, 3), "1, 3 or null"),
+    "data.val_fraction": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "autoencoder.unshuffle": (lambda v: v >= 1, "an integer >= 1"),
+    "model.class_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "diffusion.train_steps": (lambda v: v > 1, "an integer > 1"),
+    "sample.ipc": (lambda v: len(v) > 0 and all(i > 0 for i in v), "a non-empty list of positive integers"),
+    "sample.steps": (lambda v: v > 0, _POSITIVE),
+    "sample.batch_size": (lambda v: v > 0, _POSITIVE),
+    "sample.guidance": (lambda v: v >= 0, "a number >= 0"),
+    "evaluate.nets": (lambda v: len(v) > 0, "a non-empty list"),
+    "evaluate.seeds": (lambda v: v > 0, _POSITIVE),
+    "evaluate.epochs": (lambda v: v > 0, _POSITIVE),
+    "evaluate.full_epochs": (lambda v: v > 0, _POSITIVE),
+    "evaluate.batch_size": (lambda v: v > 0, _POSITIVE),
+    "evaluate.eval_every": (lambda v: v > 0, _POSITIVE),
+    "evaluate.crop_scale": (lambda v: 0 < v[0] <= v[1] <= 1, "two numbers 0 < lo <= hi <= 1"),
+}
+for _stage in ("pretrain", "finetune"):
+    _CHECKS.update(
+        {
+            f"{_stage}.steps": (lambda v: v >= 0, "an integer >= 0"),
+            f"{_stage}.batch_size": (lambda v: v > 0, _POSITIVE),
+            f"{_stage}.lr": (lambda v: v > 0, _POSITIVE),
+            f"{_stage}.ema": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+            f"{_stage}.log_every": (lambda v: v > 0, _POSITIVE),
+            f"{_stage}.memory.size_real": (lambda v: v > 0, _POSITIVE),
+            f"{_stage}.memory.size_gen": (lambda v: v > 0, _POSITIVE),
+        }
+    )
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        inner = _type_name(args[0])
+        return f"a list of {inner}" if args[-1] is Ellipsis else f"a list of {len(args)} × {inner}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` converted to type `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp) and type(value) in {type(a) for a in typing.get_args(tp)}:
+            return value
+    elif origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError:
+                continue
+    elif origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, (list, tuple)) and (args[-1] is Ellipsis or len(value) == len(args)):
+            elems = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
+            # class names may be written as bare numbers in YAML (digits: [0, 1])
+            value = [str(v) if e is str and type(v) is int else v for v, e in zip(value, elems)]
+            try:
+                return tuple(_coerce(v, e, key) for v, e in zip(value, elems))
+            except ConfigError:
+                pass
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif dataclasses.is_dataclass(tp):
+        raise ConfigError(f"config key '{key}': expected a mapping of keys, got {value!r}")
+    else:  # pragma: no cover - schema uses only the types above
+        raise TypeError(f"unsupported config type {tp} for {key}")
+    raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+
+
+def _merge(base: Any, raw: dict, prefix: str) -> Any:
+    """Apply the nested mapping `raw` on top of the dataclass instance `base`."""
+    if not isinstance(raw, dict):
+        where = f"'{prefix[:-1]}'" if prefix else "the top level"
+        raise ConfigError(f"config {where}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(type(base))
+    names = [f.name for f in dataclasses.fields(base)]
+    changes = {}
+    for name, value in raw.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            where = f"'{prefix[:-1]}'" if prefix else "the top level"
+            raise ConfigError(f"unknown config key '{key}'; valid keys in {where}: {', '.join(names)}")
+        current = getattr(base, name)
+        if dataclasses.is_dataclass(current):
+            changes[name] = _merge(current, value, key + ".")
+        else:
+            changes[name] = _coerce(value, hints[name], key)
+    return dataclasses.replace(base, **changes)
+
+
+def _validate(cfg: Any, prefix: str = "") -> None:
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            _validate(value, key + ".")
+        elif key in _CHECKS and not _CHECKS[key][0](value):
+            raise ConfigError(f"config key '{key}': expected {_CHECKS[key][1]}, got {value!r}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value parsed as YAML)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. finetune.memory.policy=fifo")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err.__class__.__name__})") from None
+    return key.split("."), parsed
+
+
+def build_config(raw: dict | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Config from a nested mapping (as read from YAML) plus dotted overrides, validated."""
+    raw = dict(raw or {})
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            node[part] = child = dict(child) if isinstance(child, dict) else {}
+            node = child
+        node[path[-1]] = value
+    cfg = _merge(Config(), raw, "")
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    try:
+        return build_config(raw, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict (tuples as lists) for YAML/JSON."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))

@@ -1,0 +1,184 @@
+"""Labelled image sets held in memory as uint8 tensors: the built-in `digits` (scikit-learn) and folders of
+class subfolders of images (any size, RGB or grayscale; resized and center-cropped to `image_size`)."""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from diffdistill.checkpoint import StageError
+from diffdistill.config import DataConfig
+from diffdistill.data.classes import resolve_classes
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+
+
+@dataclass
+class ImageSet:
+    images: Tensor  # [N, C, H, W] uint8
+    labels: Tensor  # [N] int64, indices into `classes`
+    classes: list[str]
+    files: list[str] | None = None  # where each image came from (None for built-in data)
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    def sha256(self) -> str:
+        h = hashlib.sha256()
+        h.update(self.images.numpy().tobytes())
+        h.update(self.labels.numpy().tobytes())
+        h.update("\n".join(self.classes).encode())
+        return h.hexdigest()
+
+    def subset(self, index: Tensor) -> ImageSet:
+        files = [self.files[i] for i in index.tolist()] if self.files is not None else None
+        return ImageSet(self.images[index], self.labels[index], self.classes, files)
+
+    def as_float(self) -> Tensor:
+        """Images scaled to [-1, 1], float32."""
+        return self.images.float() / 127.5 - 1
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """[-1, 1] float -> [0, 255] uint8."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def _read_image(path: Path, size: int) -> tuple[np.ndarray, bool]:
+    """RGB uint8 [size, size, 3] and whether the file was grayscale."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            gray = img.mode in _GRAY_MODES
+            if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16/32-bit: scale to 8 bits
+                arr = np.asarray(img, dtype=np.float64)
+                hi = 65535.0 if arr.max() > 255 else 255.0
+                img = Image.fromarray((arr / hi * 255).clip(0, 255).astype(np.uint8))
+            rgb = img.convert("RGB")
+    except Exception as err:  # PIL raises many types for corrupt files
+        raise StageError(f"cannot read image {path}: {err}") from None
+    return np.asarray(_resize_center_crop(rgb, size)), gray
+
+
+def list_class_folders(root: Path, key: str) -> list[str]:
+    if not root.is_dir():
+        raise StageError(f"{key}: folder {root} does not exist")
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not names:
+        raise StageError(f"{key}: folder {root} has no class subfolders (expected ROOT/CLASS/IMAGE files)")
+    return names
+
+
+def load_image_folder(root: str | Path, classes: list[str], image_size: int, channels: int | None,
+                      key: str = "data.train") -> ImageSet:
+    """All images of `classes` (subfolders of `root`), in class order then file-name order."""
+    root = Path(root)
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        folder = root / name
+        if not folder.is_dir():
+            raise StageError(f"{key}: class folder {folder} does not exist")
+        found = sorted(p for p in folder.iterdir()
+                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+        if not found:
+            raise StageError(
+                f"{key}: class folder {folder} has no images (looked for {', '.join(IMAGE_EXTENSIONS)})"
+            )
+        files += found
+        labels += [label] * len(found)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(tqdm(pool.map(lambda p: _read_image(p, image_size), files), total=len(files),
+                            desc=f"reading {root}", unit="img", disable=len(files) < 2000, leave=False))
+    images = torch.from_numpy(np.stack([r[0] for r in results])).permute(0, 3, 1, 2).contiguous()
+    all_gray = all(r[1] for r in results)
+    if channels is None:
+        channels = 1 if all_gray else 3
+    if channels == 1:
+        # grayscale decoded to RGB has equal channels; otherwise use ITU-R 601 luma (PIL's "L")
+        weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        images = (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+    return ImageSet(images, torch.tensor(labels, dtype=torch.long), list(classes), [str(f) for f in files])
+
+
+def _digits(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    raw = (bunch.images / 16.0 * 255).round().astype(np.uint8)  # [N, 8, 8], 0..16 -> 0..255
+    resized = np.stack([
+        np.asarray(Image.fromarray(im).resize((cfg.image_size, cfg.image_size), Image.Resampling.BILINEAR))
+        for im in raw
+    ])
+    images = torch.from_numpy(resized).unsqueeze(1)  # [N, 1, S, S]
+    if cfg.channels == 3:
+        images = images.repeat(1, 3, 1, 1)
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    idx = np.arange(len(labels))
+    train_idx, val_idx = train_test_split(idx, test_size=cfg.val_fraction, random_state=cfg.split_seed,
+                                          stratify=bunch.target)
+    full = ImageSet(images, labels, list(BUILTIN_CLASSES["digits"]))
+    train, val = full.subset(torch.from_numpy(np.sort(train_idx))), full.subset(torch.from_numpy(np.sort(val_idx)))
+    names = resolve_classes(cfg.classes, full.classes, "the digits dataset")
+    return select_classes(train, names), select_classes(val, names)
+
+
+def select_classes(data: ImageSet, names: list[str]) -> ImageSet:
+    """Keep only `names` and relabel them 0..len(names)-1 in that order."""
+    remap = torch.full((len(data.classes),), -1, dtype=torch.long)
+    for new, name in enumerate(names):
+        remap[data.classes.index(name)] = new
+    keep = (remap[data.labels] >= 0).nonzero().squeeze(1)
+    out = data.subset(keep)
+    return ImageSet(out.images, remap[out.labels], list(names), out.files)
+
+
+BUILTINS = {"digits": _digits}
+BUILTIN_CLASSES = {"digits": tuple(str(d) for d in range(10))}
+
+
+def load_data(cfg: DataConfig, need_val: bool = True) -> tuple[ImageSet, ImageSet | None]:
+    """(train, val) for the config: the built-in dataset, or `data.train` / `data.val` folders."""
+    if cfg.train is None:
+        if cfg.val is not None:
+            raise StageError("data.val is set but data.train is not; set both to use your own folders")
+        return BUILTINS[cfg.builtin](cfg)
+    available = list_class_folders(Path(cfg.train), "data.train")
+    names = resolve_classes(cfg.classes, available, cfg.train)
+    train = load_image_folder(cfg.train, names, cfg.image_size, cfg.channels, "data.train")
+    if cfg.val is None:
+        if need_val:
+            raise StageError("data.val is not set: evaluation needs a folder of real validation images")
+        return train, None
+    list_class_folders(Path(cfg.val), "data.val")
+    val = load_image_folder(cfg.val, names, cfg.image_size, train.channels, "data.val")
+    return train, val
+
+
+def data_classes(cfg: DataConfig) -> list[str]:
+    """The run's class names in order, without reading any image."""
+    if cfg.train is None:
+        return resolve_classes(cfg.classes, list(BUILTIN_CLASSES[cfg.builtin]), f"the {cfg.builtin} dataset")
+    return resolve_classes(cfg.classes, list_class_folders(Path(cfg.train), "data.train"), cfg.train)

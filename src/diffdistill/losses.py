@@ -1,0 +1,84 @@
+"""Representativeness and diversity losses of the memory method. Pure functions of tensors.
+
+For each class c in the batch whose generated memory is non-empty (X_c = the batch's x̂0 rows of class c):
+    R_c = 1 − min_{i∈c, j} cos(X_c,i, M_r[c]_j)      pull the least similar pair toward the real memory
+    D_c = max_{i∈c, j} cos(X_c,i, M_g[c]_j)           push the most similar pair away from earlier samples
+    a_c = (λ_r R_c + λ_g D_c) / K                    K = number of distinct classes in the batch
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from diffdistill.memory import cosine_matrix
+
+Banks = Sequence[Tensor] | Mapping[int, Tensor]
+
+
+def _bank(banks: Banks, c: int) -> Tensor | None:
+    if isinstance(banks, Mapping):
+        return banks.get(c)
+    return banks[c]
+
+
+def memory_loss_terms(
+    x0: Tensor, labels: Tensor, real: Banks, gen: Banks
+) -> tuple[list[int], Tensor, Tensor]:
+    """Per-class (R_c, D_c) for every class in the batch, in ascending class order.
+
+    x0: [B, D] (or [B, ...], flattened); labels: [B]. Returns (classes, R [K], D [K]); a class with an
+    empty generated memory gets R_c = D_c = 0 (it still counts in K).
+    """
+    x0 = x0.flatten(1)
+    classes = torch.unique(labels).tolist()
+    zero = x0.new_zeros(())
+    if not classes:
+        return [], x0.new_zeros(0), x0.new_zeros(0)
+    reps, divs = [], []
+    for c in classes:
+        g = _bank(gen, c)
+        if g is None or g.shape[0] == 0:
+            reps.append(zero)
+            divs.append(zero)
+            continue
+        xc = x0[labels == c]  # [B_c, D]
+        r = _bank(real, c)
+        reps.append(1 - cosine_matrix(xc, r.to(xc.dtype)).min() if r is not None and r.shape[0] else zero)
+        divs.append(cosine_matrix(xc, g.to(xc.dtype)).max())
+    return classes, torch.stack(reps), torch.stack(divs)
+
+
+def memory_loss(
+    x0: Tensor,
+    labels: Tensor,
+    real: Banks,
+    gen: Banks,
+    lambda_real: float,
+    lambda_gen: float,
+    accumulation: str = "per_class",
+) -> Tensor:
+    """Σ_c a_c (scalar, differentiable w.r.t. x0); see `combine_terms` for `accumulation`."""
+    _, reps, divs = memory_loss_terms(x0, labels, real, gen)
+    return combine_terms(reps, divs, lambda_real, lambda_gen, accumulation)
+
+
+def combine_terms(reps: Tensor, divs: Tensor, lambda_real: float, lambda_gen: float,
+                  accumulation: str = "per_class") -> Tensor:
+    """Σ_c (λ_r R_c + λ_g D_c) / K over the K classes of the batch.
+
+    accumulation="authors" reproduces the released code, which adds the running sum inside the class
+    loop: the class visited first (smallest id) counts K times, the next K−1 times, and so on.
+    """
+    k = reps.shape[0]
+    if k == 0:
+        return reps.new_zeros(())
+    per_class = (lambda_real * reps + lambda_gen * divs) / k  # [K]
+    if accumulation == "per_class":
+        return per_class.sum()
+    if accumulation == "authors":
+        weights = torch.arange(k, 0, -1, dtype=per_class.dtype, device=per_class.device)  # K, K-1, ..., 1
+        return (weights * per_class).sum()
+    raise ValueError(f"memory loss accumulation {accumulation!r}: expected 'per_class' or 'authors'")

@@ -1,0 +1,79 @@
+"""Process-level setup and provenance: device choice, thread count, and the record that re-makes a run."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from diffdistill.checkpoint import StageError, atomic_write_json, atomic_write_text
+from diffdistill.config import Config, to_dict
+
+PACKAGES = ("diffdistill", "torch", "diffusers", "numpy", "kornia", "safetensors", "pillow", "scikit-learn")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise StageError(f"device {name!r} requested but CUDA is not available; use device=cpu or device=auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise StageError(f"config key 'device': expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+
+
+def setup(cfg: Config) -> torch.device:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return resolve_device(cfg.device)
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed that depends only on `parts` (stable across processes and Python versions)."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5,
+                               cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (res.stdout.strip() + ("+dirty" if dirty else "")) if res.returncode == 0 else None
+
+
+def write_run_info(folder: Path, cfg: Config, stage: str, extra: dict[str, Any]) -> None:
+    """config.yaml (resolved) and run_info.json (command, versions, commit, seeds, data hashes) in `folder`."""
+    atomic_write_text(folder / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_json(folder / "run_info.json", {
+        "stage": stage,
+        "command": sys.argv,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seed": cfg.seed,
+        "device": cfg.device,
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        **extra,
+    })

@@ -1,0 +1,116 @@
+import math
+
+import pytest
+import torch
+
+from diffdistill.memory import MemoryBank, select_adaptive, select_adaptive_naive, select_fifo
+
+
+def t(rows, dtype=torch.float64):
+    return torch.tensor(rows, dtype=dtype)
+
+
+def test_adaptive_hand_computed_case():
+    # a=[1,0] b=[0,1] c=[1,0] (duplicate of a) d=[1,1]
+    # s = [1+0+1+.707, 0+1+0+.707, 2.707, .707*3+1] -> d (3.121) goes first;
+    # then s = [2, 1, 2] -> tie between a and c: the first (oldest), a, goes.
+    bank = t([[1, 0], [0, 1], [1, 0], [1, 1]])
+    assert select_adaptive(bank, 3).tolist() == [0, 1, 2]
+    assert select_adaptive(bank, 2).tolist() == [1, 2]
+    assert select_adaptive(bank, 1).tolist() == [2]  # then s = [1, 1]: b (older) goes
+
+
+def test_adaptive_ties_remove_oldest():
+    bank = t([[2, 0], [1, 0], [3, 0]])  # identical directions: every s_i ties
+    assert select_adaptive(bank, 2).tolist() == [1, 2]
+    assert select_adaptive(bank, 1).tolist() == [2]
+
+
+def test_adaptive_drops_a_near_duplicate_before_distinct_rows():
+    bank = t([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1e-6, 0]])
+    kept = select_adaptive(bank, 3).tolist()
+    assert kept in ([1, 2, 3], [0, 1, 2])
+    assert 1 in kept and 2 in kept  # the distinct rows survive
+
+
+def test_adaptive_keeps_everything_when_small_or_empty():
+    bank = t([[1, 2], [3, 4]])
+    assert select_adaptive(bank, 2).tolist() == [0, 1]
+    assert select_adaptive(bank, 5).tolist() == [0, 1]
+    empty = torch.zeros(0, 4)
+    assert select_adaptive(empty, 3).tolist() == []
+    assert select_fifo(empty, 3).tolist() == []
+
+
+def test_zero_rows_have_zero_similarity():
+    bank = t([[0, 0], [1, 0], [1, 0]])
+    # s = [0, 2, 2]: one of the duplicates goes (the older), the zero row stays
+    assert select_adaptive(bank, 2).tolist() == [0, 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_adaptive_equals_recompute_from_scratch(dtype):
+    g = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        m = int(torch.randint(2, 40, (1,), generator=g))
+        size = int(torch.randint(1, m + 1, (1,), generator=g))
+        bank = torch.randn(m, 16, generator=g, dtype=torch.float64).to(dtype)
+        if trial % 3 == 0:  # plant exact duplicates to exercise ties
+            bank[m // 2] = bank[0]
+        got, want = select_adaptive(bank, size), select_adaptive_naive(bank, size)
+        assert got.tolist() == want.tolist(), (trial, m, size)
+        assert got.dtype == torch.long and got.tolist() == sorted(got.tolist())
+
+
+def test_adaptive_accepts_half_precision():
+    bank = torch.randn(10, 8).to(torch.bfloat16)
+    assert len(select_adaptive(bank, 6)) == 6
+
+
+def test_fifo_drops_oldest():
+    bank = torch.arange(12.0).view(6, 2)
+    assert select_fifo(bank, 4).tolist() == [2, 3, 4, 5]
+    assert select_fifo(bank, 6).tolist() == list(range(6))
+    assert select_fifo(bank, 9).tolist() == list(range(6))
+
+
+def test_bank_push_appends_in_batch_order_and_shrinks_per_class():
+    bank = MemoryBank(num_classes=3, size=3, dim=2, policy="fifo")
+    rows = torch.tensor([[1.0, 0], [2, 0], [3, 0], [4, 0]])
+    bank.push(rows, torch.tensor([0, 1, 0, 0]))
+    assert bank[0].tolist() == [[1, 0], [3, 0], [4, 0]]
+    assert bank[1].tolist() == [[2, 0]]
+    assert bank[2].shape == (0, 2)
+    bank.push(torch.tensor([[5.0, 0], [6, 0]]), torch.tensor([0, 2]))
+    assert bank[0].tolist() == [[3, 0], [4, 0], [5, 0]]  # oldest (1) dropped
+    assert bank[2].tolist() == [[6, 0]]
+
+
+def test_bank_adaptive_uses_similarity_vector():
+    bank = MemoryBank(num_classes=1, size=2, dim=2, policy="adaptive", dtype=torch.float64)
+    bank.push(t([[1, 0], [0, 1], [1, 0], [1, 1]]), torch.tensor([0, 0, 0, 0]))
+    assert bank[0].tolist() == [[0, 1], [1, 0]]  # same as the hand-computed case: rows 1 and 2
+
+
+def test_bank_state_roundtrip_and_similarity():
+    bank = MemoryBank(num_classes=2, size=4, dim=3, policy="adaptive")
+    bank.push(torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 1, 0]))
+    other = MemoryBank(num_classes=2, size=4, dim=3, policy="adaptive")
+    other.load_state_dict(bank.state_dict())
+    assert torch.equal(other.rows, bank.rows) and torch.equal(other.counts, bank.counts)
+    same = MemoryBank(num_classes=1, size=4, dim=2, policy="fifo")
+    same.push(torch.tensor([[1.0, 1], [2, 2]]), torch.tensor([0, 0]))
+    assert math.isclose(same.mean_similarity(), 1.0, rel_tol=1e-6)
+    with pytest.raises(ValueError, match="does not match"):
+        MemoryBank(3, 4, 3, "fifo").load_state_dict(bank.state_dict())
+    with pytest.raises(ValueError, match="expected one of adaptive, fifo"):
+        MemoryBank(1, 1, 1, "lru")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_two_rows_always_tie_so_the_older_goes(dtype):
+    # s_a = 1 + cos(a, b) = s_b exactly: rounding must not decide
+    g = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        bank = torch.randn(2, 32, generator=g, dtype=torch.float64).to(dtype) * 10
+        assert select_adaptive(bank, 1).tolist() == [1]

@@ -1,0 +1,135 @@
+import pytest
+import torch
+
+from diffdistill.autoencoders import IdentityAutoencoder, build_autoencoder
+from diffdistill.checkpoint import StageError
+from diffdistill.config import AutoencoderConfig
+from diffdistill.models.adapters import make_trainable
+from diffdistill.models.classifiers import build_classifier
+from diffdistill.models.dit import SIZES, build_dit, drop_labels, load_dit, null_class
+from diffdistill.train import save_model_folder
+
+
+def tiny(classes=3):
+    torch.manual_seed(0)
+    return build_dit("tiny", in_channels=4, sample_size=8, num_classes=classes)
+
+
+def test_tiny_dit_shapes_and_null_class():
+    model = tiny(classes=3)
+    out = model(torch.randn(2, 4, 8, 8), torch.tensor([3, 999]), torch.tensor([0, 3])).sample
+    assert out.shape == (2, 4, 8, 8)
+    assert null_class(model) == 3
+    assert all(b.norm1.emb.class_embedder.dropout_prob == 0 for b in model.transformer_blocks)
+    assert all(b.norm1.emb is model.transformer_blocks[0].norm1.emb for b in model.transformer_blocks)
+    assert sum(p.numel() for p in model.parameters()) < 2_000_000
+    assert {"tiny", "DiT-XL/2", "DiT-S/4", "DiT-B/8"} <= set(SIZES)
+    with pytest.raises(StageError, match="expected one of tiny"):
+        build_dit("huge", 4, 8, 3)
+    with pytest.raises(StageError, match="not divisible by the patch size"):
+        build_dit("tiny", 4, 7, 3)
+
+
+def test_train_mode_labels_are_not_dropped_inside_blocks():
+    model = tiny().train()
+    x, t, y = torch.randn(4, 4, 8, 8), torch.full((4,), 500), torch.tensor([0, 1, 2, 0])
+    a, b = model(x, t, y).sample, model(x, t, y).sample
+    assert torch.equal(a, b)  # no random label dropout in the forward pass
+
+
+def test_drop_labels_once_per_sample():
+    g = torch.Generator().manual_seed(0)
+    y = torch.zeros(10_000, dtype=torch.long)
+    dropped = drop_labels(y, null_id=7, p=0.1, generator=g)
+    frac = (dropped == 7).float().mean().item()
+    assert 0.09 < frac < 0.11 and set(dropped.unique().tolist()) == {0, 7}
+    assert torch.equal(drop_labels(y, 7, 0.0), y)
+
+
+def test_difffit_trainable_set_and_folding_preserves_the_function(tmp_path):
+    model = tiny()
+    tr = make_trainable(model, "difffit", difffit_blocks=2)
+    names = {n for aliases in tr.names for n in aliases}
+    assert all(n.endswith(".bias") or "class_embedder" in n for n in names)
+    assert not any(n.endswith("attn1.to_q.weight") for n in names)
+    assert len(tr.params) == len(tr.names) + 4  # γ for attn + ff of the first 2 blocks
+    assert len(tr.folds) == 4
+    with torch.no_grad():
+        for i, g in enumerate(tr.params[len(tr.names):]):
+            g.fill_(0.5 + 0.3 * i)
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 200, 900]), torch.tensor([0, 1, 2])
+    model.eval()
+    want = model(x, t, y).sample
+    save_model_folder(tmp_path / "m", model, tr.folded_state_dict(model))
+    loaded = load_dit(str(tmp_path / "m")).eval()
+    assert torch.allclose(loaded(x, t, y).sample, want, atol=1e-5)
+    full = make_trainable(tiny(), "full")
+    assert len(full.params) == len(list(tiny().parameters()))
+
+
+def test_difffit_xl2_parameter_count():
+    model = build_dit("DiT-XL/2", in_channels=4, sample_size=32, num_classes=1000, learn_sigma=True)
+    total = sum(p.numel() for p in model.parameters())
+    tr = make_trainable(model, "difffit", difffit_blocks=14)
+    n = sum(p.numel() for p in tr.params)
+    print(f"DiT-XL/2: {total:,} parameters, DiffFit trainable: {n:,}")
+    assert 674e6 < total < 676e6  # the DiT paper's 675 M: per-block embedder copies are tied into one
+    # one class table (1000 + null) × 1152 = 1.15 M; biases ≈ 0.49 M; 28 γ (attn + ff on 14 blocks)
+    table = 1001 * 1152
+    biases = sum(p.numel() for name, p in model.named_parameters() if name.endswith(".bias"))
+    assert n == table + biases + 28
+    assert 1.6e6 < n < 1.7e6
+
+
+def test_identity_autoencoder_roundtrip():
+    ae = IdentityAutoencoder(unshuffle=2)
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    z = ae.encode(x)
+    assert z.shape == (2, 4, 8, 8) and ae.latent_shape(1, 16) == (4, 8, 8)
+    assert torch.equal(ae.decode(z), x)
+    with pytest.raises(ValueError, match="not divisible"):
+        ae.latent_shape(1, 15)
+
+
+def test_kl_autoencoder_from_a_hub_layout_folder(tmp_path):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                        sample_size=16, scaling_factor=0.5)
+    vae.save_pretrained(tmp_path / "hub" / "vae")
+    ae = build_autoencoder(AutoencoderConfig(kind="kl", pretrained=str(tmp_path / "hub")))
+    assert ae.scaling_factor == 0.5 and ae.latent_shape(3, 16) == (4, 8, 8)
+    z = ae.encode(torch.zeros(1, 3, 16, 16), torch.Generator().manual_seed(0))
+    assert z.shape == (1, 4, 8, 8) and ae.decode(z).shape == (1, 3, 16, 16)
+    override = build_autoencoder(AutoencoderConfig(kind="kl", pretrained=str(tmp_path / "hub"), scaling_factor=0.18215))
+    assert override.scaling_factor == 0.18215
+
+
+def test_untied_embeddings_are_refused(tmp_path):
+    model = tiny()
+    state = model.state_dict()
+    key = "transformer_blocks.1.norm1.emb.class_embedder.embedding_table.weight"
+    state[key] = state[key] + 1
+    save_model_folder(tmp_path / "m", model, state)
+    with pytest.raises(StageError, match="block 1 has its own class/timestep embedding"):
+        load_dit(str(tmp_path / "m"))
+
+
+def test_missing_weights_say_what_to_download(tmp_path):
+    with pytest.raises(StageError) as err:
+        load_dit("facebook/DiT-XL-2-256")
+    assert "cannot be downloaded here" in str(err.value) and "--local-dir" in str(err.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StageError, match="does not hold diffusers weights"):
+        load_dit(str(tmp_path / "empty"))
+    with pytest.raises(StageError, match="autoencoder.pretrained"):
+        build_autoencoder(AutoencoderConfig(kind="kl", pretrained="stabilityai/sd-vae-ft-ema"))
+
+
+@pytest.mark.parametrize("net, size", [("convnet3", 16), ("convnet3", 32), ("convnet6", 64)])
+def test_convnet_shapes(net, size):
+    model = build_classifier(net, in_channels=3, num_classes=7, image_size=size, width=32)
+    assert model(torch.randn(2, 3, size, size)).shape == (2, 7)
+    with pytest.raises(ValueError, match="unknown net"):
+        build_classifier("vgg", 3, 7, size)
