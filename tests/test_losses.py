@@ -75,3 +75,22 @@ def test_authors_accumulation_weights_first_class_k_times():
     assert memory_loss(x0, labels, real, gen, 0.2, 0.5).item() == pytest.approx((a[0] + a[1]).item())
     with pytest.raises(ValueError, match="accumulation"):
         memory_loss(x0, labels, real, gen, 0.2, 0.5, "sum")
+
+
+def test_dense_terms_equal_the_per_class_reference_in_value_and_gradient():
+    from diffdistill.losses import memory_loss_terms_dense
+    from diffdistill.memory import MemoryBank
+
+    g = torch.Generator().manual_seed(3)
+    real, gen = MemoryBank(4, 5, 6, "fifo", dtype=torch.float64), MemoryBank(4, 5, 6, "fifo", dtype=torch.float64)
+    real.push(torch.randn(9, 6, generator=g, dtype=torch.float64), torch.tensor([0, 0, 1, 1, 1, 2, 2, 0, 1]))
+    gen.push(torch.randn(5, 6, generator=g, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1]))  # class 2: empty
+    x0 = torch.randn(7, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([2, 0, 1, 0, 3, 2, 1])  # class 3 has no memory at all
+    c1, r1, d1 = memory_loss_terms(x0, labels, real, gen)
+    c2, r2, d2 = memory_loss_terms_dense(x0, labels, real.rows, real.counts, gen.rows, gen.counts)
+    assert c2.tolist() == c1 == [0, 1, 2, 3]
+    assert torch.allclose(r1, r2) and torch.allclose(d1, d2)
+    (ga,) = torch.autograd.grad((0.3 * r1 + 0.7 * d1).sum(), x0)
+    (gb,) = torch.autograd.grad((0.3 * r2 + 0.7 * d2).sum(), x0)
+    assert torch.allclose(ga, gb) and ga.abs().sum() > 0

@@ -114,3 +114,23 @@ def test_two_rows_always_tie_so_the_older_goes(dtype):
     for _ in range(50):
         bank = torch.randn(2, 32, generator=g, dtype=torch.float64).to(dtype) * 10
         assert select_adaptive(bank, 1).tolist() == [1]
+
+
+@pytest.mark.parametrize("policy", ["adaptive", "fifo"])
+def test_batched_push_equals_per_class_reference(policy):
+    select = {"adaptive": select_adaptive, "fifo": select_fifo}[policy]
+    g = torch.Generator().manual_seed(2)
+    bank = MemoryBank(num_classes=5, size=6, dim=8, policy=policy, dtype=torch.float64)
+    ref = {c: torch.zeros(0, 8, dtype=torch.float64) for c in range(5)}
+    for _ in range(12):
+        b = int(torch.randint(1, 12, (1,), generator=g))
+        rows = torch.randn(b, 8, generator=g, dtype=torch.float64)
+        labels = torch.randint(0, 5, (b,), generator=g)
+        if b > 3:
+            rows[1] = rows[0]  # duplicates in the batch
+        bank.push(rows, labels)
+        for c in labels.unique().tolist():
+            merged = torch.cat([ref[c], rows[labels == c]])
+            ref[c] = merged[select(merged, 6)]
+        for c in range(5):
+            assert torch.equal(bank[c], ref[c])

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from diffdistill.memory import cosine_matrix
+from diffdistill.memory import COSINE_EPS, cosine_matrix
 
 Banks = Sequence[Tensor] | Mapping[int, Tensor]
 
@@ -49,6 +50,36 @@ def memory_loss_terms(
         reps.append(1 - cosine_matrix(xc, r.to(xc.dtype)).min() if r is not None and r.shape[0] else zero)
         divs.append(cosine_matrix(xc, g.to(xc.dtype)).max())
     return classes, torch.stack(reps), torch.stack(divs)
+
+
+def memory_loss_terms_dense(x0: Tensor, labels: Tensor, real: Tensor, real_counts: Tensor, gen: Tensor,
+                            gen_counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`memory_loss_terms` for banks held as padded tensors [C, N, D] with row counts [C] (a class's rows
+    first): every class of the batch at once, no Python loop over classes. Returns (classes, R, D)."""
+    x0 = F.normalize(x0.flatten(1), dim=1, eps=COSINE_EPS)  # [B, D]
+    classes, inv = torch.unique(labels, return_inverse=True)  # [K], [B]
+
+    def sims(bank: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+        n = bank.shape[1]
+        unit = F.normalize(bank[classes].to(x0.dtype), dim=2, eps=COSINE_EPS)  # [K, N, D] the batch's classes
+        every = (x0 @ unit.flatten(0, 1).T).view(len(labels), len(classes), n)  # [B, K, N]
+        own = every[torch.arange(len(labels), device=x0.device), inv]  # [B, N] each sample vs its class
+        valid = torch.arange(n, device=x0.device)[None] < counts.to(x0.device)[labels][:, None]
+        return own, valid
+
+    k = len(classes)
+    real_sim, real_ok = sims(real, real_counts)
+    gen_sim, gen_ok = sims(gen, gen_counts)
+    inf = torch.tensor(float("inf"), dtype=x0.dtype, device=x0.device)
+    least = torch.where(real_ok, real_sim, inf).amin(1)  # [B] each sample's least similar real row
+    most = torch.where(gen_ok, gen_sim, -inf).amax(1)  # [B] each sample's most similar generated row
+    least = x0.new_zeros(k).scatter_reduce(0, inv, least, "amin", include_self=False)  # [K]
+    most = x0.new_zeros(k).scatter_reduce(0, inv, most, "amax", include_self=False)
+    has_gen = gen_counts.to(x0.device)[classes] > 0
+    has_real = real_counts.to(x0.device)[classes] > 0
+    reps = torch.where(has_gen & has_real, 1 - least, x0.new_zeros(()))
+    divs = torch.where(has_gen, most, x0.new_zeros(()))
+    return classes, reps, divs
 
 
 def memory_loss(

@@ -31,12 +31,30 @@ def cosine_matrix(a: Tensor, b: Tensor) -> Tensor:
 
 
 def similarity_matrix(bank: Tensor) -> Tensor:
-    """[M, D] -> [M, M] float64 cosine similarities: exactly symmetric, diagonal 1 (0 for a zero row),
-    on the SIMILARITY_GRID."""
-    sim = torch.triu(cosine_matrix(bank, bank).double(), diagonal=1)
-    sim = sim + sim.T
-    sim.diagonal().copy_((bank.double().norm(dim=1) > COSINE_EPS).double())
+    """[..., M, D] -> [..., M, M] float64 cosine similarities: exactly symmetric, diagonal 1 (0 for a
+    zero row), on the SIMILARITY_GRID."""
+    unit = F.normalize(bank, dim=-1, eps=COSINE_EPS)
+    sim = torch.triu((unit @ unit.transpose(-1, -2)).double(), diagonal=1)
+    sim = sim + sim.transpose(-1, -2)
+    sim.diagonal(dim1=-2, dim2=-1).copy_((bank.double().norm(dim=-1) > COSINE_EPS).double())
     return torch.round(sim / SIMILARITY_GRID) * SIMILARITY_GRID
+
+
+def adaptive_keep_mask(banks: Tensor, valid: Tensor, size: int) -> Tensor:
+    """Batched self-adaptive pruning. banks [K, M, D] with valid [K, M] (valid rows first, padding after)
+    -> alive [K, M]: each bank keeps min(#valid, size) rows. Invalid rows must be zero."""
+    sim = similarity_matrix(banks)  # [K, M, M]; zero padding rows add nothing to any sum
+    score = sim.sum(dim=-1)  # [K, M] similarity vectors
+    alive = valid.clone()
+    excess = valid.sum(1) - size  # [K] removals each bank needs
+    gone = torch.tensor(-float("inf"), dtype=score.dtype, device=score.device)
+    for r in range(int(excess.max()) if len(excess) else 0):
+        active = (excess > r).nonzero().squeeze(1)  # banks still too large
+        # argmax returns the first maximal index: ties remove the oldest row
+        i = torch.where(alive[active], score[active], gone).argmax(dim=1)  # [A]
+        alive[active, i] = False
+        score[active] -= sim[active, :, i]  # drop the removed row's column from each sum
+    return alive
 
 
 def select_fifo(bank: Tensor, size: int) -> Tensor:
@@ -50,16 +68,8 @@ def select_adaptive(bank: Tensor, size: int) -> Tensor:
     m = bank.shape[0]
     if m <= size:
         return torch.arange(m, device=bank.device)
-    sim = similarity_matrix(bank)  # [M, M]
-    score = sim.sum(dim=1)  # [M] the similarity vector; exact, so the updates below are too
-    alive = torch.ones(m, dtype=torch.bool, device=bank.device)
-    removed_score = torch.tensor(-float("inf"), dtype=score.dtype, device=bank.device)
-    for _ in range(m - size):
-        # argmax returns the first maximal index: ties remove the oldest row
-        i = int(torch.where(alive, score, removed_score).argmax())
-        alive[i] = False
-        score -= sim[:, i]
-    return alive.nonzero().squeeze(1)
+    valid = torch.ones(1, m, dtype=torch.bool, device=bank.device)
+    return adaptive_keep_mask(bank[None], valid, size)[0].nonzero().squeeze(1)
 
 
 def select_adaptive_naive(bank: Tensor, size: int) -> Tensor:
@@ -71,10 +81,7 @@ def select_adaptive_naive(bank: Tensor, size: int) -> Tensor:
     return keep
 
 
-SELECTORS: dict[str, Callable[[Tensor, int], Tensor]] = {
-    "adaptive": select_adaptive,
-    "fifo": select_fifo,
-}
+SELECTORS: dict[str, Callable[[Tensor, int], Tensor]] = {"adaptive": select_adaptive, "fifo": select_fifo}
 
 
 class MemoryBank:
@@ -95,7 +102,6 @@ class MemoryBank:
         if policy not in SELECTORS:
             raise ValueError(f"memory policy {policy!r}: expected one of {', '.join(SELECTORS)}")
         self.size, self.policy = size, policy
-        self.select = SELECTORS[policy]
         self.rows = torch.zeros(num_classes, size, dim, device=device, dtype=dtype)  # [C, N, D]
         self.counts = torch.zeros(num_classes, dtype=torch.long)  # [C] on CPU: read every step
 
@@ -107,14 +113,37 @@ class MemoryBank:
 
     @torch.no_grad()
     def push(self, rows: Tensor, labels: Tensor) -> None:
-        """Append each class's rows in batch order, then shrink that class's bank to `size`."""
+        """Append each class's rows in batch order, then shrink that class's bank to `size`.
+
+        All classes of the batch are handled at once: their banks and new rows are laid out as one padded
+        tensor [K, n + B_c, D] and pruned together."""
         rows = rows.detach().to(self.rows.dtype).flatten(1)  # [B, D]
         labels = labels.to(self.rows.device)
-        for c in torch.unique(labels).tolist():
-            merged = torch.cat([self[c], rows[labels == c]])  # [n + B_c, D]
-            kept = merged[self.select(merged, self.size)]
-            self.rows[c, : kept.shape[0]] = kept
-            self.counts[c] = kept.shape[0]
+        classes, inv = torch.unique(labels, return_inverse=True)  # [K], [B]
+        k, n = len(classes), self.counts[classes.cpu()].to(labels.device)  # n: rows held now, [K]
+        new = torch.bincount(inv, minlength=k)  # [K] rows arriving
+        total = n + new
+        width = int(total.max())
+        merged = rows.new_zeros(k, width, rows.shape[1])  # [K, M, D]: old rows, then new ones
+        held = min(self.size, width)
+        merged[:, :held] = self.rows[classes, :held]
+        order = torch.argsort(inv, stable=True)  # batch rows grouped by class, batch order kept
+        starts = torch.cumsum(new, 0) - new
+        rank = torch.empty_like(inv)
+        rank[order] = torch.arange(len(inv), device=inv.device) - starts[inv[order]]
+        merged[inv, n[inv] + rank] = rows
+        pos = torch.arange(width, device=labels.device)
+        valid = pos[None] < total[:, None]  # [K, M]
+        merged[~valid] = 0
+        if self.policy == "fifo":
+            alive = valid & (pos[None] >= (total - self.size)[:, None])
+        else:
+            alive = adaptive_keep_mask(merged, valid, self.size)
+        # compact the survivors to the front, keeping their order
+        keep_idx = torch.argsort((~alive).to(torch.int8), dim=1, stable=True)[:, : self.size]  # [K, <=N]
+        kept = torch.gather(merged, 1, keep_idx[..., None].expand(-1, -1, merged.shape[2]))
+        self.rows[classes, : kept.shape[1]] = kept
+        self.counts[classes.cpu()] = alive.sum(1).cpu()
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"rows": self.rows, "counts": self.counts}

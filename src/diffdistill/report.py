@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from diffdistill.checkpoint import StageError, atomic_write_bytes, atomic_write_json, atomic_write_text
+from diffdistill.data.datasets import IMAGE_EXTENSIONS, resize_center_crop
 
 GRID_COLUMNS = 10
 
@@ -34,14 +35,14 @@ def accuracy_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def sample_grid(samples: Path, classes: list[str], columns: int = GRID_COLUMNS, scale: int = 0) -> bytes:
-    """PNG bytes: one row per class, the first `columns` images of each."""
+def sample_grid(samples: Path, classes: list[str], size: int, columns: int = GRID_COLUMNS, scale: int = 0) -> bytes:
+    """PNG bytes: one row per class, the first `columns` images of each, as `size` px cells."""
     rows = []
     for c in classes:
-        files = sorted((samples / c).glob("*.png"))[:columns]
+        files = sorted(f for f in (samples / c).iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)[:columns]
         if not files:
             continue
-        imgs = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+        imgs = [np.asarray(resize_center_crop(Image.open(f).convert("RGB"), size)) for f in files]
         blank = np.full_like(imgs[0], 255)
         imgs += [blank] * (columns - len(imgs))
         rows.append(np.concatenate([np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=255) for im in imgs], 1))
@@ -105,8 +106,9 @@ def write_report(run_dir: Path) -> str:
         fid = results["fidelity"]
         parts += [f"**Fidelity**: {fid['mean']:.1f} ± {fid['std']:.1f} % of the {fid['num_images']} distilled "
                   f"images are assigned their intended class by a {fid['classifier']}.", ""]
-    if (samples / "manifest.json").is_file() or samples.is_dir():
-        atomic_write_bytes(run_dir / "samples.png", sample_grid(samples, results["data"]["classes"]))
+    if samples.is_dir():
+        size = results["config"]["data"]["image_size"]
+        atomic_write_bytes(run_dir / "samples.png", sample_grid(samples, results["data"]["classes"], size))
         parts += ["## Distilled images (one row per class)", "", "![samples](samples.png)", ""]
     plot = loss_plot(run_dir)
     if plot:

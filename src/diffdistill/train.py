@@ -24,7 +24,7 @@ from diffdistill.config import Config, TrainConfig
 from diffdistill.data.classes import condition_ids
 from diffdistill.data.datasets import load_data
 from diffdistill.diffusion import NoiseSchedule
-from diffdistill.losses import combine_terms, memory_loss_terms
+from diffdistill.losses import combine_terms, memory_loss_terms_dense
 from diffdistill.memory import MemoryBank
 from diffdistill.models.adapters import Trainable, make_trainable
 from diffdistill.models.dit import (
@@ -155,7 +155,9 @@ def _loop(cfg: Config, stage: str, tcfg: TrainConfig, model, trainable: Trainabl
         if banks:
             tm = time.perf_counter()
             x0_hat = schedule.x0_from_eps(zt, t, eps).flatten(1)  # [B, D]
-            _, reps, divs = memory_loss_terms(x0_hat, y_dev, banks["real"], banks["gen"])
+            real, gen_bank = banks["real"], banks["gen"]
+            _, reps, divs = memory_loss_terms_dense(x0_hat, y_dev, real.rows, real.counts, gen_bank.rows,
+                                                    gen_bank.counts)
             loss_mem = combine_terms(reps, divs, mem.lambda_real, mem.lambda_gen, mem.loss_accumulation)
             loss = loss + loss_mem
             parts.update(representativeness=reps.mean().item(), diversity=divs.mean().item(),

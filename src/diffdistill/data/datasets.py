@@ -57,7 +57,7 @@ def to_uint8(x: Tensor) -> Tensor:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     w, h = img.size
     scale = size / min(w, h)
     img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
@@ -79,7 +79,7 @@ def _read_image(path: Path, size: int) -> tuple[np.ndarray, bool]:
             rgb = img.convert("RGB")
     except Exception as err:  # PIL raises many types for corrupt files
         raise StageError(f"cannot read image {path}: {err}") from None
-    return np.asarray(_resize_center_crop(rgb, size)), gray
+    return np.asarray(resize_center_crop(rgb, size)), gray
 
 
 def list_class_folders(root: Path, key: str) -> list[str]:

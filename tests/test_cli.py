@@ -1,0 +1,130 @@
+"""End to end through the CLI on tiny settings: digits, a folder dataset that is not digits, bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import make_shapes
+from PIL import Image
+
+from diffdistill.cli import main
+from diffdistill.config import build_config
+from diffdistill.sample import sample_latents
+
+TINY = ["pretrain.steps=30", "pretrain.log_every=10", "finetune.steps=8", "finetune.log_every=4",
+        "sample.steps=4", "sample.ipc=[1,3]", "evaluate.epochs=4", "evaluate.full_epochs=1", "evaluate.seeds=2",
+        "evaluate.eval_every=2", "evaluate.width=16"]
+
+
+def run(*args: str) -> int:
+    return main(list(args))
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    assert run("run", "configs/demo-digits.yaml", f"out_dir={out}", *TINY) == 0
+    return out / "demo-digits"
+
+
+@pytest.mark.slow
+def test_run_writes_results_report_grid_and_manifest(digits_run):
+    res = json.loads((digits_run / "results.json").read_text())
+    for ipc in ("1", "3"):
+        for kind in ("distilled", "random_real"):
+            entry = res["ipc"][ipc][kind]
+            assert {"mean", "std", "runs"} <= set(entry) and len(entry["runs"]) == 2
+            assert 0 <= entry["mean"] <= 100
+            assert entry["best_epoch"]["label"].startswith("best epoch, selected on the validation set")
+            assert entry["best_epoch"]["mean"] >= entry["mean"] - 1e-9
+    assert {"mean", "std", "runs"} <= set(res["full"]) and 0 <= res["fidelity"]["mean"] <= 100
+    assert res["fidelity"]["num_images"] == 30
+    assert res["config"]["finetune"]["memory"]["policy"] == "adaptive"
+    assert len(res["random_real_indices"]["3"]["indices"]) == 2  # one subset per seed, recorded
+    report = (digits_run / "report.md").read_text()
+    assert "random real" in report and "selected on the validation set" in report and "samples.png" in report
+    assert Image.open(digits_run / "samples.png").size[0] > 0
+    assert Image.open(digits_run / "losses.png").size[0] > 0
+    manifest = json.loads((digits_run / "samples" / "manifest.json").read_text())
+    assert manifest["ipc"] == 3 and len(manifest["images"]) == 30
+    for c in range(10):
+        assert len(list((digits_run / "samples" / str(c)).glob("*.png"))) == 3  # exactly IPC per class
+    info = json.loads((digits_run / "finetune" / "run_info.json").read_text())
+    assert info["versions"]["torch"] and len(info["data_sha256"]) == 64
+    assert (digits_run / "finetune" / "config.yaml").is_file()
+    assert (digits_run / "finetune" / "memory.safetensors").is_file()
+    log = [json.loads(x) for x in (digits_run / "finetune" / "log.jsonl").read_text().splitlines()]
+    assert {"diffusion", "representativeness", "diversity", "gen_bank_similarity"} <= set(log[-1])
+
+
+@pytest.mark.slow
+def test_existing_output_needs_force(digits_run, capsys):
+    out = str(digits_run.parent)
+    assert run("sample", "configs/demo-digits.yaml", f"out_dir={out}", *TINY) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "samples exists; pass --force" in err
+    before = sorted(p.name for p in (digits_run / "samples").iterdir())
+    assert run("run", "configs/demo-digits.yaml", f"out_dir={out}", *TINY) == 2  # refused before any work
+    assert sorted(p.name for p in (digits_run / "samples").iterdir()) == before
+
+
+@pytest.mark.slow
+def test_difffit_finetune_and_sampling_are_reproducible(digits_run, tmp_path):
+    out = str(digits_run.parent)
+    args = ["configs/demo-digits.yaml", f"out_dir={out}", *TINY, "finetune.trainable=difffit",
+            "finetune.memory.policy=fifo"]
+    assert run("finetune", *args, "--force") == 0
+    info = json.loads((digits_run / "finetune" / "run_info.json").read_text())
+    assert info["trainable_parameters"] < 100_000  # biases, class table, γ only
+    cfg = build_config({"out_dir": out, "name": "demo-digits"})
+    from diffdistill.models.dit import load_dit
+
+    model = load_dit(str(digits_run / "finetune" / "ema"))
+    from diffdistill.diffusion import cosine_betas
+
+    betas = cosine_betas(1000)
+    scfg = cfg.sample.__class__(steps=3, guidance=2.0, scheduler="ddpm")
+    labels = torch.tensor([0, 1, 2, 3])
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (5, 6, 7, 8)]  # noqa: E731
+    together = sample_latents(model, scfg, betas, labels, gens(), (4, 8, 8), torch.device("cpu"))
+    alone = sample_latents(model, scfg, betas, labels[2:3], gens()[2:3], (4, 8, 8), torch.device("cpu"))
+    assert torch.allclose(together[2:3], alone, atol=1e-5)  # an image does not depend on its batch
+
+
+@pytest.mark.slow
+def test_folder_dataset_that_is_not_digits(tmp_path):
+    make_shapes(tmp_path / "train", per_class=12, size=20)
+    make_shapes(tmp_path / "val", per_class=4, size=20, seed=1)
+    rc = run("run", "configs/demo-digits.yaml", f"out_dir={tmp_path / 'runs'}", "name=shapes",
+             f"data.train={tmp_path / 'train'}", f"data.val={tmp_path / 'val'}", *TINY)
+    assert rc == 0
+    res = json.loads((tmp_path / "runs" / "shapes" / "results.json").read_text())
+    assert res["data"]["classes"] == ["circle", "square", "triangle"]
+    img = Image.open(tmp_path / "runs" / "shapes" / "samples" / "circle" / "00000.png")
+    assert img.size == (16, 16) and img.mode == "RGB"
+    # scoring a set made elsewhere
+    rc = run("evaluate", "configs/demo-digits.yaml", f"out_dir={tmp_path / 'runs'}", "name=shapes",
+             f"data.train={tmp_path / 'train'}", f"data.val={tmp_path / 'val'}", *TINY, "--force",
+             "--distilled", str(tmp_path / "val"))
+    assert rc == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "configs/demo-digits.yaml", "finetune.memory.polcy=fifo"], "unknown config key 'finetune.memory.polcy'"),
+    (["run", "configs/demo-digits.yaml", "finetune.steps=many"], "'finetune.steps': expected int"),
+    (["run", "configs/missing.yaml"], "config file configs/missing.yaml does not exist"),
+    (["run", "configs/demo-digits.yaml", "data.train=/nonexistent/train", "data.val=/nonexistent/val"],
+     "data.train: folder /nonexistent/train does not exist"),
+    (["run", "configs/demo-digits.yaml", "data.classes=imagewolf"], "unknown preset 'imagewolf'"),
+    (["run", "configs/demo-digits.yaml", "data.classes=[1,12]"], "data.classes: 12 not found"),
+    (["sample", "configs/demo-digits.yaml", "name=never-trained"], "run `diffdistill finetune`"),
+])
+def test_bad_input_is_one_line_and_nonzero_exit(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, "-m", "diffdistill", *args, f"out_dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("diffdistill: error: ") and message in lines[0], proc.stderr
+    assert not any(tmp_path.iterdir()) or not any((tmp_path / "demo-digits").glob("*/*.safetensors"))
