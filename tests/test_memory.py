@@ -134,3 +134,4 @@ def test_batched_push_equals_per_class_reference(policy):
             ref[c] = merged[select(merged, 6)]
         for c in range(5):
             assert torch.equal(bank[c], ref[c])
+            assert not bank.rows[c, len(ref[c]):].any()  # rows beyond the count stay zero

@@ -11,10 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from diffdistill.memory import COSINE_EPS, cosine_matrix
+from diffdistill.memory import cosine_matrix, unit_rows
 
 Banks = Sequence[Tensor] | Mapping[int, Tensor]
 
@@ -56,12 +55,12 @@ def memory_loss_terms_dense(x0: Tensor, labels: Tensor, real: Tensor, real_count
                             gen_counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """`memory_loss_terms` for banks held as padded tensors [C, N, D] with row counts [C] (a class's rows
     first): every class of the batch at once, no Python loop over classes. Returns (classes, R, D)."""
-    x0 = F.normalize(x0.flatten(1), dim=1, eps=COSINE_EPS)  # [B, D]
+    x0 = unit_rows(x0.flatten(1))  # [B, D]
     classes, inv = torch.unique(labels, return_inverse=True)  # [K], [B]
 
     def sims(bank: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
         n = bank.shape[1]
-        unit = F.normalize(bank[classes].to(x0.dtype), dim=2, eps=COSINE_EPS)  # [K, N, D] the batch's classes
+        unit = unit_rows(bank[classes].to(x0.dtype))  # [K, N, D] the batch's classes
         every = (x0 @ unit.flatten(0, 1).T).view(len(labels), len(classes), n)  # [B, K, N]
         own = every[torch.arange(len(labels), device=x0.device), inv]  # [B, N] each sample vs its class
         valid = torch.arange(n, device=x0.device)[None] < counts.to(x0.device)[labels][:, None]

@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 # Norm floor for cosine similarity: an all-zero row has similarity 0 to everything (itself included).
@@ -25,25 +24,34 @@ COSINE_EPS = 1e-12
 SIMILARITY_GRID = 2.0**-32
 
 
+def unit_rows(x: Tensor) -> Tensor:
+    """Rows scaled to unit norm (rows with norm <= COSINE_EPS are divided by COSINE_EPS)."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
+
+
 def cosine_matrix(a: Tensor, b: Tensor) -> Tensor:
     """[M, D] × [N, D] -> [M, N] cosine similarities."""
-    return F.normalize(a, dim=1, eps=COSINE_EPS) @ F.normalize(b, dim=1, eps=COSINE_EPS).T
+    return unit_rows(a) @ unit_rows(b).T
+
+
+def _on_grid(sim: Tensor, nonzero: Tensor) -> Tensor:
+    """float64, exactly symmetric from the upper triangle, diagonal 1 (0 for a zero row), grid-rounded."""
+    sim = torch.triu(sim.double(), diagonal=1)
+    sim = sim + sim.transpose(-1, -2)
+    sim.diagonal(dim1=-2, dim2=-1).copy_(nonzero.double())
+    return torch.round(sim / SIMILARITY_GRID) * SIMILARITY_GRID
 
 
 def similarity_matrix(bank: Tensor) -> Tensor:
     """[..., M, D] -> [..., M, M] float64 cosine similarities: exactly symmetric, diagonal 1 (0 for a
     zero row), on the SIMILARITY_GRID."""
-    unit = F.normalize(bank, dim=-1, eps=COSINE_EPS)
-    sim = torch.triu((unit @ unit.transpose(-1, -2)).double(), diagonal=1)
-    sim = sim + sim.transpose(-1, -2)
-    sim.diagonal(dim1=-2, dim2=-1).copy_((bank.double().norm(dim=-1) > COSINE_EPS).double())
-    return torch.round(sim / SIMILARITY_GRID) * SIMILARITY_GRID
+    unit = unit_rows(bank)
+    return _on_grid(unit @ unit.transpose(-1, -2), bank.norm(dim=-1) > COSINE_EPS)
 
 
-def adaptive_keep_mask(banks: Tensor, valid: Tensor, size: int) -> Tensor:
-    """Batched self-adaptive pruning. banks [K, M, D] with valid [K, M] (valid rows first, padding after)
-    -> alive [K, M]: each bank keeps min(#valid, size) rows. Invalid rows must be zero."""
-    sim = similarity_matrix(banks)  # [K, M, M]; zero padding rows add nothing to any sum
+def adaptive_keep_mask(sim: Tensor, valid: Tensor, size: int) -> Tensor:
+    """Batched self-adaptive pruning. sim [K, M, M] (`similarity_matrix` of each bank) with valid [K, M]
+    -> alive [K, M]: each bank keeps min(#valid, size) rows. Invalid rows must have zero similarity."""
     score = sim.sum(dim=-1)  # [K, M] similarity vectors
     alive = valid.clone()
     excess = valid.sum(1) - size  # [K] removals each bank needs
@@ -69,7 +77,7 @@ def select_adaptive(bank: Tensor, size: int) -> Tensor:
     if m <= size:
         return torch.arange(m, device=bank.device)
     valid = torch.ones(1, m, dtype=torch.bool, device=bank.device)
-    return adaptive_keep_mask(bank[None], valid, size)[0].nonzero().squeeze(1)
+    return adaptive_keep_mask(similarity_matrix(bank[None]), valid, size)[0].nonzero().squeeze(1)
 
 
 def select_adaptive_naive(bank: Tensor, size: int) -> Tensor:
@@ -87,7 +95,9 @@ SELECTORS: dict[str, Callable[[Tensor, int], Tensor]] = {"adaptive": select_adap
 class MemoryBank:
     """Banks of up to `size` rows of dimension `dim` for each of `num_classes` classes, in one tensor.
 
-    Rows of a class are kept in insertion order (oldest first); `bank[c]` is class c's [n, D] view.
+    Rows of a class are kept in insertion order (oldest first); `bank[c]` is class c's [n, D] view. The
+    adaptive policy also keeps each bank's similarity matrix, so a push computes only the new rows'
+    similarities ([n + B_c] × B_c dot products instead of (n + B_c)²).
     """
 
     def __init__(
@@ -104,6 +114,8 @@ class MemoryBank:
         self.size, self.policy = size, policy
         self.rows = torch.zeros(num_classes, size, dim, device=device, dtype=dtype)  # [C, N, D]
         self.counts = torch.zeros(num_classes, dtype=torch.long)  # [C] on CPU: read every step
+        gram_size = size if policy == "adaptive" else 0
+        self.gram = torch.zeros(num_classes, gram_size, gram_size, device=device, dtype=torch.float64)
 
     def __getitem__(self, c: int) -> Tensor:
         return self.rows[c, : int(self.counts[c])]
@@ -124,29 +136,52 @@ class MemoryBank:
         new = torch.bincount(inv, minlength=k)  # [K] rows arriving
         total = n + new
         width = int(total.max())
-        merged = rows.new_zeros(k, width, rows.shape[1])  # [K, M, D]: old rows, then new ones
-        held = min(self.size, width)
-        merged[:, :held] = self.rows[classes, :held]
         order = torch.argsort(inv, stable=True)  # batch rows grouped by class, batch order kept
         starts = torch.cumsum(new, 0) - new
         rank = torch.empty_like(inv)
-        rank[order] = torch.arange(len(inv), device=inv.device) - starts[inv[order]]
+        rank[order] = torch.arange(len(inv), device=inv.device) - starts[inv[order]]  # index within class
+        held = min(self.size, width)
+        # one spare all-zero row at index `width`: dropped slots are compacted onto it
+        merged = rows.new_zeros(k, width + 1, rows.shape[1])  # [K, M + 1, D]: old rows, then the new ones
+        merged[:, :held] = self.rows[classes, :held]  # rows beyond a bank's count are zero (invariant)
         merged[inv, n[inv] + rank] = rows
         pos = torch.arange(width, device=labels.device)
         valid = pos[None] < total[:, None]  # [K, M]
-        merged[~valid] = 0
         if self.policy == "fifo":
             alive = valid & (pos[None] >= (total - self.size)[:, None])
         else:
-            alive = adaptive_keep_mask(merged, valid, self.size)
-        # compact the survivors to the front, keeping their order
-        keep_idx = torch.argsort((~alive).to(torch.int8), dim=1, stable=True)[:, : self.size]  # [K, <=N]
-        kept = torch.gather(merged, 1, keep_idx[..., None].expand(-1, -1, merged.shape[2]))
+            sim = self._similarities(merged[:, :width], rows, classes, inv, n, rank, held)  # [K, M, M]
+            sim.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0.0)  # stale cache beyond the counts
+            alive = adaptive_keep_mask(sim, valid, self.size)
+        # compact the survivors to the front, keeping their order; the slots left over read the zero row
+        keep = torch.argsort((~alive).to(torch.int8), dim=1, stable=True)[:, : self.size]  # [K, <=N]
+        count = alive.sum(1)  # [K]
+        slots = torch.arange(keep.shape[1], device=keep.device)[None] < count[:, None]
+        src = torch.where(slots, keep, width)
+        kept = torch.gather(merged, 1, src[..., None].expand(-1, -1, merged.shape[2]))
         self.rows[classes, : kept.shape[1]] = kept
-        self.counts[classes.cpu()] = alive.sum(1).cpu()
+        self.counts[classes.cpu()] = count.cpu()
+        if self.policy == "adaptive":
+            sim = torch.gather(sim, 1, keep[..., None].expand(-1, -1, width))
+            self.gram[classes, : keep.shape[1], : keep.shape[1]] = torch.gather(
+                sim, 2, keep[:, None, :].expand(-1, keep.shape[1], -1))
+
+    def _similarities(self, merged: Tensor, rows: Tensor, classes: Tensor, inv: Tensor, n: Tensor,
+                      rank: Tensor, held: int) -> Tensor:
+        """similarity_matrix(merged) with the old rows' block taken from the cache."""
+        norms = merged.norm(dim=-1)  # [K, M]
+        new_pad = rows.new_zeros(len(classes), int(rank.max()) + 1, rows.shape[1])  # [K, Bmax, D]
+        new_pad[inv, rank] = unit_rows(rows)
+        cross = (merged @ new_pad.transpose(1, 2)) / norms.clamp_min(COSINE_EPS)[..., None]  # [K, M, Bmax]
+        sim = torch.zeros(merged.shape[0], merged.shape[1], merged.shape[1], dtype=torch.float64,
+                          device=merged.device)
+        sim[:, :held, :held] = self.gram[classes, :held, :held]
+        col = n[inv] + rank  # position of each new row in its class's merged bank
+        sim[inv, :, col] = cross[inv, :, rank].double()
+        return _on_grid(sim, norms > COSINE_EPS)  # keeps the upper triangle: (earlier, later) pairs
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"rows": self.rows, "counts": self.counts}
+        return {"rows": self.rows, "counts": self.counts, "gram": self.gram}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         if state["rows"].shape != self.rows.shape:
@@ -155,6 +190,7 @@ class MemoryBank:
             )
         self.rows.copy_(state["rows"])
         self.counts.copy_(state["counts"])
+        self.gram.copy_(state["gram"])
 
     def mean_similarity(self) -> float:
         """Mean off-diagonal cosine similarity inside the banks (0 when no bank has two rows)."""
