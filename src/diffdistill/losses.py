@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from diffdistill.memory import cosine_matrix, unit_rows
+from diffdistill.memory import cosine_matrix, group_by_class, unit_rows
 
 Banks = Sequence[Tensor] | Mapping[int, Tensor]
 
@@ -56,14 +56,14 @@ def memory_loss_terms_dense(x0: Tensor, labels: Tensor, real: Tensor, real_count
     """`memory_loss_terms` for banks held as padded tensors [C, N, D] with row counts [C] (a class's rows
     first): every class of the batch at once, no Python loop over classes. Returns (classes, R, D)."""
     x0 = unit_rows(x0.flatten(1))  # [B, D]
-    classes, inv = torch.unique(labels, return_inverse=True)  # [K], [B]
+    classes, inv, rank = group_by_class(labels)  # [K], [B], [B]
+    grouped = x0.new_zeros(len(classes), int(rank.max()) + 1 if len(labels) else 0, x0.shape[1])
+    grouped = grouped.index_put((inv, rank), x0)  # [K, Bmax, D]: each class's samples
 
     def sims(bank: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
-        n = bank.shape[1]
-        unit = unit_rows(bank[classes].to(x0.dtype))  # [K, N, D] the batch's classes
-        every = (x0 @ unit.flatten(0, 1).T).view(len(labels), len(classes), n)  # [B, K, N]
-        own = every[torch.arange(len(labels), device=x0.device), inv]  # [B, N] each sample vs its class
-        valid = torch.arange(n, device=x0.device)[None] < counts.to(x0.device)[labels][:, None]
+        unit = unit_rows(bank[classes].to(x0.dtype))  # [K, N, D] the batch's classes' banks
+        own = torch.bmm(grouped, unit.transpose(1, 2))[inv, rank]  # [B, N] each sample vs its class's bank
+        valid = torch.arange(bank.shape[1], device=x0.device)[None] < counts.to(x0.device)[labels][:, None]
         return own, valid
 
     k = len(classes)

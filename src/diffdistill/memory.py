@@ -42,6 +42,17 @@ def _on_grid(sim: Tensor, nonzero: Tensor) -> Tensor:
     return torch.round(sim / SIMILARITY_GRID) * SIMILARITY_GRID
 
 
+def group_by_class(labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(classes [K] ascending, inv [B]: each row's class index, rank [B]: its index within its class in
+    batch order). Rows can then be laid out as a padded [K, max count, ...] tensor at [inv, rank]."""
+    classes, inv = torch.unique(labels, return_inverse=True)
+    new = torch.bincount(inv, minlength=len(classes))
+    order = torch.argsort(inv, stable=True)  # rows grouped by class, batch order kept
+    rank = torch.empty_like(inv)
+    rank[order] = torch.arange(len(inv), device=inv.device) - (torch.cumsum(new, 0) - new)[inv[order]]
+    return classes, inv, rank
+
+
 def similarity_matrix(bank: Tensor) -> Tensor:
     """[..., M, D] -> [..., M, M] float64 cosine similarities: exactly symmetric, diagonal 1 (0 for a
     zero row), on the SIMILARITY_GRID."""
@@ -131,15 +142,10 @@ class MemoryBank:
         tensor [K, n + B_c, D] and pruned together."""
         rows = rows.detach().to(self.rows.dtype).flatten(1)  # [B, D]
         labels = labels.to(self.rows.device)
-        classes, inv = torch.unique(labels, return_inverse=True)  # [K], [B]
+        classes, inv, rank = group_by_class(labels)  # [K], [B], [B]
         k, n = len(classes), self.counts[classes.cpu()].to(labels.device)  # n: rows held now, [K]
-        new = torch.bincount(inv, minlength=k)  # [K] rows arriving
-        total = n + new
+        total = n + torch.bincount(inv, minlength=k)  # [K] after the new rows arrive
         width = int(total.max())
-        order = torch.argsort(inv, stable=True)  # batch rows grouped by class, batch order kept
-        starts = torch.cumsum(new, 0) - new
-        rank = torch.empty_like(inv)
-        rank[order] = torch.arange(len(inv), device=inv.device) - starts[inv[order]]  # index within class
         held = min(self.size, width)
         # one spare all-zero row at index `width`: dropped slots are compacted onto it
         merged = rows.new_zeros(k, width + 1, rows.shape[1])  # [K, M + 1, D]: old rows, then the new ones
