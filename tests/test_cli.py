@@ -128,3 +128,11 @@ def test_bad_input_is_one_line_and_nonzero_exit(tmp_path, args, message):
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("diffdistill: error: ") and message in lines[0], proc.stderr
     assert not any(tmp_path.iterdir()) or not any((tmp_path / "demo-digits").glob("*/*.safetensors"))
+
+
+def test_unwritable_output_folder_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the run folder should go")
+    assert run("pretrain", "configs/demo-digits.yaml", f"out_dir={blocker}", "pretrain.steps=1") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("diffdistill: error: cannot write the output folder") and "\n" not in err

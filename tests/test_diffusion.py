@@ -2,12 +2,13 @@ import numpy as np
 import pytest
 import torch
 
+from diffdistill.config import DiffusionConfig
 from diffdistill.diffusion import NoiseSchedule, cosine_betas, linear_betas, make_scheduler
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_x0_from_eps_inverts_q_sample(schedule):
-    sched = NoiseSchedule.from_config(schedule, 1000, 1e-4, 0.02)
+    sched = NoiseSchedule.from_config(DiffusionConfig(schedule=schedule))
     z0 = torch.randn(6, 4, 8, 8, dtype=torch.float64)
     eps = torch.randn_like(z0)
     t = torch.tensor([0, 1, 10, 500, 998, 999])

@@ -49,8 +49,11 @@ def staged_dir(final: Path, force: bool) -> Iterator[Path]:
     """Yield a temp folder beside `final`; on success it replaces `final` (which must not exist unless
     `force`). On failure nothing is left behind, and an existing `final` is untouched."""
     check_output_free(final, force)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    except OSError as err:
+        raise StageError(f"cannot write the output folder {final.parent}: {err.strerror or err}") from None
     try:
         yield tmp
         if final.exists():

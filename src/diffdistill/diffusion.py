@@ -9,6 +9,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from diffdistill.config import DiffusionConfig
+
 
 def linear_betas(steps: int, beta_start: float, beta_end: float) -> Tensor:
     return torch.linspace(beta_start, beta_end, steps, dtype=torch.float64)
@@ -35,8 +37,8 @@ class NoiseSchedule:
         self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)  # [T]
 
     @classmethod
-    def from_config(cls, schedule: str, steps: int, beta_start: float, beta_end: float) -> NoiseSchedule:
-        return cls(SCHEDULES[schedule](steps, beta_start, beta_end))
+    def from_config(cls, cfg: DiffusionConfig) -> NoiseSchedule:
+        return cls(SCHEDULES[cfg.schedule](cfg.train_steps, cfg.beta_start, cfg.beta_end))
 
     @property
     def num_steps(self) -> int:

@@ -73,8 +73,7 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
         model = load_dit(source).to(device).eval()
         ae = build_autoencoder(cfg.autoencoder).to(device)
         latent_shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
-        betas = NoiseSchedule.from_config(cfg.diffusion.schedule, cfg.diffusion.train_steps,
-                                          cfg.diffusion.beta_start, cfg.diffusion.beta_end).betas
+        betas = NoiseSchedule.from_config(cfg.diffusion).betas
         jobs = [(c, i) for c in range(len(classes)) for i in range(ipc)]
         records = []
         for c in classes:

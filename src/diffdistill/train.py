@@ -102,10 +102,10 @@ def train_stage(cfg: Config, stage: str, force: bool = False) -> Path:
         log = _loop(cfg, stage, tcfg, model, trainable, ae, data, latent, torch.tensor(cond), device, out)
         save_model_folder(out / "raw", model, trainable.folded_state_dict(model))
         save_model_folder(out / "ema", model, trainable.folded_state_dict(model, log.pop("ema_values")))
-        if log.get("banks"):
-            save_file({f"{name}.{k}": v.contiguous().cpu() for name, bank in log.pop("banks").items()
+        banks = log.pop("banks")
+        if banks:
+            save_file({f"{name}.{k}": v.contiguous().cpu() for name, bank in banks.items()
                        for k, v in bank.state_dict().items()}, str(out / "memory.safetensors"))
-        log.pop("banks", None)
         n_trainable = sum(p.numel() for p in trainable.params)
         write_run_info(out, cfg, stage, {
             "init": init, "classes": data.classes, "condition_ids": cond, "latent_shape": list(latent),
@@ -117,8 +117,7 @@ def train_stage(cfg: Config, stage: str, force: bool = False) -> Path:
 
 def _loop(cfg: Config, stage: str, tcfg: TrainConfig, model, trainable: Trainable, ae, data, latent,
           cond: Tensor, device: torch.device, out: Path) -> dict:
-    schedule = NoiseSchedule.from_config(cfg.diffusion.schedule, cfg.diffusion.train_steps,
-                                         cfg.diffusion.beta_start, cfg.diffusion.beta_end)
+    schedule = NoiseSchedule.from_config(cfg.diffusion)
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, stage))
     opt = torch.optim.AdamW(trainable.params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     warmup = max(tcfg.warmup_steps, 1)
