@@ -14,6 +14,12 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class StageError(RuntimeError):
     """A user-facing problem (bad input, missing file): printed as one line, exit code 2."""
 
@@ -25,6 +31,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the umask like any file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -54,6 +61,7 @@ def staged_dir(final: Path, force: bool) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     except OSError as err:
         raise StageError(f"cannot write the output folder {final.parent}: {err.strerror or err}") from None
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if final.exists():

@@ -77,6 +77,8 @@ def loss_plot(run_dir: Path) -> bytes | None:
                 ax.plot(*zip(*pts), label=stage)
         ax.set_title(key)
         ax.set_xlabel("step")
+        if key == "diffusion":
+            ax.set_yscale("log")  # the early drop would hide the fine-tuning curve
         ax.legend()
     fig.tight_layout()
     buf = io.BytesIO()
