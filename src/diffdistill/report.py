@@ -35,6 +35,11 @@ def accuracy_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def fidelity_line(fid: dict) -> str:
+    return (f"{fid['mean']:.1f} ± {fid['std']:.1f} % of the {fid['num_images']} distilled images are assigned "
+            f"their intended class by a {fid['classifier']}.")
+
+
 def sample_grid(samples: Path, classes: list[str], size: int, columns: int = GRID_COLUMNS, scale: int = 0) -> bytes:
     """PNG bytes: one row per class, the first `columns` images of each, as `size` px cells."""
     rows = []
@@ -105,9 +110,7 @@ def write_report(run_dir: Path) -> str:
              "\\* best epoch = the maximum over evaluated epochs, selected on the validation set: optimistic, "
              "shown only for comparison with papers that report it.", ""]
     if results.get("fidelity"):
-        fid = results["fidelity"]
-        parts += [f"**Fidelity**: {fid['mean']:.1f} ± {fid['std']:.1f} % of the {fid['num_images']} distilled "
-                  f"images are assigned their intended class by a {fid['classifier']}.", ""]
+        parts += [f"**Fidelity**: {fidelity_line(results['fidelity'])}", ""]
     if samples.is_dir():
         size = results["config"]["data"]["image_size"]
         atomic_write_bytes(run_dir / "samples.png", sample_grid(samples, results["data"]["classes"], size))
@@ -125,4 +128,6 @@ def write_report(run_dir: Path) -> str:
               "- resolved config, package versions, git commit and seeds: `config.yaml` and `run_info.json` "
               "in each stage folder", ""]
     atomic_write_text(run_dir / "report.md", "\n".join(parts))
+    if results.get("fidelity"):
+        table += f"\nfidelity: {fidelity_line(results['fidelity'])}"
     return table

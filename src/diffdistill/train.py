@@ -131,64 +131,63 @@ def _loop(cfg: Config, stage: str, tcfg: TrainConfig, model, trainable: Trainabl
     }
     null_id, images, labels = null_class(model), data.images, data.labels
     batches = _batches(len(data), tcfg.batch_size, gen)
-    log_file = (out / "log.jsonl").open("w")
-    sums: dict[str, float] = {}
-    t_start, mem_seconds = time.perf_counter(), 0.0
-    bar = tqdm(range(1, tcfg.steps + 1), desc=stage, unit="step", dynamic_ncols=True)
-    for step in bar:
-        idx = next(batches)
-        x = images[idx].float().div_(127.5).sub_(1)  # [B, C, H, W] in [-1, 1]
-        if cfg.data.hflip:
-            flip = torch.rand(len(idx), generator=gen) < 0.5
-            x[flip] = x[flip].flip(-1)
-        y = labels[idx]  # [B] dataset-local class ids
-        z0 = ae.encode(x.to(device))  # [B, C', H', W']
-        t = torch.randint(0, schedule.num_steps, (len(idx),), generator=gen)
-        noise = torch.randn(z0.shape, generator=gen).to(device)
-        y_model = drop_labels(cond[y], null_id, cfg.model.class_dropout, gen).to(device)
-        t, y_dev = t.to(device), y.to(device)
-        zt = schedule.q_sample(z0, t, noise)
-        eps = eps_prediction(model(zt, t, y_model).sample, latent[0])
-        loss_diff = F.mse_loss(eps, noise)
-        loss, parts = loss_diff, {"diffusion": loss_diff.item()}
-        if banks:
-            tm = time.perf_counter()
-            x0_hat = schedule.x0_from_eps(zt, t, eps).flatten(1)  # [B, D]
-            real, gen_bank = banks["real"], banks["gen"]
-            _, reps, divs = memory_loss_terms_dense(x0_hat, y_dev, real.rows, real.counts, gen_bank.rows,
-                                                    gen_bank.counts)
-            loss_mem = combine_terms(reps, divs, mem.lambda_real, mem.lambda_gen, mem.loss_accumulation)
-            loss = loss + loss_mem
-            parts.update(representativeness=reps.mean().item(), diversity=divs.mean().item(),
-                         memory=loss_mem.item())
-            mem_seconds += time.perf_counter() - tm
-        if not torch.isfinite(loss):
-            raise StageError(f"{stage}: loss is {float(loss)} at step {step}; lower {stage}.lr or check the data")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if tcfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(trainable.params, tcfg.grad_clip)
-        opt.step()
-        lr_sched.step()
-        ema.update()
-        if banks:
-            tm = time.perf_counter()
-            banks["real"].push(z0.flatten(1), y_dev)
-            banks["gen"].push(x0_hat.detach(), y_dev)
-            mem_seconds += time.perf_counter() - tm
-        for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + v
-        if step % tcfg.log_every == 0 or step == tcfg.steps:
-            n = (step - 1) % tcfg.log_every + 1
-            row = {"step": step, **{k: v / n for k, v in sums.items()}, "lr": lr_sched.get_last_lr()[0]}
+    with (out / "log.jsonl").open("w") as log_file:
+        sums: dict[str, float] = {}
+        t_start, mem_seconds = time.perf_counter(), 0.0
+        bar = tqdm(range(1, tcfg.steps + 1), desc=stage, unit="step", dynamic_ncols=True)
+        for step in bar:
+            idx = next(batches)
+            x = images[idx].float().div_(127.5).sub_(1)  # [B, C, H, W] in [-1, 1]
+            if cfg.data.hflip:
+                flip = torch.rand(len(idx), generator=gen) < 0.5
+                x[flip] = x[flip].flip(-1)
+            y = labels[idx]  # [B] dataset-local class ids
+            z0 = ae.encode(x.to(device))  # [B, C', H', W']
+            t = torch.randint(0, schedule.num_steps, (len(idx),), generator=gen)
+            noise = torch.randn(z0.shape, generator=gen).to(device)
+            y_model = drop_labels(cond[y], null_id, cfg.model.class_dropout, gen).to(device)
+            t, y_dev = t.to(device), y.to(device)
+            zt = schedule.q_sample(z0, t, noise)
+            eps = eps_prediction(model(zt, t, y_model).sample, latent[0])
+            loss_diff = F.mse_loss(eps, noise)
+            loss, parts = loss_diff, {"diffusion": loss_diff.item()}
             if banks:
-                row.update(real_bank_similarity=banks["real"].mean_similarity(),
-                           gen_bank_similarity=banks["gen"].mean_similarity())
-            log_file.write(json.dumps(row) + "\n")
-            log_file.flush()
-            bar.set_postfix(loss=f"{row['diffusion']:.4f}")
-            sums = {}
-    log_file.close()
+                tm = time.perf_counter()
+                x0_hat = schedule.x0_from_eps(zt, t, eps).flatten(1)  # [B, D]
+                real, gen_bank = banks["real"], banks["gen"]
+                _, reps, divs = memory_loss_terms_dense(x0_hat, y_dev, real.rows, real.counts, gen_bank.rows,
+                                                        gen_bank.counts)
+                loss_mem = combine_terms(reps, divs, mem.lambda_real, mem.lambda_gen, mem.loss_accumulation)
+                loss = loss + loss_mem
+                parts.update(representativeness=reps.mean().item(), diversity=divs.mean().item(),
+                             memory=loss_mem.item())
+                mem_seconds += time.perf_counter() - tm
+            if not torch.isfinite(loss):
+                raise StageError(f"{stage}: loss is {float(loss)} at step {step}; lower {stage}.lr or check the data")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tcfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(trainable.params, tcfg.grad_clip)
+            opt.step()
+            lr_sched.step()
+            ema.update()
+            if banks:
+                tm = time.perf_counter()
+                banks["real"].push(z0.flatten(1), y_dev)
+                banks["gen"].push(x0_hat.detach(), y_dev)
+                mem_seconds += time.perf_counter() - tm
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if step % tcfg.log_every == 0 or step == tcfg.steps:
+                n = (step - 1) % tcfg.log_every + 1
+                row = {"step": step, **{k: v / n for k, v in sums.items()}, "lr": lr_sched.get_last_lr()[0]}
+                if banks:
+                    row.update(real_bank_similarity=banks["real"].mean_similarity(),
+                               gen_bank_similarity=banks["gen"].mean_similarity())
+                log_file.write(json.dumps(row) + "\n")
+                log_file.flush()
+                bar.set_postfix(loss=f"{row['diffusion']:.4f}")
+                sums = {}
     seconds = time.perf_counter() - t_start
     return {"steps": tcfg.steps, "seconds": round(seconds, 2), "memory_seconds": round(mem_seconds, 3),
             "last_log": row, "ema_values": ema.shadow, "banks": banks}
