@@ -42,7 +42,8 @@ def test_run_writes_results_report_grid_and_manifest(digits_run):
     assert {"mean", "std", "runs"} <= set(res["full"]) and 0 <= res["fidelity"]["mean"] <= 100
     assert res["fidelity"]["num_images"] == 30
     assert res["config"]["finetune"]["memory"]["policy"] == "adaptive"
-    assert len(res["random_real_indices"]["3"]["indices"]) == 2  # one subset per seed, recorded
+    assert len(res["ipc"]["3"]["random_real"]["indices"]) == 2  # one subset per seed, recorded
+    assert len(res["ipc"]["3"]["random_real"]["indices"][0]) == 30
     report = (digits_run / "report.md").read_text()
     assert "random real" in report and "selected on the validation set" in report and "samples.png" in report
     assert Image.open(digits_run / "samples.png").size[0] > 0

@@ -61,13 +61,17 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("config", help="YAML config file (e.g. configs/demo-digits.yaml)")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
         p.add_argument("--force", action="store_true", help="overwrite existing stage output folders")
+        if name in ("evaluate", "run"):
+            p.add_argument("--pool", action="store_true",
+                           help="draw IPC images per class at random (seeded) from a larger set (evaluate.pool=true)")
         if name == "evaluate":
             p.add_argument("--distilled", metavar="DIR",
                            help="score this folder of class subfolders instead of <run>/samples")
     parser.set_defaults(distilled=None)
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        overrides = args.overrides + (["evaluate.pool=true"] if getattr(args, "pool", False) else [])
+        cfg = load_config(args.config, overrides)
         actions = _actions()
         if args.stage != "run":
             actions[args.stage](cfg, args)

@@ -24,6 +24,9 @@ class DataConfig:
     builtin: Literal["digits"] = "digits"  # used when `train` is not set
     train: str | None = None  # folder of class subfolders of images
     val: str | None = None  # same layout; for digits a seeded split is used instead
+    # ImageNet val layout: `val` is a flat folder and this file maps image -> wnid, one per line
+    # ("ILSVRC2012_val_00000001.JPEG n01751748", or the CSV "ImageId,PredictionString" of LOC_val_solution.csv)
+    val_labels: str | None = None
     classes: str | tuple[str, ...] | None = None  # preset name, list of class names, or all
     image_size: int = 16
     channels: int | None = None  # 1 or 3; None: 1 if every image is grayscale, else 3
@@ -100,19 +103,27 @@ class SampleConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    nets: tuple[str, ...] = ("convnet3",)  # keys of diffdistill.models.classifiers.NETS
-    width: int = 128
+    nets: tuple[str, ...] = ("convnet6",)  # keys of diffdistill.models.classifiers.NETS
+    width: int = 128  # ConvNet width (ResNets keep their standard widths)
     norm: Literal["instance", "batch", "none"] = "instance"
     seeds: int = 3
-    epochs: int = 300
-    full: bool = True  # also train on the full real train set (needed for fidelity)
+    ipc: tuple[int, ...] | None = None  # None: sample.ipc
+    pool: bool = False  # draw IPC per class at random (seeded) from a larger set, instead of the first IPC
+    image_size: int | None = None  # classifier input size; None: data.image_size
+    epochs: int | None = None  # None: by IPC (1: 3000, <=10: 2000, <=50: 1500, <=200: 1000, <=500: 500, else 300)
+    full: bool = True  # also train on the full real train set (needed for fidelity; expensive at scale)
     full_epochs: int = 50
     batch_size: int = 64
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
     eval_every: int = 50
-    crop_scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop scale range; (1, 1) disables it
+    # augmentation, every batch; each element can be switched off (crop_scale [1, 1], strength 0, prob 0)
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop scale range (+ flip when data.hflip)
+    color_jitter: float = 0.4  # brightness / contrast / saturation strength
+    lighting: float = 0.1  # PCA lighting noise std (RGB only)
+    cutmix_prob: float = 1.0
+    cutmix_beta: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -154,7 +165,14 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "sample.guidance": (lambda v: v >= 0, "a number >= 0"),
     "evaluate.nets": (lambda v: len(v) > 0, "a non-empty list"),
     "evaluate.seeds": (lambda v: v > 0, _POSITIVE),
-    "evaluate.epochs": (lambda v: v > 0, _POSITIVE),
+    "evaluate.epochs": (lambda v: v is None or v > 0, "a positive number or null"),
+    "evaluate.ipc": (lambda v: v is None or (len(v) > 0 and all(i > 0 for i in v)),
+                     "null or a non-empty list of positive integers"),
+    "evaluate.image_size": (lambda v: v is None or v > 0, "a positive number or null"),
+    "evaluate.color_jitter": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "evaluate.lighting": (lambda v: v >= 0, "a number >= 0"),
+    "evaluate.cutmix_prob": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "evaluate.cutmix_beta": (lambda v: v > 0, _POSITIVE),
     "evaluate.full_epochs": (lambda v: v > 0, _POSITIVE),
     "evaluate.batch_size": (lambda v: v > 0, _POSITIVE),
     "evaluate.eval_every": (lambda v: v > 0, _POSITIVE),

@@ -5,21 +5,26 @@ subset (IPC real images per class) are trained under the identical recipe, over 
 optionally the full real train set too. Final-epoch accuracy is the headline; the best-epoch accuracy is
 kept beside it and labelled as selected on the validation set. Fidelity = share of the distilled images
 that the full-data classifiers assign to their intended class.
+
+Each (net, set, IPC, seed) job is saved under <run>/evaluate-jobs/ as it finishes, keyed by everything
+that determines its result, so an interrupted evaluation resumes where it stopped.
 """
 
 from __future__ import annotations
 
-import math
+import json
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from diffdistill.augment import color_jitter, cutmix, lighting, random_resized_crop
 from diffdistill.checkpoint import StageError, atomic_write_json, staged_dir
 from diffdistill.config import Config, EvalConfig, to_dict
 from diffdistill.data.datasets import ImageSet, load_data, load_image_folder
@@ -29,20 +34,18 @@ from diffdistill.runtime import derive_seed, setup, write_run_info
 BEST_LABEL = "best epoch, selected on the validation set (optimistic)"
 
 
-def random_resized_crop(x: Tensor, scale: tuple[float, float], flip: bool, gen: torch.Generator) -> Tensor:
-    """Batched RandomResizedCrop(scale, ratio 3/4–4/3) + optional horizontal flip, one affine warp."""
-    b = x.shape[0]
-    area = torch.empty(b).uniform_(*scale, generator=gen)
-    log_ratio = torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen)
-    w = (area * log_ratio.exp()).sqrt().clamp(max=1)  # crop width / image width
-    h = (area / log_ratio.exp()).sqrt().clamp(max=1)
-    cx = (torch.rand(b, generator=gen) * 2 - 1) * (1 - w)  # crop centre in [-1, 1] coordinates
-    cy = (torch.rand(b, generator=gen) * 2 - 1) * (1 - h)
-    sign = torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0) if flip else torch.ones(b)
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * sign, cx, h, cy
-    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+# (largest IPC, epochs): the recipe of the field's tables; above the last bound EPOCHS_ABOVE
+EPOCHS_BY_IPC = ((1, 3000), (10, 2000), (50, 1500), (200, 1000), (500, 500))
+EPOCHS_ABOVE = 300
+
+
+def epochs_for_ipc(ipc: int) -> int:
+    return next((epochs for bound, epochs in EPOCHS_BY_IPC if ipc <= bound), EPOCHS_ABOVE)
+
+
+def lr_milestones(epochs: int) -> list[int]:
+    """lr × 0.2 at 2/3 and 5/6 of the epochs."""
+    return [epochs * 2 // 3, epochs * 5 // 6]
 
 
 @dataclass
@@ -61,23 +64,34 @@ def accuracy(model: torch.nn.Module, x: Tensor, y: Tensor, batch: int = 512) -> 
     return 100.0 * correct / max(len(y), 1)
 
 
-def train_classifier(net: str, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor, num_classes: int,
-                     epochs: int, seed: int, ecfg: EvalConfig, flip: bool) -> TrainResult:
-    """SGD + momentum, lr × 0.2 at 2/3 and 5/6 of the epochs; x, y already on the device, normalized."""
+def train_classifier(net: str, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor, norm: tuple[Tensor, Tensor],
+                     num_classes: int, epochs: int, seed: int, ecfg: EvalConfig, flip: bool) -> TrainResult:
+    """SGD + momentum, lr × 0.2 at 2/3 and 5/6 of the epochs. x in [0, 1] and x_val normalized, both on
+    the device; `norm` = (mean, std) applied to each augmented batch."""
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+    gen, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
     model = build_classifier(net, x.shape[1], num_classes, x.shape[-1], ecfg.width, ecfg.norm).to(x.device)
     opt = torch.optim.SGD(model.parameters(), lr=ecfg.lr, momentum=ecfg.momentum, weight_decay=ecfg.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [epochs * 2 // 3, epochs * 5 // 6], gamma=0.2)
-    augment = ecfg.crop_scale != (1.0, 1.0) or flip
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, lr_milestones(epochs), gamma=0.2)
+    crop = ecfg.crop_scale != (1.0, 1.0) or flip
     curve = []
     for epoch in range(1, epochs + 1):
         model.train()
         for idx in torch.randperm(len(y), generator=gen).split(ecfg.batch_size):
-            xb = x[idx]
-            if augment:
+            xb, yb = x[idx], y[idx]
+            if crop:
                 xb = random_resized_crop(xb, ecfg.crop_scale, flip, gen)
-            loss = F.cross_entropy(model(xb), y[idx])
+            if ecfg.color_jitter > 0:
+                xb = color_jitter(xb, ecfg.color_jitter, gen)
+            if ecfg.lighting > 0:
+                xb = lighting(xb, ecfg.lighting, gen)
+            xb = (xb - norm[0]) / norm[1]
+            if ecfg.cutmix_prob > 0 and rng.random() < ecfg.cutmix_prob:
+                xb, perm, lam = cutmix(xb, ecfg.cutmix_beta, gen, rng)
+                out = model(xb)
+                loss = lam * F.cross_entropy(out, yb) + (1 - lam) * F.cross_entropy(out, yb[perm])
+            else:
+                loss = F.cross_entropy(model(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -88,26 +102,15 @@ def train_classifier(net: str, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tenso
     return TrainResult(curve[-1][1], best, best_epoch, curve, model)
 
 
-def random_real_indices(labels: Tensor, num_classes: int, ipc: int, gen: torch.Generator) -> Tensor:
-    """IPC random indices per class (sorted within class), classes in order."""
+def per_class_indices(labels: Tensor, names: list[str], ipc: int, gen: torch.Generator | None, where: str) -> Tensor:
+    """`ipc` indices per class, classes in order: the first ones (gen None) or a seeded random draw."""
     picks = []
-    for c in range(num_classes):
+    for c, name in enumerate(names):
         pool = (labels == c).nonzero().squeeze(1)
         if len(pool) < ipc:
-            raise StageError(f"random-real baseline: class {c} has {len(pool)} real train images, IPC is {ipc}")
-        picks.append(pool[torch.randperm(len(pool), generator=gen)[:ipc]].sort().values)
+            raise StageError(f"{where}: class {name} has {len(pool)} images, IPC {ipc} needs at least {ipc}")
+        picks.append(pool[:ipc] if gen is None else pool[torch.randperm(len(pool), generator=gen)[:ipc]].sort().values)
     return torch.cat(picks)
-
-
-def first_per_class(data: ImageSet, ipc: int, where: str) -> ImageSet:
-    """The first `ipc` images of each class (file order = sample index order)."""
-    picks = []
-    for c, name in enumerate(data.classes):
-        idx = (data.labels == c).nonzero().squeeze(1)
-        if len(idx) < ipc:
-            raise StageError(f"{where}: class {name} has {len(idx)} images, IPC {ipc} needs at least {ipc}")
-        picks.append(idx[:ipc])
-    return data.subset(torch.cat(picks))
 
 
 def summarize(values: list[float]) -> dict:
@@ -116,11 +119,16 @@ def summarize(values: list[float]) -> dict:
             "runs": [round(v, 2) for v in values]}
 
 
-def _result(runs: list[TrainResult]) -> dict:
-    out = summarize([r.final for r in runs])
-    out["best_epoch"] = {**summarize([r.best for r in runs]), "label": BEST_LABEL}
-    out["curves"] = [r.curve for r in runs]
+def _result(records: list[dict]) -> dict:
+    out = summarize([r["final"] for r in records])
+    out["best_epoch"] = {**summarize([r["best"] for r in records]), "label": BEST_LABEL}
+    out["epochs"] = records[0]["epochs"]
+    out["curves"] = [r["curve"] for r in records]
     return out
+
+
+def _resize(x: Tensor, size: int) -> Tensor:
+    return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
 
 
 def evaluate_stage(cfg: Config, force: bool = False, distilled: str | None = None) -> Path:
@@ -135,67 +143,97 @@ def evaluate_stage(cfg: Config, force: bool = False, distilled: str | None = Non
         t0 = time.perf_counter()
         train, val = load_data(cfg.data, need_val=True)
         syn = load_image_folder(syn_dir, train.classes, cfg.data.image_size, train.channels, "distilled set")
-        # normalize every set with the real train set's per-channel statistics
-        real = train.as_float()
-        mean, std = real.mean((0, 2, 3), keepdim=True), real.std((0, 2, 3), keepdim=True).clamp_min(1e-3)
+        size = ecfg.image_size or cfg.data.image_size
+        # every set is normalized with the real train set's per-channel statistics
+        real01 = _resize(train.as_float() / 2 + 0.5, size)
+        norm = (real01.mean((0, 2, 3), keepdim=True).to(device),
+                real01.std((0, 2, 3), keepdim=True).clamp_min(1e-3).to(device))
 
-        def prep(s: ImageSet) -> tuple[Tensor, Tensor]:
-            return ((s.as_float() - mean) / std).to(device), s.labels.to(device)
+        def prep(s: ImageSet) -> tuple[Tensor, Tensor]:  # [0, 1] pixels at the classifier size, on the device
+            return _resize(s.as_float() / 2 + 0.5, size).to(device), s.labels.to(device)
 
         x_val, y_val = prep(val)
-        n_cls, flip = len(train.classes), cfg.data.hflip
-        ipcs = sorted(set(cfg.sample.ipc))
+        x_val = (x_val - norm[0]) / norm[1]
+        x_syn, y_syn = prep(syn)
+        names, flip = train.classes, cfg.data.hflip
+        ipcs = sorted(set(ecfg.ipc or cfg.sample.ipc))
         jobs = [(net, kind, ipc, s) for net in ecfg.nets for ipc in ipcs for kind in ("distilled", "random_real")
                 for s in range(ecfg.seeds)]
         if ecfg.full:
             jobs += [(net, "full", None, s) for net in ecfg.nets for s in range(ecfg.seeds)]
-        results: dict = {}
-        picked: dict = {}
+        cache = cfg.run_dir / "evaluate-jobs"
+        common = {"evaluate": to_dict(cfg)["evaluate"], "hflip": flip, "seed": cfg.seed, "train": train.sha256(),
+                  "val": val.sha256(), "distilled": syn.sha256(), "torch": torch.__version__}
+        records: dict = {}
         bar = tqdm(jobs, desc="evaluate", unit="model", dynamic_ncols=True)
         for net, kind, ipc, s in bar:
             bar.set_postfix_str(f"{net} {kind} ipc={ipc} seed={s}")
-            seed = derive_seed(cfg.seed, "evaluate", net, kind, ipc, s)
-            if kind == "distilled":
-                subset = first_per_class(syn, ipc, f"distilled set {syn_dir}")
-            elif kind == "random_real":
-                idx = random_real_indices(train.labels, n_cls, ipc, torch.Generator().manual_seed(seed))
-                picked.setdefault(str(ipc), []).append(idx.tolist())
-                subset = train.subset(idx)
-            else:
-                subset = train
-            epochs = ecfg.full_epochs if kind == "full" else ecfg.epochs
-            res = train_classifier(net, *prep(subset), x_val, y_val, n_cls, epochs, seed, ecfg, flip)
-            results.setdefault(net, {}).setdefault(kind, {}).setdefault(ipc, []).append(res)
-        primary = ecfg.nets[0]
-        report = {"net": primary, "norm": ecfg.norm, "ipc": {}, "full": None, "fidelity": None}
+            key = derive_seed(json.dumps({**common, "job": [net, kind, ipc, s]}, sort_keys=True))
+            file = cache / f"{net}_{kind}_ipc{ipc}_seed{s}.json"
+            record = json.loads(file.read_text()) if file.is_file() else None
+            if record is None or record.get("key") != key:
+                record = _run_job(cfg, net, kind, ipc, s, train, syn, prep, (x_val, y_val), (x_syn, y_syn), norm)
+                record["key"] = key
+                atomic_write_json(file, record)
+            records.setdefault(net, {}).setdefault(kind, {}).setdefault(ipc, []).append(record)
         by_net = {}
-        for net, kinds in results.items():
-            entry = {"ipc": {str(ipc): {kind: _result(kinds[kind][ipc]) for kind in ("distilled", "random_real")}
-                             for ipc in ipcs}}
+        for net, kinds in records.items():
+            entry: dict = {"ipc": {}}
             for ipc in ipcs:
-                e = entry["ipc"][str(ipc)]
+                e = {kind: _result(kinds[kind][ipc]) for kind in ("distilled", "random_real")}
                 e["gap_over_random_real"] = round(e["distilled"]["mean"] - e["random_real"]["mean"], 2)
+                e["random_real"]["indices"] = [r["indices"] for r in kinds["random_real"][ipc]]
+                if ecfg.pool:
+                    e["distilled"]["indices"] = [r["indices"] for r in kinds["distilled"][ipc]]
+                entry["ipc"][str(ipc)] = e
             if "full" in kinds:
-                full_runs = kinds["full"][None]
-                entry["full"] = _result(full_runs)
-                x_syn, y_syn = prep(syn)
-                entry["fidelity"] = {**summarize([accuracy(r.model, x_syn, y_syn) for r in full_runs]),
-                                     "num_images": len(syn), "classifier": f"{net} trained on the full real train set"}
+                runs = kinds["full"][None]
+                entry["full"] = _result(runs)
+                entry["fidelity"] = {**summarize([r["fidelity"] for r in runs]), "num_images": len(syn),
+                                     "classifier": f"{net} trained on the full real train set"}
             by_net[net] = entry
-        report.update({k: v for k, v in by_net[primary].items()})
-        report["by_net"] = by_net
-        report["random_real_indices"] = {
-            ipc: {"note": "indices into the real train set, one list per seed", "indices": idx}
-            for ipc, idx in picked.items()
-        }
-        report["data"] = {"train_sha256": train.sha256(), "val_sha256": val.sha256(), "distilled_sha256": syn.sha256(),
-                          "num_train": len(train), "num_val": len(val), "classes": train.classes,
-                          "distilled_set": str(syn_dir), "ipc_handling": "first IPC images per class of the set"}
-        report["protocol"] = {"epochs": ecfg.epochs, "full_epochs": ecfg.full_epochs, "seeds": ecfg.seeds,
-                              "headline": "final-epoch accuracy (%), mean ± std over seeds",
-                              "augmentation": {"crop_scale": list(ecfg.crop_scale), "hflip": flip}}
+        primary = ecfg.nets[0]
+        report = {"net": primary, "norm": ecfg.norm, "full": None, "fidelity": None, **by_net[primary],
+                  "by_net": by_net}
+        report["data"] = {"train_sha256": common["train"], "val_sha256": common["val"],
+                          "distilled_sha256": common["distilled"], "num_train": len(train), "num_val": len(val),
+                          "classes": names, "distilled_set": str(syn_dir),
+                          "ipc_handling": ("IPC per class drawn at random (seeded) from the set" if ecfg.pool
+                                           else "the first IPC images per class of the set")}
+        report["protocol"] = {
+            "epochs": {str(ipc): ecfg.epochs or epochs_for_ipc(ipc) for ipc in ipcs}, "full_epochs": ecfg.full_epochs,
+            "seeds": ecfg.seeds, "image_size": size, "headline": "final-epoch accuracy (%), mean ± std over seeds",
+            "augmentation": {"crop_scale": list(ecfg.crop_scale), "hflip": flip, "color_jitter": ecfg.color_jitter,
+                             "lighting": ecfg.lighting, "cutmix_prob": ecfg.cutmix_prob,
+                             "cutmix_beta": ecfg.cutmix_beta}}
         report["seconds"] = round(time.perf_counter() - t0, 1)
         report["config"] = to_dict(cfg)
         atomic_write_json(out / "results.json", report)
         write_run_info(out, cfg, "evaluate", {"data": report["data"]})
     return final
+
+
+def _run_job(cfg: Config, net: str, kind: str, ipc: int | None, s: int, train: ImageSet, syn: ImageSet, prep,
+             val: tuple[Tensor, Tensor], syn_xy: tuple[Tensor, Tensor], norm: tuple[Tensor, Tensor]) -> dict:
+    """Train one classifier; the record holds what the report needs (and which images were used)."""
+    ecfg = cfg.evaluate
+    seed = derive_seed(cfg.seed, "evaluate", net, kind, ipc, s)
+    gen = torch.Generator().manual_seed(seed)
+    record: dict = {"net": net, "kind": kind, "ipc": ipc, "seed": s}
+    if kind == "distilled":
+        idx = per_class_indices(syn.labels, syn.classes, ipc, gen if ecfg.pool else None, "distilled set")
+        subset = syn.subset(idx)
+        if ecfg.pool:
+            record["indices"] = idx.tolist()
+    elif kind == "random_real":
+        idx = per_class_indices(train.labels, train.classes, ipc, gen, "random-real baseline (real train set)")
+        record["indices"] = idx.tolist()
+        subset = train.subset(idx)
+    else:
+        subset = train
+    epochs = ecfg.full_epochs if kind == "full" else ecfg.epochs or epochs_for_ipc(ipc)
+    res = train_classifier(net, *prep(subset), *val, norm, len(train.classes), epochs, seed, ecfg, cfg.data.hflip)
+    record.update(final=res.final, best=res.best, best_epoch=res.best_epoch, curve=res.curve, epochs=epochs)
+    if kind == "full":
+        record["fidelity"] = accuracy(res.model, (syn_xy[0] - norm[0]) / norm[1], syn_xy[1])
+    return record

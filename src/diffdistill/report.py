@@ -19,6 +19,16 @@ def _fmt(r: dict | None) -> str:
     return "—" if not r else f"{r['mean']:.1f} ± {r['std']:.1f}"
 
 
+def _augmentation(protocol: dict) -> str:
+    a = protocol["augmentation"]
+    parts = [f"RandomResizedCrop{tuple(a['crop_scale'])}" if a["crop_scale"] != [1.0, 1.0] else None,
+             "flip" if a["hflip"] else None,
+             f"ColorJitter({a['color_jitter']})" if a["color_jitter"] else None,
+             f"lighting({a['lighting']})" if a["lighting"] else None,
+             f"CutMix(p={a['cutmix_prob']}, β={a['cutmix_beta']})" if a["cutmix_prob"] else None]
+    return ", ".join(p for p in parts if p) or "none"
+
+
 def accuracy_table(results: dict) -> str:
     """Markdown table: per IPC, distilled vs random-real (final epoch), gap, and best-epoch numbers."""
     lines = [
@@ -104,8 +114,9 @@ def write_report(run_dir: Path) -> str:
     parts = [f"# {run_dir.name}", "",
              f"Top-1 accuracy (%) on {results['data']['num_val']} real validation images of a "
              f"{results['net']} ({results['norm']} norm) trained from scratch on each set; "
-             f"mean ± std over {results['protocol']['seeds']} seeds, **final epoch** "
-             f"({results['protocol']['epochs']} epochs; full data {results['protocol']['full_epochs']}).", "",
+             f"mean ± std over {results['protocol']['seeds']} seeds, **final epoch** (epochs by IPC: "
+             f"{', '.join(f'{k}: {v}' for k, v in results['protocol']['epochs'].items())}; full data "
+             f"{results['protocol']['full_epochs']}). Augmentation: {_augmentation(results['protocol'])}.", "",
              table, "",
              "\\* best epoch = the maximum over evaluated epochs, selected on the validation set: optimistic, "
              "shown only for comparison with papers that report it.", ""]

@@ -111,10 +111,49 @@ def load_image_folder(root: str | Path, classes: list[str], image_size: int, cha
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(tqdm(pool.map(lambda p: _read_image(p, image_size), files), total=len(files),
                             desc=f"reading {root}", unit="img", disable=len(files) < 2000, leave=False))
+    return _stack(results, labels, classes, files, channels)
+
+
+def read_val_labels(path: str | Path) -> dict[str, str]:
+    """Image stem -> wnid from "NAME WNID" lines or the CSV "ImageId,PredictionString" (first word = wnid)."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"data.val_labels: file {path} does not exist")
+    out = {}
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        parts = line.replace(",", " ").split()
+        if not parts or parts[0] == "ImageId":
+            continue
+        if len(parts) < 2 or not parts[1].startswith("n"):
+            raise StageError(f"data.val_labels: {path} line {n}: expected 'IMAGE WNID', got {line!r}")
+        out[Path(parts[0]).stem] = parts[1]
+    return out
+
+
+def load_flat_folder(root: str | Path, labels_file: str | Path, classes: list[str], image_size: int,
+                     channels: int | None) -> ImageSet:
+    """ImageNet val layout: images of `classes` from one flat folder, labelled by `labels_file`."""
+    root = Path(root)
+    if not root.is_dir():
+        raise StageError(f"data.val: folder {root} does not exist")
+    wnid_of = read_val_labels(labels_file)
+    index = {c: i for i, c in enumerate(classes)}
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.stem in wnid_of
+                   and wnid_of[p.stem] in index)
+    labels = [index[wnid_of[p.stem]] for p in files]
+    missing = [c for c in classes if c not in {wnid_of[p.stem] for p in files}]
+    if missing:
+        raise StageError(f"data.val: no image of class {', '.join(missing[:5])} in {root} per {labels_file}")
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda p: _read_image(p, image_size), files))
+    return _stack(results, labels, classes, files, channels)
+
+
+def _stack(results: list[tuple[np.ndarray, bool]], labels: list[int], classes: list[str], files: list[Path],
+           channels: int | None) -> ImageSet:
     images = torch.from_numpy(np.stack([r[0] for r in results])).permute(0, 3, 1, 2).contiguous()
-    all_gray = all(r[1] for r in results)
     if channels is None:
-        channels = 1 if all_gray else 3
+        channels = 1 if all(r[1] for r in results) else 3
     if channels == 1:
         # grayscale decoded to RGB has equal channels; otherwise use ITU-R 601 luma (PIL's "L")
         weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
@@ -172,6 +211,8 @@ def load_data(cfg: DataConfig, need_val: bool = True) -> tuple[ImageSet, ImageSe
         if need_val:
             raise StageError("data.val is not set: evaluation needs a folder of real validation images")
         return train, None
+    if cfg.val_labels:
+        return train, load_flat_folder(cfg.val, cfg.val_labels, names, cfg.image_size, train.channels)
     list_class_folders(Path(cfg.val), "data.val")
     val = load_image_folder(cfg.val, names, cfg.image_size, train.channels, "data.val")
     return train, val
