@@ -42,22 +42,26 @@ def _factors(b: int, strength: float, gen: torch.Generator, like: Tensor) -> Ten
 
 
 def color_jitter(x: Tensor, strength: float, gen: torch.Generator) -> Tensor:
-    """Brightness, contrast and saturation factors uniform in [1 − s, 1 + s] per image (x in [0, 1])."""
+    """Brightness, contrast and saturation factors uniform in [1 − s, 1 + s] per image (x in [0, 1]).
+
+    Contrast blends with the image's mean gray level, saturation with its per-pixel gray image."""
     b = x.shape[0]
-    x = (x * _factors(b, strength, gen, x)).clamp(0, 1)
-    gray = _gray(x)
-    x = ((x - gray.mean((1, 2, 3), keepdim=True)) * _factors(b, strength, gen, x)
-         + gray.mean((1, 2, 3), keepdim=True)).clamp(0, 1)
+    x = (x * _factors(b, strength, gen, x)).clamp_(0, 1)  # brightness (a new tensor: x is not modified)
+    luma = _luma(x)
+    mean = (x.mean((2, 3), keepdim=True) * luma).sum(1, keepdim=True)  # [B, 1, 1, 1] mean gray level
+    c = _factors(b, strength, gen, x)
+    x.mul_(c).add_(mean * (1 - c)).clamp_(0, 1)  # contrast: (x − m)·c + m
     if x.shape[1] == 3:
-        gray = _gray(x)
-        x = ((x - gray) * _factors(b, strength, gen, x) + gray).clamp(0, 1)
+        gray = (x * luma).sum(1, keepdim=True)  # [B, 1, H, W]
+        s = _factors(b, strength, gen, x)
+        x.mul_(s).add_(gray * (1 - s)).clamp_(0, 1)  # saturation: (x − gray)·s + gray
     return x
 
 
-def _gray(x: Tensor) -> Tensor:
+def _luma(x: Tensor) -> Tensor:
     if x.shape[1] == 1:
-        return x
-    return (x * torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        return torch.ones(1, 1, 1, 1, dtype=x.dtype, device=x.device)
+    return torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
 
 
 def lighting(x: Tensor, std: float, gen: torch.Generator) -> Tensor:

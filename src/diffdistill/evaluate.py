@@ -85,7 +85,7 @@ def train_classifier(net: str, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tenso
                 xb = color_jitter(xb, ecfg.color_jitter, gen)
             if ecfg.lighting > 0:
                 xb = lighting(xb, ecfg.lighting, gen)
-            xb = (xb - norm[0]) / norm[1]
+            xb = (xb - norm[0]).div_(norm[1])
             if ecfg.cutmix_prob > 0 and rng.random() < ecfg.cutmix_prob:
                 xb, perm, lam = cutmix(xb, ecfg.cutmix_beta, gen, rng)
                 out = model(xb)
