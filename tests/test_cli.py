@@ -137,3 +137,16 @@ def test_unwritable_output_folder_is_one_line(tmp_path, capsys):
     assert run("pretrain", "configs/demo-digits.yaml", f"out_dir={blocker}", "pretrain.steps=1") == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("diffdistill: error: cannot write the output folder") and "\n" not in err
+
+
+def test_training_is_reproducible_from_the_seed(tmp_path):
+    from safetensors.torch import load_file
+
+    weights = []
+    for name in ("a", "b", "c"):
+        seed = "seed=1" if name == "c" else "seed=0"
+        assert run("pretrain", "configs/demo-digits.yaml", f"out_dir={tmp_path}", f"name={name}", seed,
+                   "pretrain.steps=3", "data.classes=[0,1]") == 0
+        weights.append(load_file(str(tmp_path / name / "pretrain" / "raw" / "diffusion_pytorch_model.safetensors")))
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # same seed: bit-identical
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])

@@ -60,3 +60,13 @@ def test_config_is_frozen():
     cfg = build_config()
     with pytest.raises(AttributeError):
         cfg.seed = 3
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    for path in Path("configs").glob("*.yaml"):
+        load_config(path)
+    cfg = load_config("configs/evaluate-imagewoof.yaml")
+    assert cfg.evaluate.nets == ("convnet6", "resnetap10", "resnet18") and cfg.evaluate.epochs is None
+    assert cfg.data.classes == "imagewoof"

@@ -139,6 +139,9 @@ def test_three_nets_full_recipe_and_resume(tmp_path, monkeypatch):
     assert main(args + ["evaluate.lighting=0.1", "--pool"] + where) == 0
     res = json.loads((tmp_path / "demo-digits" / "results.json").read_text())
     assert set(res["by_net"]) == {"convnet3", "resnetap10", "resnet18"}
+    assert res["by_net"]["resnet18"]["norm"] == "batch" and res["norm"] == "instance"
+    report = (tmp_path / "demo-digits" / "report.md").read_text()
+    assert "resnet18 (batch norm)" in report and report.count("| IPC |") == 3
     assert res["protocol"]["epochs"] == {"2": 2}
     assert res["data"]["ipc_handling"].startswith("IPC per class drawn at random")
     assert len(res["ipc"]["2"]["distilled"]["indices"]) == 2
@@ -158,3 +161,12 @@ def test_three_nets_full_recipe_and_resume(tmp_path, monkeypatch):
     calls.clear()
     assert main(args + ["evaluate.lighting=0.0", "--pool", "--force"] + where) == 0
     assert len(calls) == 12
+
+
+def test_each_net_gets_its_protocol_norm_unless_one_is_set():
+    from diffdistill.models.classifiers import DEFAULT_NORM
+
+    assert DEFAULT_NORM["resnet18"] == "batch" and DEFAULT_NORM["resnetap10"] == "instance"
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in build_classifier("resnet18", 3, 10, 32).modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d)
+                   for m in build_classifier("resnet18", 3, 10, 32, norm="instance").modules())

@@ -105,7 +105,7 @@ class SampleConfig:
 class EvalConfig:
     nets: tuple[str, ...] = ("convnet6",)  # keys of diffdistill.models.classifiers.NETS
     width: int = 128  # ConvNet width (ResNets keep their standard widths)
-    norm: Literal["instance", "batch", "none"] = "instance"
+    norm: Literal["instance", "batch", "none"] | None = None  # None: each net's own (see classifiers.DEFAULT_NORM)
     seeds: int = 3
     ipc: tuple[int, ...] | None = None  # None: sample.ipc
     pool: bool = False  # draw IPC per class at random (seeded) from a larger set, instead of the first IPC

@@ -28,7 +28,7 @@ from diffdistill.augment import color_jitter, cutmix, lighting, random_resized_c
 from diffdistill.checkpoint import StageError, atomic_write_json, staged_dir
 from diffdistill.config import Config, EvalConfig, to_dict
 from diffdistill.data.datasets import ImageSet, load_data, load_image_folder
-from diffdistill.models.classifiers import build_classifier
+from diffdistill.models.classifiers import DEFAULT_NORM, build_classifier
 from diffdistill.runtime import derive_seed, setup, write_run_info
 
 BEST_LABEL = "best epoch, selected on the validation set (optimistic)"
@@ -178,7 +178,7 @@ def evaluate_stage(cfg: Config, force: bool = False, distilled: str | None = Non
             records.setdefault(net, {}).setdefault(kind, {}).setdefault(ipc, []).append(record)
         by_net = {}
         for net, kinds in records.items():
-            entry: dict = {"ipc": {}}
+            entry: dict = {"norm": ecfg.norm or DEFAULT_NORM[net], "ipc": {}}
             for ipc in ipcs:
                 e = {kind: _result(kinds[kind][ipc]) for kind in ("distilled", "random_real")}
                 e["gap_over_random_real"] = round(e["distilled"]["mean"] - e["random_real"]["mean"], 2)
@@ -193,7 +193,7 @@ def evaluate_stage(cfg: Config, force: bool = False, distilled: str | None = Non
                                      "classifier": f"{net} trained on the full real train set"}
             by_net[net] = entry
         primary = ecfg.nets[0]
-        report = {"net": primary, "norm": ecfg.norm, "full": None, "fidelity": None, **by_net[primary],
+        report = {"net": primary, "full": None, "fidelity": None, **by_net[primary],
                   "by_net": by_net}
         report["data"] = {"train_sha256": common["train"], "val_sha256": common["val"],
                           "distilled_sha256": common["distilled"], "num_train": len(train), "num_val": len(val),

@@ -109,11 +109,14 @@ def write_report(run_dir: Path) -> str:
         raise StageError(f"{res_file} does not exist: run `diffdistill evaluate` first")
     results = json.loads(res_file.read_text())
     atomic_write_json(run_dir / "results.json", results)
-    table = accuracy_table(results)
+    by_net = results.get("by_net") or {results["net"]: results}
+    table = "\n\n".join((f"{net} ({entry['norm']} norm)\n\n" if len(by_net) > 1 else "") + accuracy_table(entry)
+                         for net, entry in by_net.items())
+    nets_text = " / ".join(f"{net} ({entry['norm']} norm)" for net, entry in by_net.items())
     samples = Path(results["data"]["distilled_set"])
     parts = [f"# {run_dir.name}", "",
              f"Top-1 accuracy (%) on {results['data']['num_val']} real validation images of a "
-             f"{results['net']} ({results['norm']} norm) trained from scratch on each set; "
+             f"{nets_text} trained from scratch on each set; "
              f"mean ± std over {results['protocol']['seeds']} seeds, **final epoch** (epochs by IPC: "
              f"{', '.join(f'{k}: {v}' for k, v in results['protocol']['epochs'].items())}; full data "
              f"{results['protocol']['full_epochs']}). Augmentation: {_augmentation(results['protocol'])}.", "",

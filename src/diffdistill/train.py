@@ -93,6 +93,7 @@ def train_stage(cfg: Config, stage: str, force: bool = False) -> Path:
         latent = ae.latent_shape(data.channels, cfg.data.image_size)  # (C, H, W)
         cond, num_embeds = condition_ids(data.classes, cfg.model.class_ids)
         if init is None:
+            torch.manual_seed(derive_seed(cfg.seed, stage, "init"))  # weight init uses torch's global RNG
             model = build_dit(cfg.model.size, latent[0], latent[1], num_embeds)
         else:
             model = load_dit(init, tcfg.revision)

@@ -106,8 +106,13 @@ NETS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+# each net's norm in the protocol (PROTOCOL.md): instance everywhere except the standard ResNet-18
+DEFAULT_NORM = {name: "batch" if name == "resnet18" else "instance" for name in NETS}
+
+
 def build_classifier(name: str, in_channels: int, num_classes: int, image_size: int, width: int = 128,
-                     norm: str = "instance") -> nn.Module:
+                     norm: str | None = None) -> nn.Module:
+    """A classifier from NETS; norm None = the net's protocol default (DEFAULT_NORM)."""
     if name not in NETS:
         raise ValueError(f"evaluate.nets: unknown net {name!r}; expected one of {', '.join(NETS)}")
-    return NETS[name](in_channels, num_classes, image_size, width=width, norm=norm)
+    return NETS[name](in_channels, num_classes, image_size, width=width, norm=norm or DEFAULT_NORM[name])
