@@ -154,7 +154,10 @@ def evaluate_stage(cfg: Config, force: bool = False, distilled: str | None = Non
 
         x_val, y_val = prep(val)
         x_val = (x_val - norm[0]) / norm[1]
-        x_syn, y_syn = prep(syn)
+        syn_xy = None  # the distilled set, normalized: only the full-data classifiers score it (fidelity)
+        if ecfg.full:
+            x_syn, y_syn = prep(syn)
+            syn_xy = ((x_syn - norm[0]) / norm[1], y_syn)
         names, flip = train.classes, cfg.data.hflip
         ipcs = sorted(set(ecfg.ipc or cfg.sample.ipc))
         jobs = [(net, kind, ipc, s) for net in ecfg.nets for ipc in ipcs for kind in ("distilled", "random_real")
@@ -172,7 +175,7 @@ def evaluate_stage(cfg: Config, force: bool = False, distilled: str | None = Non
             file = cache / f"{net}_{kind}_ipc{ipc}_seed{s}.json"
             record = json.loads(file.read_text()) if file.is_file() else None
             if record is None or record.get("key") != key:
-                record = _run_job(cfg, net, kind, ipc, s, train, syn, prep, (x_val, y_val), (x_syn, y_syn), norm)
+                record = _run_job(cfg, net, kind, ipc, s, train, syn, prep, (x_val, y_val), syn_xy, norm)
                 record["key"] = key
                 atomic_write_json(file, record)
             records.setdefault(net, {}).setdefault(kind, {}).setdefault(ipc, []).append(record)
@@ -214,7 +217,7 @@ def evaluate_stage(cfg: Config, force: bool = False, distilled: str | None = Non
 
 
 def _run_job(cfg: Config, net: str, kind: str, ipc: int | None, s: int, train: ImageSet, syn: ImageSet, prep,
-             val: tuple[Tensor, Tensor], syn_xy: tuple[Tensor, Tensor], norm: tuple[Tensor, Tensor]) -> dict:
+             val: tuple[Tensor, Tensor], syn_xy: tuple[Tensor, Tensor] | None, norm: tuple[Tensor, Tensor]) -> dict:
     """Train one classifier; the record holds what the report needs (and which images were used)."""
     ecfg = cfg.evaluate
     seed = derive_seed(cfg.seed, "evaluate", net, kind, ipc, s)
@@ -235,5 +238,5 @@ def _run_job(cfg: Config, net: str, kind: str, ipc: int | None, s: int, train: I
     res = train_classifier(net, *prep(subset), *val, norm, len(train.classes), epochs, seed, ecfg, cfg.data.hflip)
     record.update(final=res.final, best=res.best, best_epoch=res.best_epoch, curve=res.curve, epochs=epochs)
     if kind == "full":
-        record["fidelity"] = accuracy(res.model, (syn_xy[0] - norm[0]) / norm[1], syn_xy[1])
+        record["fidelity"] = accuracy(res.model, *syn_xy)
     return record

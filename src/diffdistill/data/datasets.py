@@ -108,10 +108,7 @@ def load_image_folder(root: str | Path, classes: list[str], image_size: int, cha
             )
         files += found
         labels += [label] * len(found)
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        results = list(tqdm(pool.map(lambda p: _read_image(p, image_size), files), total=len(files),
-                            desc=f"reading {root}", unit="img", disable=len(files) < 2000, leave=False))
-    return _stack(results, labels, classes, files, channels)
+    return _stack(_read_images(files, image_size, root), labels, classes, files, channels)
 
 
 def read_val_labels(path: str | Path) -> dict[str, str]:
@@ -141,12 +138,18 @@ def load_flat_folder(root: str | Path, labels_file: str | Path, classes: list[st
     files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.stem in wnid_of
                    and wnid_of[p.stem] in index)
     labels = [index[wnid_of[p.stem]] for p in files]
-    missing = [c for c in classes if c not in {wnid_of[p.stem] for p in files}]
+    found = {wnid_of[p.stem] for p in files}
+    missing = [c for c in classes if c not in found]
     if missing:
         raise StageError(f"data.val: no image of class {', '.join(missing[:5])} in {root} per {labels_file}")
+    return _stack(_read_images(files, image_size, root), labels, classes, files, channels)
+
+
+def _read_images(files: list[Path], size: int, root: Path) -> list[tuple[np.ndarray, bool]]:
+    """Decode in threads (PIL releases the GIL); a progress bar for large folders."""
     with ThreadPoolExecutor(max_workers=8) as pool:
-        results = list(pool.map(lambda p: _read_image(p, image_size), files))
-    return _stack(results, labels, classes, files, channels)
+        return list(tqdm(pool.map(lambda p: _read_image(p, size), files), total=len(files),
+                         desc=f"reading {root}", unit="img", disable=len(files) < 2000, leave=False))
 
 
 def _stack(results: list[tuple[np.ndarray, bool]], labels: list[int], classes: list[str], files: list[Path],
