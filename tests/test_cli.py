@@ -86,7 +86,7 @@ def test_difffit_finetune_and_sampling_are_reproducible(digits_run, tmp_path):
     from diffdistill.diffusion import cosine_betas
 
     betas = cosine_betas(1000)
-    scfg = cfg.sample.__class__(steps=3, guidance=2.0, scheduler="ddpm")
+    scfg = cfg.sample.__class__(steps=3, guidance=2.0, scheduler="ddpm", timestep_spacing="leading")
     labels = torch.tensor([0, 1, 2, 3])
     gens = lambda: [torch.Generator().manual_seed(s) for s in (5, 6, 7, 8)]  # noqa: E731
     together = sample_latents(model, scfg, betas, labels, gens(), (4, 8, 8), torch.device("cpu"))

@@ -87,7 +87,7 @@ def test_identity_autoencoder_roundtrip():
     z = ae.encode(x)
     assert z.shape == (2, 4, 8, 8) and ae.latent_shape(1, 16) == (4, 8, 8)
     assert torch.equal(ae.decode(z), x)
-    with pytest.raises(ValueError, match="not divisible"):
+    with pytest.raises(StageError, match="not divisible"):
         ae.latent_shape(1, 15)
 
 

@@ -1,5 +1,10 @@
 """Image <-> latent maps. Images are float tensors in [-1, 1], [B, C, H, W]; latents are scaled so
-that they have roughly unit variance (z = s · encode(x)); `scaling_factor` is explicit on every model."""
+that they have roughly unit variance (z = s · encode(x)); `scaling_factor` is explicit on every model.
+
+Encoding is split in two so that the latent cache and encode-every-step give the same latents:
+`moments(x)` -> the unscaled posterior (mean, std) (std None for a deterministic map), and
+`sample_latent(mean, std, s, generator)` = s · (mean + std · ε) with ε from the run's generator.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +14,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffdistill.checkpoint import load_pretrained
+from diffdistill.checkpoint import StageError, load_pretrained
 from diffdistill.config import AutoencoderConfig
 
 
 class IdentityAutoencoder:
     """Pixel space, optionally pixel-unshuffled (16 px gray with factor 2 -> a 4x8x8 latent)."""
 
+    stochastic = False  # moments() gives no std
+    in_channels = None  # any
+
     def __init__(self, unshuffle: int = 1, scaling_factor: float = 1.0) -> None:
         self.factor, self.scaling_factor = unshuffle, scaling_factor
 
     def latent_shape(self, channels: int, image_size: int) -> tuple[int, int, int]:
         if image_size % self.factor:
-            raise ValueError(
+            raise StageError(
                 f"data.image_size {image_size} is not divisible by autoencoder.unshuffle {self.factor}"
             )
         r = self.factor
@@ -30,9 +38,11 @@ class IdentityAutoencoder:
     def to(self, device: torch.device | str) -> IdentityAutoencoder:
         return self
 
+    def moments(self, x: Tensor) -> tuple[Tensor, None]:
+        return (F.pixel_unshuffle(x, self.factor) if self.factor > 1 else x), None
+
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        z = F.pixel_unshuffle(x, self.factor) if self.factor > 1 else x
-        return z * self.scaling_factor
+        return sample_latent(*self.moments(x), self.scaling_factor, generator)
 
     def decode(self, z: Tensor) -> Tensor:
         z = z / self.scaling_factor
@@ -42,10 +52,13 @@ class IdentityAutoencoder:
 class KLAutoencoder:
     """diffusers AutoencoderKL (the Stable-Diffusion VAE), from a hub id or a local folder."""
 
+    stochastic = True
+
     def __init__(self, vae, scaling_factor: float | None = None) -> None:
         self.vae = vae.eval().requires_grad_(False)
         self.scaling_factor = float(scaling_factor or vae.config.scaling_factor)
         self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.in_channels: int = vae.config.in_channels
 
     @classmethod
     def from_pretrained(cls, source: str, subfolder: str | None, revision: str | None,
@@ -60,12 +73,12 @@ class KLAutoencoder:
 
     def latent_shape(self, channels: int, image_size: int) -> tuple[int, int, int]:
         if channels != self.vae.config.in_channels:
-            raise ValueError(
+            raise StageError(
                 f"the VAE expects {self.vae.config.in_channels}-channel images, data has {channels}; "
                 f"set data.channels={self.vae.config.in_channels}"
             )
         if image_size % self.downsample:
-            raise ValueError(f"data.image_size {image_size} is not divisible by the VAE's {self.downsample}")
+            raise StageError(f"data.image_size {image_size} is not divisible by the VAE's {self.downsample}")
         return self.vae.config.latent_channels, image_size // self.downsample, image_size // self.downsample
 
     def to(self, device: torch.device | str) -> KLAutoencoder:
@@ -73,13 +86,25 @@ class KLAutoencoder:
         return self
 
     @torch.no_grad()
-    def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
         dist = self.vae.encode(x.to(self.vae.dtype)).latent_dist
-        return dist.sample(generator) * self.scaling_factor
+        return dist.mean.float(), dist.std.float()
+
+    def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return sample_latent(*self.moments(x), self.scaling_factor, generator)
 
     @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:
         return self.vae.decode(z.to(self.vae.dtype) / self.scaling_factor).sample.float()
+
+
+def sample_latent(mean: Tensor, std: Tensor | None, scaling_factor: float,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """s · (mean + std · ε), ε ~ N(0, I) drawn on the CPU from `generator` (device-independent streams)."""
+    if std is None:
+        return mean * scaling_factor
+    noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+    return (mean + std * noise) * scaling_factor
 
 
 def build_autoencoder(cfg: AutoencoderConfig) -> IdentityAutoencoder | KLAutoencoder:
@@ -90,10 +115,23 @@ def build_autoencoder(cfg: AutoencoderConfig) -> IdentityAutoencoder | KLAutoenc
     return builders[cfg.kind]()
 
 
+def build_decoder(cfg: AutoencoderConfig) -> IdentityAutoencoder | KLAutoencoder:
+    """The autoencoder that decodes samples: `autoencoder.decoder` if set (with the encoder's scaling
+    factor, since the latents were scaled by it), else the encoder itself."""
+    if cfg.kind != "kl" or not cfg.decoder:
+        return build_autoencoder(cfg)
+    encoder_scale = cfg.scaling_factor or _load_kl(cfg.pretrained, cfg.subfolder, cfg.revision, None,
+                                                   "autoencoder.pretrained").scaling_factor
+    return _load_kl(cfg.decoder, cfg.decoder_subfolder, cfg.decoder_revision, encoder_scale, "autoencoder.decoder")
+
+
 def _build_kl(cfg: AutoencoderConfig) -> KLAutoencoder:
     if not cfg.pretrained:
-        raise ValueError("autoencoder.kind=kl needs autoencoder.pretrained (a hub id or a local folder)")
-    return load_pretrained(
-        lambda: KLAutoencoder.from_pretrained(cfg.pretrained, cfg.subfolder, cfg.revision, cfg.scaling_factor),
-        cfg.pretrained, "autoencoder.pretrained",
-    )
+        raise StageError("autoencoder.kind=kl needs autoencoder.pretrained (a hub id or a local folder)")
+    return _load_kl(cfg.pretrained, cfg.subfolder, cfg.revision, cfg.scaling_factor, "autoencoder.pretrained")
+
+
+def _load_kl(source: str, subfolder: str | None, revision: str | None, scaling_factor: float | None,
+             key: str) -> KLAutoencoder:
+    return load_pretrained(lambda: KLAutoencoder.from_pretrained(source, subfolder, revision, scaling_factor),
+                           source, key)

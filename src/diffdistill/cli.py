@@ -11,12 +11,14 @@ from diffdistill.checkpoint import StageError, check_output_free
 from diffdistill.config import Config, ConfigError, load_config
 
 STAGE_HELP = {
+    "prepare": "encode the train images once into the latent cache (read by finetune.latents=cache)",
     "pretrain": "train a class-conditional DiT from scratch on data.train",
     "finetune": "fine-tune the DiT with the memory losses (finetune.init: pretrain, a folder or a hub id)",
     "sample": "generate max(sample.ipc) images per class into <run>/samples",
     "evaluate": "train small classifiers on the distilled set, random-real subsets and the full data",
     "report": "write results.json, report.md and PNGs at the top of the run folder",
-    "run": "every stage in order: pretrain (if steps > 0), finetune (if steps > 0), sample, evaluate, report",
+    "run": "every stage in order: prepare (if a training stage reads the cache), pretrain (if steps > 0), "
+           "finetune (if steps > 0), sample, evaluate, report",
 }
 
 
@@ -29,10 +31,13 @@ def _report(cfg: Config) -> None:
 
 def _actions() -> dict[str, Callable[[Config, argparse.Namespace], object]]:
     from diffdistill.evaluate import evaluate_stage
+    from diffdistill.latents import prepare_stage
     from diffdistill.sample import sample_stage
     from diffdistill.train import train_stage
 
     return {
+        # `run --force` redoes the run's stages, never the (shared, expensive) cache
+        "prepare": lambda cfg, a: print(f"latent cache: {prepare_stage(cfg, a.force and a.stage == 'prepare')}"),
         "pretrain": lambda cfg, a: train_stage(cfg, "pretrain", a.force),
         "finetune": lambda cfg, a: train_stage(cfg, "finetune", a.force),
         "sample": lambda cfg, a: sample_stage(cfg, a.force),
@@ -41,12 +46,14 @@ def _actions() -> dict[str, Callable[[Config, argparse.Namespace], object]]:
     }
 
 
-# stage -> its output folder inside the run folder
+# stage -> its output folder inside the run folder (prepare writes to the shared, resumable latent cache)
 OUTPUTS = {"pretrain": "pretrain", "finetune": "finetune", "sample": "samples", "evaluate": "evaluate"}
 
 
 def run_order(cfg: Config) -> list[str]:
-    return [s for s in ("pretrain", "finetune") if getattr(cfg, s).steps > 0] + ["sample", "evaluate"]
+    training = [s for s in ("pretrain", "finetune") if getattr(cfg, s).steps > 0]
+    prepare = ["prepare"] if any(getattr(cfg, s).latents == "cache" for s in training) else []
+    return prepare + training + ["sample", "evaluate"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         order = run_order(cfg)
         if not args.force:  # fail before any work, not after an hour of training
             for name in order:
-                check_output_free(cfg.run_dir / OUTPUTS[name], False)
+                if name in OUTPUTS:
+                    check_output_free(cfg.run_dir / OUTPUTS[name], False)
         start = time.perf_counter()
         for name in order:
             print(f"== {name} ==", flush=True)

@@ -43,6 +43,11 @@ class AutoencoderConfig:
     subfolder: str | None = "vae"
     revision: str | None = None
     scaling_factor: float | None = None  # None: the VAE's own config value (identity: 1)
+    # kl only: another VAE with the same latent space for decoding samples (the paper encodes with the SD
+    # "ft-ema" VAE and decodes with "ft-mse"); None: decode with `pretrained`
+    decoder: str | None = None
+    decoder_subfolder: str | None = None
+    decoder_revision: str | None = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,9 @@ class ModelConfig:
     size: str = "tiny"  # a key of diffdistill.models.dit.SIZES
     class_ids: Literal["local", "imagenet"] = "local"  # condition on 0..C-1 or on ImageNet-1K ids
     class_dropout: float = 0.1  # label dropout for classifier-free guidance, once per sample
+    # new models only (a loaded model keeps its own): also predict the variance (DiT's 2C output channels),
+    # trained with the hybrid loss MSE(ε̂, ε) + variational bound
+    learn_sigma: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,8 @@ class MemoryConfig:
     lambda_gen: float = 0.008
     # "per_class": Σ_c a_c as the paper writes it; "authors": the released code's running-sum weighting.
     loss_accumulation: Literal["per_class", "authors"] = "per_class"
+    # storage of the banks; float16 halves their size (1000 classes × 64 × 4096: 0.5 GB per bank instead of 1)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,9 @@ class TrainConfig:
     trainable: Literal["full", "difffit"] = "full"
     difffit_blocks: int | None = None  # blocks with DiffFit scale factors; None: the first half
     log_every: int = 50
+    # "images": encode each batch with the autoencoder every step; "cache": read the latents that
+    # `diffdistill prepare` wrote (the VAE never runs during training)
+    latents: Literal["images", "cache"] = "images"
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 
@@ -98,7 +111,19 @@ class SampleConfig:
     steps: int = 50
     guidance: float = 4.0
     guidance_channels: int | None = None  # None: all latent channels; 3 reproduces the original DiT
+    # None: DiT's respacing for ddpm ("linspace": 0, 20, 41, ..., 999 for 50 steps), diffusers' default otherwise
+    timestep_spacing: Literal["linspace", "leading", "trailing"] | None = None
     batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """The latent cache: train images encoded once (and their mirror images), read by `latents: cache`."""
+
+    dir: str | None = None  # None: <out_dir>/latent-cache; each cache is a subfolder named by its key
+    shard_size: int = 4096  # images per safetensors shard (written atomically; a rerun skips finished ones)
+    batch_size: int = 32  # images per VAE forward
+    dtype: Literal["float32", "float16"] = "float16"  # storage of the posterior mean and std
 
 
 @dataclass(frozen=True)
@@ -133,10 +158,14 @@ class Config:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None  # torch CPU threads; None: torch's default
+    # autocast dtype for the DiT (training and sampling); "fp32" = no autocast. fp16 adds loss scaling.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    tf32: bool = True  # CUDA only: TF32 tensor cores for fp32 matmuls and convolutions
     data: DataConfig = field(default_factory=DataConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
     pretrain: TrainConfig = field(
         default_factory=lambda: TrainConfig(lr=5e-4, batch_size=64, memory=MemoryConfig(policy="none"))
     )
@@ -163,6 +192,9 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "sample.steps": (lambda v: v > 0, _POSITIVE),
     "sample.batch_size": (lambda v: v > 0, _POSITIVE),
     "sample.guidance": (lambda v: v >= 0, "a number >= 0"),
+    "sample.guidance_channels": (lambda v: v is None or v > 0, "a positive number or null"),
+    "prepare.shard_size": (lambda v: v > 0, _POSITIVE),
+    "prepare.batch_size": (lambda v: v > 0, _POSITIVE),
     "evaluate.nets": (lambda v: len(v) > 0, "a non-empty list"),
     "evaluate.seeds": (lambda v: v > 0, _POSITIVE),
     "evaluate.epochs": (lambda v: v is None or v > 0, "a positive number or null"),

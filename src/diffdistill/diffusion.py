@@ -1,5 +1,6 @@
-"""Noise schedule and the forward-process formulas (pure tensor math), plus diffusers samplers built
-from the same betas so training and sampling share one schedule."""
+"""Noise schedule and the forward-process formulas (pure tensor math), the variational-bound term of
+learned-sigma models, plus diffusers samplers built from the same betas so training and sampling share
+one schedule."""
 
 from __future__ import annotations
 
@@ -59,19 +60,76 @@ class NoiseSchedule:
         a = self.alphas_cumprod
         return self._coef((1 / a).sqrt(), t, zt) * zt - self._coef((1 / a - 1).sqrt(), t, zt) * eps
 
+    def _posterior_terms(self) -> tuple[Tensor, Tensor, Tensor]:
+        """[T] coefficients of q(z_{t-1} | z_t, z0): mean = c0·z0 + ct·z_t; clipped log variance (the
+        variance at t = 0 is 0, so its log takes the t = 1 value, as in DDPM / DiT)."""
+        a, b = self.alphas_cumprod, self.betas
+        a_prev = torch.cat([a.new_ones(1), a[:-1]])
+        var = b * (1 - a_prev) / (1 - a)
+        log_var = torch.log(torch.cat([var[1:2], var[1:]]))
+        return b * a_prev.sqrt() / (1 - a), (1 - a_prev) * (1 - b).sqrt() / (1 - a), log_var
 
-def make_scheduler(name: str, betas: Tensor):
-    """A diffusers sampler over the training betas (epsilon prediction, no clipping)."""
+    def posterior(self, z0: Tensor, zt: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """q(z_{t-1} | z_t, z0) = N(mean, exp(log_var)), log_var broadcast to z0's shape."""
+        c0, ct, log_var = self._posterior_terms()
+        mean = self._coef(c0, t, z0) * z0 + self._coef(ct, t, z0) * zt
+        return mean, self._coef(log_var, t, z0).expand_as(z0)
+
+    def model_log_variance(self, t: Tensor, var_values: Tensor) -> Tensor:
+        """DiT's learned range: v in [-1, 1] interpolates log σ² between the posterior's and log β_t."""
+        frac = (var_values + 1) / 2
+        min_log = self._coef(self._posterior_terms()[2], t, var_values)
+        max_log = self._coef(torch.log(self.betas), t, var_values)
+        return frac * max_log + (1 - frac) * min_log
+
+    def vb_bits(self, z0: Tensor, zt: Tensor, t: Tensor, eps: Tensor, var_values: Tensor) -> Tensor:
+        """[B] the variational-bound term of the hybrid loss, in bits per dimension: KL(q(z_{t-1}|z_t, z0) ‖
+        p(z_{t-1}|z_t)) for t > 0, the discretized decoder NLL of z0 at t = 0. Pass ε̂ detached so that
+        this term trains only the variance (DiT's "frozen mean")."""
+        true_mean, true_log_var = self.posterior(z0, zt, t)
+        model_mean, _ = self.posterior(self.x0_from_eps(zt, t, eps), zt, t)
+        model_log_var = self.model_log_variance(t, var_values)
+        kl = normal_kl(true_mean, true_log_var, model_mean, model_log_var).flatten(1).mean(1)
+        nll = -discretized_gaussian_log_likelihood(z0, model_mean, 0.5 * model_log_var).flatten(1).mean(1)
+        return torch.where(t.to(z0.device) == 0, nll, kl) / math.log(2.0)
+
+
+def normal_kl(mean1: Tensor, log_var1: Tensor, mean2: Tensor, log_var2: Tensor) -> Tensor:
+    """Elementwise KL(N(mean1, e^log_var1) ‖ N(mean2, e^log_var2)) in nats."""
+    return 0.5 * (-1.0 + log_var2 - log_var1 + torch.exp(log_var1 - log_var2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-log_var2))
+
+
+def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
+    """Elementwise log-probability of x (in [-1, 1], 256 levels) under N(mean, e^(2·log_scale)) integrated
+    over x's bin; the outermost bins extend to ±∞ (DDPM's decoder). Uses the exact normal CDF."""
+    inv_std = torch.exp(-log_scale)
+    cdf_plus = torch.special.ndtr(inv_std * (x - mean + 1 / 255))
+    cdf_min = torch.special.ndtr(inv_std * (x - mean - 1 / 255))
+    log_cdf_plus = torch.log(cdf_plus.clamp_min(1e-12))
+    log_one_minus_cdf_min = torch.log((1 - cdf_min).clamp_min(1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp_min(1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+# timestep spacing per sampler when the config leaves it open: DDPM respaced like DiT (0, 20, 41, ..., 999)
+DEFAULT_SPACING = {"ddpm": "linspace", "ddim": "leading", "dpm": "linspace"}
+
+
+def make_scheduler(name: str, betas: Tensor, learned_sigma: bool = False, spacing: str | None = None):
+    """A diffusers sampler over the training betas (epsilon prediction, no clipping). With `learned_sigma`
+    DDPM takes the model's variance channels (DiT's learned range); the other samplers ignore them."""
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
+    if name not in DEFAULT_SPACING:
+        raise ValueError(f"sampler {name!r}: expected one of {', '.join(DEFAULT_SPACING)}")
     common = dict(num_train_timesteps=betas.shape[0], trained_betas=betas.float().numpy(),
-                  prediction_type="epsilon")
+                  prediction_type="epsilon", timestep_spacing=spacing or DEFAULT_SPACING[name])
+    # fixed_small = the posterior variance, as DiT's sampler uses for non-learned sigma
+    variance = "learned_range" if learned_sigma else "fixed_small"
     builders = {
-        # fixed_small = the posterior variance, as DiT's sampler uses for non-learned sigma
-        "ddpm": lambda: DDPMScheduler(**common, variance_type="fixed_small", clip_sample=False),
+        "ddpm": lambda: DDPMScheduler(**common, variance_type=variance, clip_sample=False),
         "ddim": lambda: DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False),
         "dpm": lambda: DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++"),
     }
-    if name not in builders:
-        raise ValueError(f"sampler {name!r}: expected one of {', '.join(builders)}")
     return builders[name]()

@@ -108,7 +108,8 @@ class MemoryBank:
 
     Rows of a class are kept in insertion order (oldest first); `bank[c]` is class c's [n, D] view. The
     adaptive policy also keeps each bank's similarity matrix, so a push computes only the new rows'
-    similarities ([n + B_c] × B_c dot products instead of (n + B_c)²).
+    similarities ([n + B_c] × B_c dot products instead of (n + B_c)²). Size: C·N·D rows in `dtype`
+    plus C·N² float64 similarities; a push works on the batch's classes only ([K, n + B_c, D] in float32).
     """
 
     def __init__(
@@ -140,7 +141,10 @@ class MemoryBank:
 
         All classes of the batch are handled at once: their banks and new rows are laid out as one padded
         tensor [K, n + B_c, D] and pruned together."""
-        rows = rows.detach().to(self.rows.dtype).flatten(1)  # [B, D]
+        # round to the storage dtype first, so the cached similarities are those of the stored rows;
+        # half-precision banks are computed on in float32
+        compute = torch.promote_types(self.rows.dtype, torch.float32)
+        rows = rows.detach().flatten(1).to(self.rows.dtype).to(compute)  # [B, D]
         labels = labels.to(self.rows.device)
         classes, inv, rank = group_by_class(labels)  # [K], [B], [B]
         k, n = len(classes), self.counts[classes.cpu()].to(labels.device)  # n: rows held now, [K]
@@ -149,7 +153,7 @@ class MemoryBank:
         held = min(self.size, width)
         # one spare all-zero row at index `width`: dropped slots are compacted onto it
         merged = rows.new_zeros(k, width + 1, rows.shape[1])  # [K, M + 1, D]: old rows, then the new ones
-        merged[:, :held] = self.rows[classes, :held]  # rows beyond a bank's count are zero (invariant)
+        merged[:, :held] = self.rows[classes, :held].to(compute)  # rows beyond a count are zero (invariant)
         merged[inv, n[inv] + rank] = rows
         pos = torch.arange(width, device=labels.device)
         valid = pos[None] < total[:, None]  # [K, M]
@@ -165,7 +169,7 @@ class MemoryBank:
         slots = torch.arange(keep.shape[1], device=keep.device)[None] < count[:, None]
         src = torch.where(slots, keep, width)
         kept = torch.gather(merged, 1, src[..., None].expand(-1, -1, merged.shape[2]))
-        self.rows[classes, : kept.shape[1]] = kept
+        self.rows[classes, : kept.shape[1]] = kept.to(self.rows.dtype)
         self.counts[classes.cpu()] = count.cpu()
         if self.policy == "adaptive":
             sim = torch.gather(sim, 1, keep[..., None].expand(-1, -1, width))
@@ -204,7 +208,8 @@ class MemoryBank:
         for c in range(len(self)):
             n = int(self.counts[c])
             if n > 1:
-                sim = cosine_matrix(self[c], self[c])
+                rows = self[c].to(torch.promote_types(self.rows.dtype, torch.float32))
+                sim = cosine_matrix(rows, rows)
                 total += float(sim.sum() - sim.diagonal().sum())
                 pairs += n * (n - 1)
         return total / pairs if pairs else 0.0

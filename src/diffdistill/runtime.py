@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import platform
 import subprocess
@@ -34,7 +35,19 @@ def resolve_device(name: str) -> torch.device:
 def setup(cfg: Config) -> torch.device:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.tf32
     return resolve_device(cfg.device)
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for the DiT's forward ("fp32": none). Works on CUDA and, for tests, on CPU."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
 def derive_seed(*parts: Any) -> int:

@@ -14,14 +14,14 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffdistill.autoencoders import build_autoencoder
+from diffdistill.autoencoders import build_decoder
 from diffdistill.checkpoint import atomic_write_json, staged_dir
 from diffdistill.config import Config, SampleConfig
 from diffdistill.data.classes import condition_ids
 from diffdistill.data.datasets import data_classes, to_uint8
-from diffdistill.diffusion import NoiseSchedule, make_scheduler
-from diffdistill.models.dit import eps_prediction, load_dit, null_class
-from diffdistill.runtime import derive_seed, setup, write_run_info
+from diffdistill.diffusion import DEFAULT_SPACING, NoiseSchedule, make_scheduler
+from diffdistill.models.dit import eps_prediction, learns_sigma, load_dit, null_class
+from diffdistill.runtime import autocast, derive_seed, setup, write_run_info
 from diffdistill.train import model_source
 
 
@@ -39,13 +39,16 @@ def guided_eps(eps_cond: Tensor, eps_uncond: Tensor, scale: float, channels: int
 
 @torch.no_grad()
 def sample_latents(model, scfg: SampleConfig, betas: Tensor, labels: Tensor, generators: list[torch.Generator],
-                   latent_shape: tuple[int, int, int], device: torch.device) -> Tensor:
-    """Latents [B, C, H, W] for model labels `labels` [B], one generator per image."""
+                   latent_shape: tuple[int, int, int], device: torch.device, precision: str = "fp32") -> Tensor:
+    """Latents [B, C, H, W] for model labels `labels` [B], one generator per image. A learned-sigma model's
+    variance (of the conditional half, as in DiT) drives DDPM's noise; other samplers use ε̂ only."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    scheduler = make_scheduler(scfg.scheduler, betas)
+    c = latent_shape[0]
+    learned = learns_sigma(model) and scfg.scheduler == "ddpm"
+    scheduler = make_scheduler(scfg.scheduler, betas, learned, scfg.timestep_spacing)
     scheduler.set_timesteps(scfg.steps)
-    b, c = labels.shape[0], latent_shape[0]
+    b = labels.shape[0]
     x = randn_tensor((b, *latent_shape), generator=generators, device=torch.device("cpu")).to(device)
     x = x * scheduler.init_noise_sigma
     guide = scfg.guidance != 1.0
@@ -53,10 +56,13 @@ def sample_latents(model, scfg: SampleConfig, betas: Tensor, labels: Tensor, gen
     for t in scheduler.timesteps:
         x_in = scheduler.scale_model_input(x, t)
         x_in = torch.cat([x_in, x_in]) if guide else x_in
-        eps = eps_prediction(model(x_in, t.expand(x_in.shape[0]).to(device), y.to(device)).sample, c)
+        with autocast(device, precision):
+            out = model(x_in, t.expand(x_in.shape[0]).to(device), y.to(device)).sample
+        out = out.float()  # [B or 2B, C or 2C, H, W]
+        eps, var = eps_prediction(out, c), out[:b, c:]
         if guide:
             eps = guided_eps(*eps.chunk(2), scfg.guidance, scfg.guidance_channels)
-        x = scheduler.step(eps, t, x, generator=generators).prev_sample
+        x = scheduler.step(torch.cat([eps, var], 1) if learned else eps, t, x, generator=generators).prev_sample
     return x
 
 
@@ -71,7 +77,7 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
     ipc = max(scfg.ipc)
     with staged_dir(final, force) as out:
         model = load_dit(source).to(device).eval()
-        ae = build_autoencoder(cfg.autoencoder).to(device)
+        ae = build_decoder(cfg.autoencoder).to(device)
         latent_shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
         betas = NoiseSchedule.from_config(cfg.diffusion).betas
         jobs = [(c, i) for c in range(len(classes)) for i in range(ipc)]
@@ -84,7 +90,7 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
             seeds = [derive_seed(cfg.seed, "sample", classes[c], i) for c, i in batch]
             gens = [torch.Generator().manual_seed(s) for s in seeds]
             labels = torch.tensor([cond[c] for c, _ in batch])
-            z = sample_latents(model, scfg, betas, labels, gens, latent_shape, device)
+            z = sample_latents(model, scfg, betas, labels, gens, latent_shape, device, cfg.precision)
             images = to_uint8(ae.decode(z)).cpu()  # [B, C, H, W]
             for (c, i), seed, img in zip(batch, seeds, images):
                 arr = img.permute(1, 2, 0).numpy()
@@ -96,7 +102,9 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
         atomic_write_json(out / "manifest.json", {
             "checkpoint": source, "weights": scfg.weights, "classes": classes, "ipc": ipc,
             "sampler": {"scheduler": scfg.scheduler, "steps": scfg.steps, "guidance": scfg.guidance,
-                        "guidance_channels": scfg.guidance_channels},
+                        "guidance_channels": scfg.guidance_channels,
+                        "timestep_spacing": scfg.timestep_spacing or DEFAULT_SPACING[scfg.scheduler],
+                        "learned_sigma": learns_sigma(model)},
             "images": records,
         })
         write_run_info(out, cfg, "sample", {"checkpoint": source, "num_images": len(records)})

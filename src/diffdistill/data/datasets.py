@@ -91,9 +91,8 @@ def list_class_folders(root: Path, key: str) -> list[str]:
     return names
 
 
-def load_image_folder(root: str | Path, classes: list[str], image_size: int, channels: int | None,
-                      key: str = "data.train") -> ImageSet:
-    """All images of `classes` (subfolders of `root`), in class order then file-name order."""
+def list_images(root: str | Path, classes: list[str], key: str = "data.train") -> tuple[list[Path], list[int]]:
+    """Image files of `classes` (subfolders of `root`) and their labels, in class order then file-name order."""
     root = Path(root)
     files, labels = [], []
     for label, name in enumerate(classes):
@@ -108,7 +107,20 @@ def load_image_folder(root: str | Path, classes: list[str], image_size: int, cha
             )
         files += found
         labels += [label] * len(found)
-    return _stack(_read_images(files, image_size, root), labels, classes, files, channels)
+    return files, labels
+
+
+def read_images(files: list[Path], labels: list[int], classes: list[str], image_size: int,
+                channels: int | None, root: str | Path) -> ImageSet:
+    """Decode, resize and center-crop `files` into an ImageSet (channels None: 1 if all are grayscale)."""
+    return _stack(_read_images(files, image_size, Path(root)), labels, classes, files, channels)
+
+
+def load_image_folder(root: str | Path, classes: list[str], image_size: int, channels: int | None,
+                      key: str = "data.train") -> ImageSet:
+    """All images of `classes` (subfolders of `root`), in class order then file-name order."""
+    files, labels = list_images(root, classes, key)
+    return read_images(files, labels, classes, image_size, channels, root)
 
 
 def read_val_labels(path: str | Path) -> dict[str, str]:
@@ -207,8 +219,7 @@ def load_data(cfg: DataConfig, need_val: bool = True) -> tuple[ImageSet, ImageSe
         if cfg.val is not None:
             raise StageError("data.val is set but data.train is not; set both to use your own folders")
         return BUILTINS[cfg.builtin](cfg)
-    available = list_class_folders(Path(cfg.train), "data.train")
-    names = resolve_classes(cfg.classes, available, cfg.train)
+    names = data_classes(cfg)
     train = load_image_folder(cfg.train, names, cfg.image_size, cfg.channels, "data.train")
     if cfg.val is None:
         if need_val:

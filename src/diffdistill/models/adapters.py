@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from diffdistill.checkpoint import StageError
+
 
 @dataclass
 class Trainable:
@@ -49,7 +51,7 @@ def _is_difffit_param(name: str, module: nn.Module) -> bool:
 def make_trainable(model: nn.Module, mode: str, difffit_blocks: int | None = None) -> Trainable:
     """Set requires_grad on `model` for `mode` ("full" | "difffit") and return what to optimize."""
     if mode not in ("full", "difffit"):
-        raise ValueError(f"finetune.trainable {mode!r}: expected 'full' or 'difffit'")
+        raise StageError(f"finetune.trainable {mode!r}: expected 'full' or 'difffit'")
     modules = dict(model.named_modules())
     aliases: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -67,7 +69,7 @@ def make_trainable(model: nn.Module, mode: str, difffit_blocks: int | None = Non
     blocks = model.transformer_blocks
     n = len(blocks) // 2 if difffit_blocks is None else difffit_blocks
     if not 0 <= n <= len(blocks):
-        raise ValueError(f"finetune.difffit_blocks {n}: the model has {len(blocks)} blocks")
+        raise StageError(f"finetune.difffit_blocks {n}: the model has {len(blocks)} blocks")
     linear_names = {m: name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     device = next(model.parameters()).device
     for block in blocks[:n]:
