@@ -70,3 +70,30 @@ def test_shipped_configs_load():
     cfg = load_config("configs/evaluate-imagewoof.yaml")
     assert cfg.evaluate.nets == ("convnet6", "resnetap10", "resnet18") and cfg.evaluate.epochs is None
     assert cfg.data.classes == "imagewoof"
+
+
+def test_base_config_is_read_first_and_overridden_key_by_key(tmp_path):
+    (tmp_path / "a.yaml").write_text("name: a\nfinetune:\n  steps: 7\n  memory:\n    lambda_gen: 0.5\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nname: b\nfinetune:\n  memory:\n    size_gen: 3\n")
+    cfg = load_config(tmp_path / "b.yaml", ["finetune.lr=0.1"])
+    assert (cfg.name, cfg.finetune.steps, cfg.finetune.lr) == ("b", 7, 0.1)
+    assert (cfg.finetune.memory.lambda_gen, cfg.finetune.memory.size_gen) == (0.5, 3)
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "b.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_paper_configs_hold_the_paper_defaults():
+    for name in ("imagewoof", "imagenette", "imageidc"):
+        cfg = load_config(f"configs/{name}.yaml")
+        f, m, s = cfg.finetune, cfg.finetune.memory, cfg.sample
+        assert (cfg.name, cfg.data.classes, cfg.data.image_size, cfg.model.class_ids) == (name, name, 256, "imagenet")
+        assert (f.init, f.trainable, f.difffit_blocks, f.lr, f.weight_decay, f.batch_size, f.steps, f.ema) == (
+            "facebook/DiT-XL-2-256", "difffit", 14, 1e-3, 0.0, 8, 12_000, 0.9999)
+        assert (m.policy, m.size_real, m.size_gen, m.lambda_real, m.lambda_gen) == ("adaptive", 64, 64, 0.002, 0.008)
+        assert (s.scheduler, s.steps, s.guidance, s.ipc) == ("ddpm", 50, 4.0, (10, 20, 50, 100))
+    big = load_config("configs/imagenet1k.yaml")
+    assert big.data.classes == "imagenet1k" and big.finetune.memory.dtype == "float16"

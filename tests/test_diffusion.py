@@ -3,7 +3,14 @@ import pytest
 import torch
 
 from diffdistill.config import DiffusionConfig
-from diffdistill.diffusion import NoiseSchedule, cosine_betas, linear_betas, make_scheduler
+from diffdistill.diffusion import (
+    NoiseSchedule,
+    cosine_betas,
+    discretized_gaussian_log_likelihood,
+    linear_betas,
+    make_scheduler,
+    normal_kl,
+)
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
@@ -37,3 +44,49 @@ def test_samplers_use_the_training_betas(name):
     assert np.allclose(s.alphas_cumprod.numpy(), NoiseSchedule(betas).alphas_cumprod.numpy(), atol=1e-6)
     with pytest.raises(ValueError, match="expected one of ddpm, ddim, dpm"):
         make_scheduler("euler", betas)
+
+
+def test_posterior_is_the_product_of_the_two_gaussians():
+    sched = NoiseSchedule.from_config(DiffusionConfig())
+    z0, zt = torch.randn(3, 2, 4, 4, dtype=torch.float64), torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    t = torch.tensor([1, 300, 999])
+    mean, log_var = sched.posterior(z0, zt, t)
+    a, b = sched.alphas_cumprod, sched.betas
+    for j, s in enumerate(t.tolist()):
+        # q(z_{t-1}|z0) = N(sqrt(abar_{t-1}) z0, 1 - abar_{t-1}); q(z_t|z_{t-1}) = N(sqrt(1 - b_t) z_{t-1}, b_t)
+        precision = 1 / (1 - a[s - 1]) + (1 - b[s]) / b[s]
+        expected = (a[s - 1].sqrt() * z0[j] / (1 - a[s - 1]) + (1 - b[s]).sqrt() * zt[j] / b[s]) / precision
+        assert torch.allclose(mean[j], expected)
+        assert torch.allclose(log_var[j], torch.log(1 / precision).expand(2, 4, 4))
+    _, lv0 = sched.posterior(z0, zt, torch.zeros(3, dtype=torch.long))
+    assert torch.allclose(lv0, log_var.new_full(lv0.shape, float(torch.log(b[1] * (1 - a[0]) / (1 - a[1])))))
+
+
+def test_kl_and_decoder_likelihood_against_torch_distributions():
+    from torch.distributions import Normal, kl_divergence
+
+    m1, m2, lv1, lv2 = torch.randn(4, 50, dtype=torch.float64).unbind(0)
+    expected = kl_divergence(Normal(m1, (0.5 * lv1).exp()), Normal(m2, (0.5 * lv2).exp()))
+    assert torch.allclose(normal_kl(m1, lv1, m2, lv2), expected)
+    x = torch.tensor([-1.0, -0.5, 0.0, 0.3, 1.0], dtype=torch.float64)
+    mean, log_scale = torch.full_like(x, 0.1), torch.full_like(x, -0.5)
+    d = Normal(mean, log_scale.exp())
+    lo, hi = d.cdf(x - 1 / 255), d.cdf(x + 1 / 255)
+    expected = torch.log(torch.where(x <= -1, hi, torch.where(x >= 1, 1 - lo, hi - lo)))  # edge bins reach ±∞
+    assert torch.allclose(discretized_gaussian_log_likelihood(x, mean, log_scale), expected)
+
+
+def test_vb_term_vanishes_for_the_true_noise_and_posterior_variance():
+    sched = NoiseSchedule.from_config(DiffusionConfig())
+    z0, eps = torch.randn(4, 2, 4, 4, dtype=torch.float64), torch.randn(4, 2, 4, 4, dtype=torch.float64)
+    t = torch.tensor([1, 10, 500, 999])
+    zt = sched.q_sample(z0, t, eps)
+    v = -torch.ones_like(z0)  # v = -1: the model's variance is the posterior's
+    assert torch.allclose(sched.vb_bits(z0, zt, t, eps, v), torch.zeros(4, dtype=torch.float64), atol=1e-9)
+    wrong = sched.vb_bits(z0, zt, t, eps + 0.1, v)
+    assert (wrong > 0).all()
+    larger = sched.vb_bits(z0, zt, t, eps, torch.ones_like(z0))  # v = 1: beta_t, larger than the posterior's
+    assert (larger[1:] > 0).all()
+    t0 = torch.zeros(4, dtype=torch.long)  # t = 0: the decoder's negative log-likelihood, in bits
+    nll = sched.vb_bits(z0, sched.q_sample(z0, t0, eps), t0, eps, v)
+    assert (nll > 0).all()

@@ -135,3 +135,18 @@ def test_batched_push_equals_per_class_reference(policy):
         for c in range(5):
             assert torch.equal(bank[c], ref[c])
             assert not bank.rows[c, len(ref[c]):].any()  # rows beyond the count stay zero
+
+
+def test_half_precision_banks_hold_the_rounded_rows_in_half_the_bytes():
+    g = torch.Generator().manual_seed(4)
+    rows, labels = torch.randn(40, 16, generator=g), torch.randint(0, 3, (40,), generator=g)
+    full, half = MemoryBank(3, 8, 16, "fifo"), MemoryBank(3, 8, 16, "fifo", dtype=torch.float16)
+    full.push(rows, labels)
+    half.push(rows, labels)
+    assert half.rows.dtype == torch.float16 and half.rows.nbytes * 2 == full.rows.nbytes
+    assert torch.equal(half.rows, full.rows.half())
+    adaptive = MemoryBank(3, 8, 16, "adaptive", dtype=torch.float16)
+    adaptive.push(rows, labels)
+    for c in range(3):  # same selection as the reference on the rounded rows
+        kept = select_adaptive(rows[labels == c].half().double(), 8)
+        assert torch.equal(adaptive[c].double(), rows[labels == c].half().double()[kept])

@@ -68,9 +68,14 @@ def test_difffit_trainable_set_and_folding_preserves_the_function(tmp_path):
 
 
 def test_difffit_xl2_parameter_count():
-    model = build_dit("DiT-XL/2", in_channels=4, sample_size=32, num_classes=1000, learn_sigma=True)
+    from diffdistill.config import load_config
+
+    cfg = load_config("configs/imagewoof.yaml")  # the paper config's architecture, random init, no download
+    latent = 4, cfg.data.image_size // 8  # the SD VAE: 4 channels, downsampling 8
+    model = build_dit(cfg.model.size, latent[0], latent[1], num_classes=1000, learn_sigma=cfg.model.learn_sigma)
+    assert model.config.out_channels == 8 and model.config.sample_size == 32
     total = sum(p.numel() for p in model.parameters())
-    tr = make_trainable(model, "difffit", difffit_blocks=14)
+    tr = make_trainable(model, cfg.finetune.trainable, cfg.finetune.difffit_blocks)
     n = sum(p.numel() for p in tr.params)
     print(f"DiT-XL/2: {total:,} parameters, DiffFit trainable: {n:,}")
     assert 674e6 < total < 676e6  # the DiT paper's 675 M: per-block embedder copies are tied into one
@@ -133,3 +138,41 @@ def test_convnet_shapes(net, size):
     assert model(torch.randn(2, 3, size, size)).shape == (2, 7)
     with pytest.raises(ValueError, match="unknown net"):
         build_classifier("vgg", 3, 7, size)
+
+
+def _to_original_layout(model) -> dict:
+    """The inverse of the converter, written from the original DiT's tensor names (for the round trip)."""
+    sd, out = model.state_dict(), {}
+    out["pos_embed"] = torch.zeros(1, model.config.sample_size ** 2 // model.config.patch_size ** 2, 128)
+    emb = "transformer_blocks.0.norm1.emb."
+    names = {"x_embedder.proj": "pos_embed.proj", "final_layer.adaLN_modulation.1": "proj_out_1",
+             "final_layer.linear": "proj_out_2", "t_embedder.mlp.0": emb + "timestep_embedder.linear_1",
+             "t_embedder.mlp.2": emb + "timestep_embedder.linear_2"}
+    for i in range(model.config.num_layers):
+        b = f"transformer_blocks.{i}."
+        names.update({f"blocks.{i}.adaLN_modulation.1": b + "norm1.linear",
+                      f"blocks.{i}.attn.proj": b + "attn1.to_out.0",
+                      f"blocks.{i}.mlp.fc1": b + "ff.net.0.proj", f"blocks.{i}.mlp.fc2": b + "ff.net.2"})
+        for part in ("weight", "bias"):
+            out[f"blocks.{i}.attn.qkv.{part}"] = torch.cat([sd[f"{b}attn1.to_{x}.{part}"] for x in "qkv"])
+    for theirs, ours in names.items():
+        for part in ("weight", "bias"):
+            out[f"{theirs}.{part}"] = sd[f"{ours}.{part}"]
+    out["y_embedder.embedding_table.weight"] = sd[emb + "class_embedder.embedding_table.weight"]
+    return {k: v.clone() for k, v in out.items()}
+
+
+def test_original_dit_checkpoint_is_converted_on_load(tmp_path):
+    torch.manual_seed(0)
+    model = build_dit("tiny", 4, 8, 10, learn_sigma=True).eval()
+    torch.save({"model": {}, "ema": _to_original_layout(model)}, tmp_path / "DiT-tiny.pt")  # train.py's format
+    loaded = load_dit(str(tmp_path / "DiT-tiny.pt")).eval()
+    assert loaded.config.num_embeds_ada_norm == 10 and loaded.config.out_channels == 8
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 500, 999]), torch.tensor([0, 9, 10])
+    assert torch.equal(loaded(x, t, y).sample, model(x, t, y).sample)
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(StageError, match="cannot read the checkpoint"):
+        load_dit(str(tmp_path / "bad.pt"))
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(StageError, match="not a DiT checkpoint"):
+        load_dit(str(tmp_path / "other.pt"))

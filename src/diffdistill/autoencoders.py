@@ -134,4 +134,4 @@ def _build_kl(cfg: AutoencoderConfig) -> KLAutoencoder:
 def _load_kl(source: str, subfolder: str | None, revision: str | None, scaling_factor: float | None,
              key: str) -> KLAutoencoder:
     return load_pretrained(lambda: KLAutoencoder.from_pretrained(source, subfolder, revision, scaling_factor),
-                           source, key)
+                           source, key, revision)

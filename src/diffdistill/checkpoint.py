@@ -76,16 +76,17 @@ def staged_dir(final: Path, force: bool) -> Iterator[Path]:
         raise
 
 
-def load_pretrained(load: Callable[[], T], source: str, key: str) -> T:
+def load_pretrained(load: Callable[[], T], source: str, key: str, revision: str | None = None) -> T:
     """Run `load` (a from_pretrained call); turn "not found / offline" into one actionable line."""
     try:
         return load()
     except (OSError, ValueError) as err:
         local = Path(source).exists()
+        rev = f" --revision {revision}" if revision else ""
         where = (
             f"the folder {source} does not hold diffusers weights ({str(err).splitlines()[0]})"
             if local
             else f"'{source}' is not on disk and cannot be downloaded here; download it on a machine with "
-            f"internet (huggingface-cli download {source} --local-dir DIR) and set {key}=DIR"
+            f"internet (huggingface-cli download {source}{rev} --local-dir DIR), copy DIR here and set {key}=DIR"
         )
         raise StageError(f"{key}: {where}") from None

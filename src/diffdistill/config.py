@@ -341,14 +341,38 @@ def build_config(raw: dict | None = None, overrides: typing.Sequence[str] = ()) 
     return cfg
 
 
-def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
-    path = Path(path)
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The mapping in `path`; a top-level `base: OTHER.yaml` (relative to `path`) is read first and
+    overridden key by key, so a config can say only how it differs from another."""
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of keys at the top level")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {path}: 'base' must be a file name, got {base!r}")
+    parent = (path.parent / base).resolve()
+    if parent in seen:
+        raise ConfigError(f"config file {path}: 'base' chain loops back to {parent}")
+    return _deep_merge(_read_yaml(parent, (*seen, path.resolve())), raw)
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    path = Path(path)
+    raw = _read_yaml(path)
     try:
         return build_config(raw, overrides)
     except ConfigError as err:

@@ -76,7 +76,7 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
     cond, _ = condition_ids(classes, cfg.model.class_ids)
     ipc = max(scfg.ipc)
     with staged_dir(final, force) as out:
-        model = load_dit(source).to(device).eval()
+        model = load_dit(source, key="sample.checkpoint").to(device).eval()
         ae = build_decoder(cfg.autoencoder).to(device)
         latent_shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
         betas = NoiseSchedule.from_config(cfg.diffusion).betas

@@ -143,13 +143,13 @@ def train_stage(cfg: Config, stage: str, force: bool = False) -> Path:
         raise StageError(f"{stage}.steps is {tcfg.steps}: nothing to train")
     init = model_source(cfg, tcfg.init) if tcfg.init else None
     with staged_dir(final, force) as out:
+        model = load_dit(init, tcfg.revision, f"{stage}.init") if init else None  # missing weights: fail first
         source, latent = latent_source(cfg, tcfg, device)  # latent: (C, H, W)
         cond, num_embeds = condition_ids(source.classes, cfg.model.class_ids)
-        if init is None:
+        if model is None:
             torch.manual_seed(derive_seed(cfg.seed, stage, "init"))  # weight init uses torch's global RNG
             model = build_dit(cfg.model.size, latent[0], latent[1], num_embeds, cfg.model.learn_sigma)
         else:
-            model = load_dit(init, tcfg.revision)
             check_compatible(model, latent, num_embeds, init)
         model.to(device).train()
         trainable = make_trainable(model, tcfg.trainable, tcfg.difffit_blocks)

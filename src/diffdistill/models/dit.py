@@ -49,19 +49,87 @@ def build_dit(size: str, in_channels: int, sample_size: int, num_classes: int, l
     return share_block_embeddings(model)
 
 
-def load_dit(source: str, revision: str | None = None):
-    """DiT from a diffusers folder (model_index layout with transformer/, or the model folder) or a hub id."""
+def load_dit(source: str, revision: str | None = None, key: str = "finetune.init"):
+    """DiT from a diffusers folder (model_index layout with transformer/, or the model folder), a hub id,
+    or a checkpoint file of the original DiT code (`DiT-XL-2-256x256.pt`; converted on load)."""
     from diffusers import DiTTransformer2DModel
 
+    if Path(source).is_file():
+        return load_original_dit(source, key)
     subfolder = "transformer"
     if Path(source).is_dir() and not (Path(source) / subfolder).is_dir():
         subfolder = None
     model = load_pretrained(
         lambda: DiTTransformer2DModel.from_pretrained(source, subfolder=subfolder, revision=revision,
                                                       low_cpu_mem_usage=False),
-        source, "finetune.init",
+        source, key, revision,
     )
     return share_block_embeddings(model, source)
+
+
+def load_original_dit(path: str | Path, key: str = "finetune.init"):
+    """A checkpoint of the original DiT code (facebookresearch/DiT: a state dict, or {"model": ..., "ema":
+    ...} from its train.py, whose EMA weights are used) as a diffusers DiT. Depth, width, patch size, class
+    count, sample size and learned sigma are read from the tensors; the head count from SIZES. As with
+    diffusers' own converter, diffusers' timestep embedding spaces frequencies by half−1 instead of half
+    (a tiny shift), which the pretrained diffusers weights share."""
+    state = _read_state(Path(path), key)
+    if "ema" in state and isinstance(state["ema"], dict):
+        state = state["ema"]
+    elif "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    try:
+        hidden, in_ch, patch, _ = state["x_embedder.proj.weight"].shape
+        depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+        num_classes = state["y_embedder.embedding_table.weight"].shape[0] - 1  # + the CFG null row
+        out_ch = state["final_layer.linear.weight"].shape[0] // (patch * patch)
+        sample_size = round(state["pos_embed"].shape[1] ** 0.5) * patch
+    except KeyError as err:
+        raise StageError(f"{key}: {path} is not a DiT checkpoint (no tensor {err.args[0]})") from None
+    size = next((name for name, spec in SIZES.items() if spec["num_layers"] == depth and spec["patch_size"] == patch
+                 and spec["num_attention_heads"] * spec["attention_head_dim"] == hidden), None)
+    if size is None:
+        raise StageError(f"{key}: {path} is a DiT of depth {depth}, width {hidden}, patch {patch}: not a size "
+                         f"diffdistill knows ({', '.join(SIZES)})")
+    model = build_dit(size, in_ch, sample_size, num_classes, learn_sigma=out_ch == 2 * in_ch)
+    model.load_state_dict(_diffusers_state(state, depth))
+    return model
+
+
+def _read_state(path: Path, key: str) -> dict:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch / safetensors raise many types for damaged files
+        raise StageError(f"{key}: cannot read the checkpoint {path} ({str(err).splitlines()[0]})") from None
+
+
+def _diffusers_state(state: dict[str, Tensor], depth: int) -> dict[str, Tensor]:
+    """Original DiT tensor names -> diffusers DiTTransformer2DModel names (qkv split into q, k, v)."""
+    renames = {"pos_embed.proj": "x_embedder.proj", "proj_out_1": "final_layer.adaLN_modulation.1",
+               "proj_out_2": "final_layer.linear"}
+    out = {f"{ours}.{part}": state[f"{theirs}.{part}"]
+           for ours, theirs in renames.items() for part in ("weight", "bias")}
+    shared = {"timestep_embedder.linear_1": "t_embedder.mlp.0", "timestep_embedder.linear_2": "t_embedder.mlp.2",
+              "class_embedder.embedding_table": "y_embedder.embedding_table"}
+    per_block = {"norm1.linear": "adaLN_modulation.1", "attn1.to_out.0": "attn.proj", "ff.net.0.proj": "mlp.fc1",
+                 "ff.net.2": "mlp.fc2"}
+    for i in range(depth):
+        b = f"transformer_blocks.{i}."
+        for ours, theirs in shared.items():  # one embedder in DiT; every diffusers block names it
+            for part in ("weight", "bias"):
+                if f"{theirs}.{part}" in state:
+                    out[f"{b}norm1.emb.{ours}.{part}"] = state[f"{theirs}.{part}"]
+        for ours, theirs in per_block.items():
+            for part in ("weight", "bias"):
+                out[f"{b}{ours}.{part}"] = state[f"blocks.{i}.{theirs}.{part}"]
+        for part in ("weight", "bias"):
+            q, k, v = state[f"blocks.{i}.attn.qkv.{part}"].chunk(3, dim=0)
+            out.update({f"{b}attn1.to_q.{part}": q, f"{b}attn1.to_k.{part}": k, f"{b}attn1.to_v.{part}": v})
+    return out
 
 
 def share_block_embeddings(model, source: str | None = None):
