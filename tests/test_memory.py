@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from diffdistill.memory import MemoryBank, select_adaptive, select_adaptive_naive, select_fifo
+from diffdistill.memory import MemoryBank, cosine_matrix, select_adaptive, select_adaptive_naive, select_fifo
 
 
 def t(rows, dtype=torch.float64):
@@ -150,3 +150,16 @@ def test_half_precision_banks_hold_the_rounded_rows_in_half_the_bytes():
     for c in range(3):  # same selection as the reference on the rounded rows
         kept = select_adaptive(rows[labels == c].half().double(), 8)
         assert torch.equal(adaptive[c].double(), rows[labels == c].half().double()[kept])
+
+
+def test_mean_similarity_from_the_cache_equals_the_direct_computation():
+    g = torch.Generator().manual_seed(5)
+    rows, labels = torch.randn(30, 6, generator=g) + 1, torch.randint(0, 4, (30,), generator=g)
+    adaptive, fifo = MemoryBank(4, 5, 6, "adaptive"), MemoryBank(4, 5, 6, "fifo")
+    adaptive.push(rows, labels)
+    for c in range(4):  # the same rows in a fifo bank: the direct path
+        fifo.push(adaptive[c], torch.full((len(adaptive[c]),), c))
+    direct = [cosine_matrix(adaptive[c], adaptive[c]) for c in range(4)]
+    expected = sum(float(s.sum() - s.diagonal().sum()) for s in direct) / sum(len(s) * (len(s) - 1) for s in direct)
+    assert adaptive.mean_similarity() == pytest.approx(expected, abs=1e-6)
+    assert fifo.mean_similarity(chunk=3) == pytest.approx(expected, abs=1e-6)

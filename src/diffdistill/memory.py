@@ -202,14 +202,20 @@ class MemoryBank:
         self.counts.copy_(state["counts"])
         self.gram.copy_(state["gram"])
 
-    def mean_similarity(self) -> float:
-        """Mean off-diagonal cosine similarity inside the banks (0 when no bank has two rows)."""
-        total, pairs = 0.0, 0
-        for c in range(len(self)):
-            n = int(self.counts[c])
-            if n > 1:
-                rows = self[c].to(torch.promote_types(self.rows.dtype, torch.float32))
-                sim = cosine_matrix(rows, rows)
-                total += float(sim.sum() - sim.diagonal().sum())
-                pairs += n * (n - 1)
-        return total / pairs if pairs else 0.0
+    def mean_similarity(self, chunk: int = 64) -> float:
+        """Mean off-diagonal cosine similarity inside the banks (0 when no bank has two rows). Adaptive banks
+        read their cached similarity matrices; others are computed `chunk` classes at a time."""
+        valid = torch.arange(self.size)[None] < self.counts[:, None]  # [C, N]
+        pairs = (valid[:, :, None] & valid[:, None, :]).to(self.rows.device)  # [C, N, N]
+        pairs.diagonal(dim1=1, dim2=2).fill_(False)
+        count = int(pairs.sum())
+        if count == 0:
+            return 0.0
+        if self.policy == "adaptive":
+            return float((self.gram * pairs).sum()) / count  # entries beyond a bank's count may be stale: masked
+        total = 0.0
+        compute = torch.promote_types(self.rows.dtype, torch.float32)
+        for lo in range(0, len(self), chunk):
+            unit = unit_rows(self.rows[lo : lo + chunk].to(compute))  # [c, N, D]
+            total += float(((unit @ unit.transpose(1, 2)) * pairs[lo : lo + chunk]).sum())
+        return total / count

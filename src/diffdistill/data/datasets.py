@@ -220,10 +220,10 @@ def load_data(cfg: DataConfig, need_val: bool = True) -> tuple[ImageSet, ImageSe
             raise StageError("data.val is set but data.train is not; set both to use your own folders")
         return BUILTINS[cfg.builtin](cfg)
     names = data_classes(cfg)
+    if need_val and cfg.val is None:
+        raise StageError("data.val is not set: evaluation needs a folder of real validation images")
     train = load_image_folder(cfg.train, names, cfg.image_size, cfg.channels, "data.train")
-    if cfg.val is None:
-        if need_val:
-            raise StageError("data.val is not set: evaluation needs a folder of real validation images")
+    if not need_val:
         return train, None
     if cfg.val_labels:
         return train, load_flat_folder(cfg.val, cfg.val_labels, names, cfg.image_size, train.channels)
