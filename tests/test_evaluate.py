@@ -76,8 +76,8 @@ def test_augmentations_keep_shape_and_range_and_are_seeded():
 
 def test_identical_seeds_give_identical_results():
     g = torch.Generator().manual_seed(0)
-    x, y = torch.rand(20, 3, 16, 16, generator=g), torch.arange(20) % 4
-    xv, yv = torch.randn(8, 3, 16, 16, generator=g), torch.arange(8) % 4
+    x, y = torch.randint(0, 256, (20, 3, 16, 16), generator=g, dtype=torch.uint8), torch.arange(20) % 4
+    xv, yv = torch.randint(0, 256, (8, 3, 16, 16), generator=g, dtype=torch.uint8), torch.arange(8) % 4
     norm = (torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.25))
     ecfg = EvalConfig(width=8, eval_every=1, batch_size=8)
     runs = [train_classifier("convnet3", x, y, xv, yv, norm, 4, 3, seed, ecfg, True) for seed in (5, 5, 6)]

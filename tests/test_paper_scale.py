@@ -104,6 +104,10 @@ def test_paper_config_runs_end_to_end_on_a_fake_imagenet(paper_setup):
     results = json.loads((run / "evaluate" / "results.json").read_text())
     assert set(results["by_net"]["convnet3"]["ipc"]) == {"1", "2"}
     assert results["data"]["num_val"] == 20 and results["data"]["num_train"] == 40
+    # no full-data baseline: the train set was listed, not read; normalization from a seeded sample
+    assert results["data"]["train_sha256"].startswith("listing:")
+    assert "40 train images (4 per class, seeded draw)" in results["data"]["normalization"]
+    assert len(results["by_net"]["convnet3"]["ipc"]["2"]["random_real"]["indices"][0]) == 20
 
 
 @pytest.mark.slow

@@ -27,11 +27,25 @@ from tqdm.auto import tqdm
 from diffdistill.augment import color_jitter, cutmix, lighting, random_resized_crop
 from diffdistill.checkpoint import StageError, atomic_write_json, staged_dir
 from diffdistill.config import Config, EvalConfig, to_dict
-from diffdistill.data.datasets import ImageSet, load_data, load_image_folder
+from diffdistill.data.datasets import (
+    ImageFiles,
+    ImageSet,
+    data_classes,
+    list_train,
+    load_data,
+    load_image_folder,
+    load_val,
+    to_uint8,
+)
 from diffdistill.models.classifiers import DEFAULT_NORM, build_classifier
 from diffdistill.runtime import derive_seed, setup, write_run_info
 
 BEST_LABEL = "best epoch, selected on the validation set (optimistic)"
+# part of every job record's key: bump when the protocol's arithmetic changes, so old records are not reused
+# (2: sets held as uint8 at the classifier size, resized sets rounded to uint8)
+RECIPE_VERSION = 2
+# without the full-data baseline the train set is only listed; its normalization statistics come from a sample
+NORM_IMAGES_PER_CLASS = 10
 
 
 # (largest IPC, epochs): the recipe of the field's tables; above the last bound EPOCHS_ABOVE
@@ -57,17 +71,24 @@ class TrainResult:
     model: torch.nn.Module
 
 
+def to_unit(x: Tensor) -> Tensor:
+    """uint8 [0, 255] -> float [0, 1] (via [-1, 1], the arithmetic every stage uses for pixels)."""
+    return (x.float() / 127.5 - 1) / 2 + 0.5
+
+
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, x: Tensor, y: Tensor, batch: int = 512) -> float:
+def accuracy(model: torch.nn.Module, x: Tensor, y: Tensor, norm: tuple[Tensor, Tensor], batch: int = 512) -> float:
+    """Top-1 (%) of `model` on uint8 images x, normalized batch by batch (sets stay uint8 on the device)."""
     model.eval()
-    correct = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(y), batch))
+    correct = sum(int((model((to_unit(x[i : i + batch]) - norm[0]) / norm[1]).argmax(1) == y[i : i + batch]).sum())
+                  for i in range(0, len(y), batch))
     return 100.0 * correct / max(len(y), 1)
 
 
 def train_classifier(net: str, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor, norm: tuple[Tensor, Tensor],
                      num_classes: int, epochs: int, seed: int, ecfg: EvalConfig, flip: bool) -> TrainResult:
-    """SGD + momentum, lr × 0.2 at 2/3 and 5/6 of the epochs. x in [0, 1] and x_val normalized, both on
-    the device; `norm` = (mean, std) applied to each augmented batch."""
+    """SGD + momentum, lr × 0.2 at 2/3 and 5/6 of the epochs. x and x_val: uint8 images on the device at the
+    classifier's size; `norm` = (mean, std) applied to each (augmented) batch."""
     torch.manual_seed(seed)
     gen, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
     model = build_classifier(net, x.shape[1], num_classes, x.shape[-1], ecfg.width, ecfg.norm).to(x.device)
@@ -78,7 +99,7 @@ def train_classifier(net: str, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tenso
     for epoch in range(1, epochs + 1):
         model.train()
         for idx in torch.randperm(len(y), generator=gen).split(ecfg.batch_size):
-            xb, yb = x[idx], y[idx]
+            xb, yb = to_unit(x[idx]), y[idx]
             if crop:
                 xb = random_resized_crop(xb, ecfg.crop_scale, flip, gen)
             if ecfg.color_jitter > 0:
@@ -97,7 +118,7 @@ def train_classifier(net: str, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tenso
             opt.step()
         sched.step()
         if epoch % ecfg.eval_every == 0 or epoch == epochs:
-            curve.append((epoch, accuracy(model, x_val, y_val)))
+            curve.append((epoch, accuracy(model, x_val, y_val, norm)))
     best_epoch, best = max(curve, key=lambda p: p[1])
     return TrainResult(curve[-1][1], best, best_epoch, curve, model)
 
@@ -141,31 +162,39 @@ def evaluate_stage(cfg: Config, force: bool = False, distilled: str | None = Non
         raise StageError(f"distilled set {syn_dir} does not exist: run `diffdistill sample` first")
     with staged_dir(final, force) as out:
         t0 = time.perf_counter()
-        train, val = load_data(cfg.data, need_val=True)
-        syn = load_image_folder(syn_dir, train.classes, cfg.data.image_size, train.channels, "distilled set")
+        names = data_classes(cfg.data)
+        if cfg.data.train is not None and not ecfg.full:  # only IPC-sized real subsets are needed: list, don't read
+            val = load_val(cfg.data, names, cfg.data.channels)
+            train = list_train(cfg.data, val.channels)
+            k = min(NORM_IMAGES_PER_CLASS, int(torch.bincount(train.labels).min()))
+            stats = train.subset(per_class_indices(train.labels, names, k, torch.Generator().manual_seed(
+                derive_seed(cfg.seed, "evaluate", "normalization")), "data.train"))
+            stats_from = f"{len(stats)} train images ({k} per class, seeded draw)"
+        else:
+            train, val = load_data(cfg.data, need_val=True)
+            stats, stats_from = train, "the whole train set"
+        syn = load_image_folder(syn_dir, names, cfg.data.image_size, val.channels, "distilled set")
         size = ecfg.image_size or cfg.data.image_size
         # every set is normalized with the real train set's per-channel statistics
-        real01 = _resize(train.as_float() / 2 + 0.5, size)
+        real01 = _resize(stats.as_float() / 2 + 0.5, size)
         norm = (real01.mean((0, 2, 3), keepdim=True).to(device),
                 real01.std((0, 2, 3), keepdim=True).clamp_min(1e-3).to(device))
 
-        def prep(s: ImageSet) -> tuple[Tensor, Tensor]:  # [0, 1] pixels at the classifier size, on the device
-            return _resize(s.as_float() / 2 + 0.5, size).to(device), s.labels.to(device)
+        def prep(s: ImageSet) -> tuple[Tensor, Tensor]:  # uint8 pixels at the classifier size, on the device
+            x = s.images if s.images.shape[-1] == size else to_uint8(_resize(s.as_float(), size))
+            return x.to(device), s.labels.to(device)
 
         x_val, y_val = prep(val)
-        x_val = (x_val - norm[0]) / norm[1]
-        syn_xy = None  # the distilled set, normalized: only the full-data classifiers score it (fidelity)
-        if ecfg.full:
-            x_syn, y_syn = prep(syn)
-            syn_xy = ((x_syn - norm[0]) / norm[1], y_syn)
-        names, flip = train.classes, cfg.data.hflip
+        syn_xy = prep(syn) if ecfg.full else None  # only the full-data classifiers score it (fidelity)
+        flip = cfg.data.hflip
         ipcs = sorted(set(ecfg.ipc or cfg.sample.ipc))
         jobs = [(net, kind, ipc, s) for net in ecfg.nets for ipc in ipcs for kind in ("distilled", "random_real")
                 for s in range(ecfg.seeds)]
         if ecfg.full:
             jobs += [(net, "full", None, s) for net in ecfg.nets for s in range(ecfg.seeds)]
         cache = cfg.run_dir / "evaluate-jobs"
-        common = {"evaluate": to_dict(cfg)["evaluate"], "hflip": flip, "seed": cfg.seed, "train": train.sha256(),
+        common = {"recipe": RECIPE_VERSION, "evaluate": to_dict(cfg)["evaluate"], "hflip": flip, "seed": cfg.seed,
+                  "train": train.sha256(), "normalization": stats_from,
                   "val": val.sha256(), "distilled": syn.sha256(), "torch": torch.__version__}
         records: dict = {}
         bar = tqdm(jobs, desc="evaluate", unit="model", dynamic_ncols=True)
@@ -200,7 +229,8 @@ def evaluate_stage(cfg: Config, force: bool = False, distilled: str | None = Non
                   "by_net": by_net}
         report["data"] = {"train_sha256": common["train"], "val_sha256": common["val"],
                           "distilled_sha256": common["distilled"], "num_train": len(train), "num_val": len(val),
-                          "classes": names, "distilled_set": str(syn_dir),
+                          "classes": names, "distilled_set": str(syn_dir), "normalization": f"per-channel mean "
+                          f"and std of {stats_from}",
                           "ipc_handling": ("IPC per class drawn at random (seeded) from the set" if ecfg.pool
                                            else "the first IPC images per class of the set")}
         report["protocol"] = {
@@ -216,8 +246,9 @@ def evaluate_stage(cfg: Config, force: bool = False, distilled: str | None = Non
     return final
 
 
-def _run_job(cfg: Config, net: str, kind: str, ipc: int | None, s: int, train: ImageSet, syn: ImageSet, prep,
-             val: tuple[Tensor, Tensor], syn_xy: tuple[Tensor, Tensor] | None, norm: tuple[Tensor, Tensor]) -> dict:
+def _run_job(cfg: Config, net: str, kind: str, ipc: int | None, s: int, train: ImageSet | ImageFiles, syn: ImageSet,
+             prep, val: tuple[Tensor, Tensor], syn_xy: tuple[Tensor, Tensor] | None,
+             norm: tuple[Tensor, Tensor]) -> dict:
     """Train one classifier; the record holds what the report needs (and which images were used)."""
     ecfg = cfg.evaluate
     seed = derive_seed(cfg.seed, "evaluate", net, kind, ipc, s)
@@ -238,5 +269,5 @@ def _run_job(cfg: Config, net: str, kind: str, ipc: int | None, s: int, train: I
     res = train_classifier(net, *prep(subset), *val, norm, len(train.classes), epochs, seed, ecfg, cfg.data.hflip)
     record.update(final=res.final, best=res.best, best_epoch=res.best_epoch, curve=res.curve, epochs=epochs)
     if kind == "full":
-        record["fidelity"] = accuracy(res.model, *syn_xy)
+        record["fidelity"] = accuracy(res.model, *syn_xy, norm)
     return record

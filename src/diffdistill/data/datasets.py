@@ -52,6 +52,35 @@ class ImageSet:
         return self.images.float() / 127.5 - 1
 
 
+@dataclass
+class ImageFiles:
+    """A labelled folder listed but not read: `subset` decodes only the images asked for (random-real
+    subsets of ImageNet-scale data without holding the train set in memory)."""
+
+    files: list[Path]
+    labels: Tensor  # [N] int64
+    classes: list[str]
+    root: Path
+    image_size: int
+    channels: int
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def subset(self, index: Tensor) -> ImageSet:
+        idx = index.tolist()
+        return read_images([self.files[i] for i in idx], self.labels[index].tolist(), self.classes,
+                           self.image_size, self.channels, self.root)
+
+    def sha256(self) -> str:
+        """Hash of the listing (relative paths, byte sizes, labels), not of the pixels."""
+        h = hashlib.sha256()
+        for f, y in zip(self.files, self.labels.tolist()):
+            h.update(f"{f.relative_to(self.root)}\t{f.stat().st_size}\t{y}\n".encode())
+        h.update("\n".join(self.classes).encode())
+        return "listing:" + h.hexdigest()
+
+
 def to_uint8(x: Tensor) -> Tensor:
     """[-1, 1] float -> [0, 255] uint8."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -225,11 +254,24 @@ def load_data(cfg: DataConfig, need_val: bool = True) -> tuple[ImageSet, ImageSe
     train = load_image_folder(cfg.train, names, cfg.image_size, cfg.channels, "data.train")
     if not need_val:
         return train, None
+    return train, load_val(cfg, names, train.channels)
+
+
+def load_val(cfg: DataConfig, names: list[str], channels: int | None) -> ImageSet:
+    """`data.val`: class subfolders, or the ImageNet flat layout with `data.val_labels`."""
+    if cfg.val is None:
+        raise StageError("data.val is not set: evaluation needs a folder of real validation images")
     if cfg.val_labels:
-        return train, load_flat_folder(cfg.val, cfg.val_labels, names, cfg.image_size, train.channels)
+        return load_flat_folder(cfg.val, cfg.val_labels, names, cfg.image_size, channels)
     list_class_folders(Path(cfg.val), "data.val")
-    val = load_image_folder(cfg.val, names, cfg.image_size, train.channels, "data.val")
-    return train, val
+    return load_image_folder(cfg.val, names, cfg.image_size, channels, "data.val")
+
+
+def list_train(cfg: DataConfig, channels: int) -> ImageFiles:
+    """`data.train` listed, not read (see ImageFiles)."""
+    names = data_classes(cfg)
+    files, labels = list_images(cfg.train, names)
+    return ImageFiles(files, torch.tensor(labels, dtype=torch.long), names, Path(cfg.train), cfg.image_size, channels)
 
 
 def data_classes(cfg: DataConfig) -> list[str]:
