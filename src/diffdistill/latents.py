@@ -8,8 +8,10 @@ determines its contents (autoencoder id and revision, image list with byte sizes
 channels, flips, storage dtype, shard size), so runs that share data and VAE share one cache.
 
 Layout: shard-00000.safetensors ... (tensors `mean`, `std`, `mean_flip`, `std_flip`, `labels`; std is
-absent for a deterministic autoencoder), files.txt (the image of each row), manifest.json (written last:
-its presence marks a complete cache). Shards are written atomically; an interrupted prepare resumes.
+absent for a deterministic autoencoder; metadata: the SHA-256 of the shard's decoded pixels), files.txt
+(the image of each row), manifest.json (written last: its presence marks a complete cache; `data_sha256`
+hashes the shards' pixel hashes, labels and classes). Shards are written atomically; an interrupted
+prepare resumes without re-reading the images of finished shards.
 """
 
 from __future__ import annotations
@@ -70,11 +72,11 @@ def cache_dir(cfg: Config) -> Path:
     return cache_root(cfg) / cache_key(cfg)
 
 
-def _atomic_save(tensors: dict[str, Tensor], path: Path) -> None:
+def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp)
+        save_file(tensors, tmp, metadata)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -118,12 +120,15 @@ def prepare_stage(cfg: Config, force: bool = False) -> Path:
     bar = tqdm(total=n, desc="prepare", unit="img", dynamic_ncols=True)
     for s in range(shards):
         lo, hi = s * p.shard_size, min(n, (s + 1) * p.shard_size)
-        chunk = memory.subset(torch.arange(lo, hi)) if memory is not None else read_images(
-            files[lo:hi], labels[lo:hi], classes, d.image_size, channels, d.train)
-        data_hash.update(chunk.images.numpy().tobytes())
         path = folder / f"shard-{s:05d}.safetensors"
-        if not path.is_file():
-            _atomic_save(_encode_chunk(ae, chunk, p.batch_size, d.hflip, dtype, device), path)
+        if not path.is_file():  # finished shards of an interrupted run are kept, their images not re-read
+            chunk = memory.subset(torch.arange(lo, hi)) if memory is not None else read_images(
+                files[lo:hi], labels[lo:hi], classes, d.image_size, channels, d.train)
+            pixels = hashlib.sha256(chunk.images.numpy().tobytes()).hexdigest()
+            tensors = _encode_chunk(ae, chunk, p.batch_size, d.hflip, dtype, device)
+            _atomic_save(tensors, path, {"images_sha256": pixels})
+        with safe_open(str(path), framework="pt") as handle:
+            data_hash.update(handle.metadata()["images_sha256"].encode())
         bar.update(hi - lo)
     bar.close()
     data_hash.update(torch.tensor(labels, dtype=torch.long).numpy().tobytes())
