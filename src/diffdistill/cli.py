@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from diffdistill.checkpoint import StageError, check_output_free
 from diffdistill.config import Config, ConfigError, load_config
+from diffdistill.distributed import is_main
 
 STAGE_HELP = {
     "prepare": "encode the train images once into the latent cache (read by finetune.latents=cache)",
@@ -25,6 +26,8 @@ STAGE_HELP = {
 def _report(cfg: Config) -> None:
     from diffdistill.report import write_report
 
+    if not is_main():  # under torchrun the other ranks have no report to write
+        return
     print(write_report(cfg.run_dir))
     print(f"\nreport: {cfg.run_dir / 'report.md'}")
 
@@ -38,12 +41,17 @@ def _actions() -> dict[str, Callable[[Config, argparse.Namespace], object]]:
     return {
         # `run --force` redoes the run's stages, never the (shared, expensive) cache
         "prepare": lambda cfg, a: print(f"latent cache: {prepare_stage(cfg, a.force and a.stage == 'prepare')}"),
-        "pretrain": lambda cfg, a: train_stage(cfg, "pretrain", a.force),
-        "finetune": lambda cfg, a: train_stage(cfg, "finetune", a.force),
+        "pretrain": lambda cfg, a: train_stage(cfg, "pretrain", a.force, a.resume),
+        "finetune": lambda cfg, a: train_stage(cfg, "finetune", a.force, a.resume),
         "sample": lambda cfg, a: sample_stage(cfg, a.force),
         "evaluate": lambda cfg, a: (evaluate_stage(cfg, a.force, a.distilled), _report(cfg)),
         "report": lambda cfg, a: _report(cfg),
     }
+
+
+def say(text: str) -> None:
+    if is_main():
+        print(text, flush=True)
 
 
 # stage -> its output folder inside the run folder (prepare writes to the shared, resumable latent cache)
@@ -68,13 +76,16 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("config", help="YAML config file (e.g. configs/demo-digits.yaml)")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
         p.add_argument("--force", action="store_true", help="overwrite existing stage output folders")
+        if name in ("pretrain", "finetune", "run"):
+            p.add_argument("--resume", action="store_true",
+                           help="continue an interrupted training stage from its newest checkpoint")
         if name in ("evaluate", "run"):
             p.add_argument("--pool", action="store_true",
                            help="draw IPC images per class at random (seeded) from a larger set (evaluate.pool=true)")
         if name == "evaluate":
             p.add_argument("--distilled", metavar="DIR",
                            help="score this folder of class subfolders instead of <run>/samples")
-    parser.set_defaults(distilled=None)
+    parser.set_defaults(distilled=None, resume=False)
     args = parser.parse_args(argv)
     try:
         overrides = args.overrides + (["evaluate.pool=true"] if getattr(args, "pool", False) else [])
@@ -84,22 +95,35 @@ def main(argv: list[str] | None = None) -> int:
             actions[args.stage](cfg, args)
             return 0
         order = run_order(cfg)
-        if not args.force:  # fail before any work, not after an hour of training
+        if not (args.force or args.resume):  # fail before any work, not after an hour of training
             for name in order:
                 if name in OUTPUTS:
                     check_output_free(cfg.run_dir / OUTPUTS[name], False)
         start = time.perf_counter()
         for name in order:
-            print(f"== {name} ==", flush=True)
+            if args.resume and name in OUTPUTS and (cfg.run_dir / OUTPUTS[name]).exists() and not (
+                    name in ("pretrain", "finetune") and (cfg.run_dir / "checkpoints" / name).is_dir()):
+                say(f"== {name} == done before: {cfg.run_dir / OUTPUTS[name]}")
+                continue
+            say(f"== {name} ==")
             actions[name](cfg, args)
-        print(f"done in {time.perf_counter() - start:.0f} s: {cfg.run_dir}")
+        say(f"done in {time.perf_counter() - start:.0f} s: {cfg.run_dir}")
     except (ConfigError, StageError) as err:
         print(f"diffdistill: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("diffdistill: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -79,12 +79,15 @@ class MemoryConfig:
     loss_accumulation: Literal["per_class", "authors"] = "per_class"
     # storage of the banks; float16 halves their size (1000 classes × 64 × 4096: 0.5 GB per bank instead of 1)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # several processes (torchrun): "none" = each rank keeps banks of its own batches (the released code);
+    # "allgather" = every rank pushes every rank's rows, so all ranks hold the same banks
+    sync: Literal["none", "allgather"] = "none"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 0  # 0 skips the stage in `run`
-    batch_size: int = 32
+    batch_size: int = 32  # global: split evenly over the processes of a torchrun launch
     lr: float = 1e-4
     weight_decay: float = 0.0
     ema: float = 0.9999
@@ -96,6 +99,8 @@ class TrainConfig:
     trainable: Literal["full", "difffit"] = "full"
     difffit_blocks: int | None = None  # blocks with DiffFit scale factors; None: the first half
     log_every: int = 50
+    checkpoint_every: int = 1000  # steps between resumable checkpoints (<run>/checkpoints/<stage>/); 0: none
+    keep_checkpoints: int = 2  # the newest k are kept while training; all are removed when the stage ends
     # "images": encode each batch with the autoencoder every step; "cache": read the latents that
     # `diffdistill prepare` wrote (the VAE never runs during training)
     latents: Literal["images", "cache"] = "images"
@@ -218,6 +223,8 @@ for _stage in ("pretrain", "finetune"):
             f"{_stage}.lr": (lambda v: v > 0, _POSITIVE),
             f"{_stage}.ema": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
             f"{_stage}.log_every": (lambda v: v > 0, _POSITIVE),
+            f"{_stage}.checkpoint_every": (lambda v: v >= 0, "an integer >= 0"),
+            f"{_stage}.keep_checkpoints": (lambda v: v > 0, _POSITIVE),
             f"{_stage}.memory.size_real": (lambda v: v > 0, _POSITIVE),
             f"{_stage}.memory.size_gen": (lambda v: v > 0, _POSITIVE),
         }

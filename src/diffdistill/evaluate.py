@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from diffdistill import distributed as dist
 from diffdistill.augment import color_jitter, cutmix, lighting, random_resized_crop
-from diffdistill.checkpoint import StageError, atomic_write_json, staged_dir
+from diffdistill.checkpoint import StageError, atomic_write_json, check_output_free, staged_dir
 from diffdistill.config import Config, EvalConfig, to_dict
 from diffdistill.data.datasets import (
     ImageFiles,
@@ -155,92 +156,108 @@ def _resize(x: Tensor, size: int) -> Tensor:
 def evaluate_stage(cfg: Config, force: bool = False, distilled: str | None = None) -> Path:
     """Score the distilled set (default: <run>/samples) -> <run>/evaluate/results.json."""
     ecfg = cfg.evaluate
-    device = setup(cfg)
+    device = dist.init(setup(cfg))
     final = cfg.run_dir / "evaluate"
     syn_dir = Path(distilled) if distilled else cfg.run_dir / "samples"
     if not syn_dir.is_dir():
         raise StageError(f"distilled set {syn_dir} does not exist: run `diffdistill sample` first")
+    check_output_free(final, force)  # on every rank, before any work
+    t0 = time.perf_counter()
+    names = data_classes(cfg.data)
+    if cfg.data.train is not None and not ecfg.full:  # only IPC-sized real subsets are needed: list, don't read
+        val = load_val(cfg.data, names, cfg.data.channels)
+        train = list_train(cfg.data, val.channels)
+        k = min(NORM_IMAGES_PER_CLASS, int(torch.bincount(train.labels).min()))
+        stats = train.subset(per_class_indices(train.labels, names, k, torch.Generator().manual_seed(
+            derive_seed(cfg.seed, "evaluate", "normalization")), "data.train"))
+        stats_from = f"{len(stats)} train images ({k} per class, seeded draw)"
+    else:
+        train, val = load_data(cfg.data, need_val=True)
+        stats, stats_from = train, "the whole train set"
+    syn = load_image_folder(syn_dir, names, cfg.data.image_size, val.channels, "distilled set")
+    size = ecfg.image_size or cfg.data.image_size
+    # every set is normalized with the real train set's per-channel statistics
+    real01 = _resize(stats.as_float() / 2 + 0.5, size)
+    norm = (real01.mean((0, 2, 3), keepdim=True).to(device),
+            real01.std((0, 2, 3), keepdim=True).clamp_min(1e-3).to(device))
+
+    def prep(s: ImageSet) -> tuple[Tensor, Tensor]:  # uint8 pixels at the classifier size, on the device
+        x = s.images if s.images.shape[-1] == size else to_uint8(_resize(s.as_float(), size))
+        return x.to(device), s.labels.to(device)
+
+    x_val, y_val = prep(val)
+    syn_xy = prep(syn) if ecfg.full else None  # only the full-data classifiers score it (fidelity)
+    flip = cfg.data.hflip
+    ipcs = sorted(set(ecfg.ipc or cfg.sample.ipc))
+    jobs = [(net, kind, ipc, s) for net in ecfg.nets for ipc in ipcs for kind in ("distilled", "random_real")
+            for s in range(ecfg.seeds)]
+    if ecfg.full:
+        jobs += [(net, "full", None, s) for net in ecfg.nets for s in range(ecfg.seeds)]
+    cache = cfg.run_dir / "evaluate-jobs"
+    common = {"recipe": RECIPE_VERSION, "evaluate": to_dict(cfg)["evaluate"], "hflip": flip, "seed": cfg.seed,
+              "train": train.sha256(), "normalization": stats_from,
+              "val": val.sha256(), "distilled": syn.sha256(), "torch": torch.__version__}
+
+    def job_record(net: str, kind: str, ipc: int | None, s: int) -> tuple[Path, int, dict | None]:
+        key = derive_seed(json.dumps({**common, "job": [net, kind, ipc, s]}, sort_keys=True))
+        file = cache / f"{net}_{kind}_ipc{ipc}_seed{s}.json"
+        record = json.loads(file.read_text()) if file.is_file() else None
+        return file, key, record if record is not None and record.get("key") == key else None
+
+    # torchrun: jobs are dealt to the ranks round-robin; each writes its records, rank 0 merges them
+    mine = [job for n, job in enumerate(jobs) if n % dist.world_size() == dist.rank()]
+    bar = tqdm(mine, desc="evaluate", unit="model", dynamic_ncols=True, disable=not dist.is_main())
+    for net, kind, ipc, s in bar:
+        bar.set_postfix_str(f"{net} {kind} ipc={ipc} seed={s}")
+        file, key, record = job_record(net, kind, ipc, s)
+        if record is None:
+            record = _run_job(cfg, net, kind, ipc, s, train, syn, prep, (x_val, y_val), syn_xy, norm)
+            record["key"] = key
+            atomic_write_json(file, record)
+    dist.barrier()
+    if not dist.is_main():
+        return final
+    records: dict = {}
+    for net, kind, ipc, s in jobs:
+        file, _, record = job_record(net, kind, ipc, s)
+        if record is None:
+            raise StageError(f"evaluate: the result {file} of another process is missing or stale")
+        records.setdefault(net, {}).setdefault(kind, {}).setdefault(ipc, []).append(record)
+    by_net = {}
+    for net, kinds in records.items():
+        entry: dict = {"norm": ecfg.norm or DEFAULT_NORM[net], "ipc": {}}
+        for ipc in ipcs:
+            e = {kind: _result(kinds[kind][ipc]) for kind in ("distilled", "random_real")}
+            e["gap_over_random_real"] = round(e["distilled"]["mean"] - e["random_real"]["mean"], 2)
+            e["random_real"]["indices"] = [r["indices"] for r in kinds["random_real"][ipc]]
+            if ecfg.pool:
+                e["distilled"]["indices"] = [r["indices"] for r in kinds["distilled"][ipc]]
+            entry["ipc"][str(ipc)] = e
+        if "full" in kinds:
+            runs = kinds["full"][None]
+            entry["full"] = _result(runs)
+            entry["fidelity"] = {**summarize([r["fidelity"] for r in runs]), "num_images": len(syn),
+                                 "classifier": f"{net} trained on the full real train set"}
+        by_net[net] = entry
+    primary = ecfg.nets[0]
+    report = {"net": primary, "full": None, "fidelity": None, **by_net[primary],
+              "by_net": by_net}
+    report["data"] = {"train_sha256": common["train"], "val_sha256": common["val"],
+                      "distilled_sha256": common["distilled"], "num_train": len(train), "num_val": len(val),
+                      "classes": names, "distilled_set": str(syn_dir), "normalization": f"per-channel mean "
+                      f"and std of {stats_from}",
+                      "ipc_handling": ("IPC per class drawn at random (seeded) from the set" if ecfg.pool
+                                       else "the first IPC images per class of the set")}
+    report["protocol"] = {
+        "epochs": {str(ipc): ecfg.epochs or epochs_for_ipc(ipc) for ipc in ipcs}, "full_epochs": ecfg.full_epochs,
+        "seeds": ecfg.seeds, "image_size": size, "headline": "final-epoch accuracy (%), mean ± std over seeds",
+        "augmentation": {"crop_scale": list(ecfg.crop_scale), "hflip": flip, "color_jitter": ecfg.color_jitter,
+                         "lighting": ecfg.lighting, "cutmix_prob": ecfg.cutmix_prob,
+                         "cutmix_beta": ecfg.cutmix_beta}}
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    report["config"] = to_dict(cfg)
+    report["world_size"] = dist.world_size()
     with staged_dir(final, force) as out:
-        t0 = time.perf_counter()
-        names = data_classes(cfg.data)
-        if cfg.data.train is not None and not ecfg.full:  # only IPC-sized real subsets are needed: list, don't read
-            val = load_val(cfg.data, names, cfg.data.channels)
-            train = list_train(cfg.data, val.channels)
-            k = min(NORM_IMAGES_PER_CLASS, int(torch.bincount(train.labels).min()))
-            stats = train.subset(per_class_indices(train.labels, names, k, torch.Generator().manual_seed(
-                derive_seed(cfg.seed, "evaluate", "normalization")), "data.train"))
-            stats_from = f"{len(stats)} train images ({k} per class, seeded draw)"
-        else:
-            train, val = load_data(cfg.data, need_val=True)
-            stats, stats_from = train, "the whole train set"
-        syn = load_image_folder(syn_dir, names, cfg.data.image_size, val.channels, "distilled set")
-        size = ecfg.image_size or cfg.data.image_size
-        # every set is normalized with the real train set's per-channel statistics
-        real01 = _resize(stats.as_float() / 2 + 0.5, size)
-        norm = (real01.mean((0, 2, 3), keepdim=True).to(device),
-                real01.std((0, 2, 3), keepdim=True).clamp_min(1e-3).to(device))
-
-        def prep(s: ImageSet) -> tuple[Tensor, Tensor]:  # uint8 pixels at the classifier size, on the device
-            x = s.images if s.images.shape[-1] == size else to_uint8(_resize(s.as_float(), size))
-            return x.to(device), s.labels.to(device)
-
-        x_val, y_val = prep(val)
-        syn_xy = prep(syn) if ecfg.full else None  # only the full-data classifiers score it (fidelity)
-        flip = cfg.data.hflip
-        ipcs = sorted(set(ecfg.ipc or cfg.sample.ipc))
-        jobs = [(net, kind, ipc, s) for net in ecfg.nets for ipc in ipcs for kind in ("distilled", "random_real")
-                for s in range(ecfg.seeds)]
-        if ecfg.full:
-            jobs += [(net, "full", None, s) for net in ecfg.nets for s in range(ecfg.seeds)]
-        cache = cfg.run_dir / "evaluate-jobs"
-        common = {"recipe": RECIPE_VERSION, "evaluate": to_dict(cfg)["evaluate"], "hflip": flip, "seed": cfg.seed,
-                  "train": train.sha256(), "normalization": stats_from,
-                  "val": val.sha256(), "distilled": syn.sha256(), "torch": torch.__version__}
-        records: dict = {}
-        bar = tqdm(jobs, desc="evaluate", unit="model", dynamic_ncols=True)
-        for net, kind, ipc, s in bar:
-            bar.set_postfix_str(f"{net} {kind} ipc={ipc} seed={s}")
-            key = derive_seed(json.dumps({**common, "job": [net, kind, ipc, s]}, sort_keys=True))
-            file = cache / f"{net}_{kind}_ipc{ipc}_seed{s}.json"
-            record = json.loads(file.read_text()) if file.is_file() else None
-            if record is None or record.get("key") != key:
-                record = _run_job(cfg, net, kind, ipc, s, train, syn, prep, (x_val, y_val), syn_xy, norm)
-                record["key"] = key
-                atomic_write_json(file, record)
-            records.setdefault(net, {}).setdefault(kind, {}).setdefault(ipc, []).append(record)
-        by_net = {}
-        for net, kinds in records.items():
-            entry: dict = {"norm": ecfg.norm or DEFAULT_NORM[net], "ipc": {}}
-            for ipc in ipcs:
-                e = {kind: _result(kinds[kind][ipc]) for kind in ("distilled", "random_real")}
-                e["gap_over_random_real"] = round(e["distilled"]["mean"] - e["random_real"]["mean"], 2)
-                e["random_real"]["indices"] = [r["indices"] for r in kinds["random_real"][ipc]]
-                if ecfg.pool:
-                    e["distilled"]["indices"] = [r["indices"] for r in kinds["distilled"][ipc]]
-                entry["ipc"][str(ipc)] = e
-            if "full" in kinds:
-                runs = kinds["full"][None]
-                entry["full"] = _result(runs)
-                entry["fidelity"] = {**summarize([r["fidelity"] for r in runs]), "num_images": len(syn),
-                                     "classifier": f"{net} trained on the full real train set"}
-            by_net[net] = entry
-        primary = ecfg.nets[0]
-        report = {"net": primary, "full": None, "fidelity": None, **by_net[primary],
-                  "by_net": by_net}
-        report["data"] = {"train_sha256": common["train"], "val_sha256": common["val"],
-                          "distilled_sha256": common["distilled"], "num_train": len(train), "num_val": len(val),
-                          "classes": names, "distilled_set": str(syn_dir), "normalization": f"per-channel mean "
-                          f"and std of {stats_from}",
-                          "ipc_handling": ("IPC per class drawn at random (seeded) from the set" if ecfg.pool
-                                           else "the first IPC images per class of the set")}
-        report["protocol"] = {
-            "epochs": {str(ipc): ecfg.epochs or epochs_for_ipc(ipc) for ipc in ipcs}, "full_epochs": ecfg.full_epochs,
-            "seeds": ecfg.seeds, "image_size": size, "headline": "final-epoch accuracy (%), mean ± std over seeds",
-            "augmentation": {"crop_scale": list(ecfg.crop_scale), "hflip": flip, "color_jitter": ecfg.color_jitter,
-                             "lighting": ecfg.lighting, "cutmix_prob": ecfg.cutmix_prob,
-                             "cutmix_beta": ecfg.cutmix_beta}}
-        report["seconds"] = round(time.perf_counter() - t0, 1)
-        report["config"] = to_dict(cfg)
         atomic_write_json(out / "results.json", report)
         write_run_info(out, cfg, "evaluate", {"data": report["data"]})
     return final

@@ -128,6 +128,8 @@ class MemoryBank:
         self.counts = torch.zeros(num_classes, dtype=torch.long)  # [C] on CPU: read every step
         gram_size = size if policy == "adaptive" else 0
         self.gram = torch.zeros(num_classes, gram_size, gram_size, device=device, dtype=torch.float64)
+        # optional: gathers a push's rows (and labels) from every process, so all hold the same banks
+        self.sync: Callable[[Tensor], Tensor] | None = None
 
     def __getitem__(self, c: int) -> Tensor:
         return self.rows[c, : int(self.counts[c])]
@@ -146,6 +148,8 @@ class MemoryBank:
         compute = torch.promote_types(self.rows.dtype, torch.float32)
         rows = rows.detach().flatten(1).to(self.rows.dtype).to(compute)  # [B, D]
         labels = labels.to(self.rows.device)
+        if self.sync is not None:
+            rows, labels = self.sync(rows), self.sync(labels)  # every process's rows, in process order
         classes, inv, rank = group_by_class(labels)  # [K], [B], [B]
         k, n = len(classes), self.counts[classes.cpu()].to(labels.device)  # n: rows held now, [K]
         total = n + torch.bincount(inv, minlength=k)  # [K] after the new rows arrive

@@ -7,6 +7,9 @@ size, and the first k images of a class are exactly what a run with IPC = k woul
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -14,9 +17,10 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from diffdistill import distributed as dist
 from diffdistill.autoencoders import build_decoder
-from diffdistill.checkpoint import atomic_write_json, staged_dir
-from diffdistill.config import Config, SampleConfig
+from diffdistill.checkpoint import StageError, atomic_write_json, check_output_free, replace_dir
+from diffdistill.config import Config, SampleConfig, to_dict
 from diffdistill.data.classes import condition_ids
 from diffdistill.data.datasets import data_classes, to_uint8
 from diffdistill.diffusion import DEFAULT_SPACING, NoiseSchedule, make_scheduler
@@ -67,39 +71,56 @@ def sample_latents(model, scfg: SampleConfig, betas: Tensor, labels: Tensor, gen
 
 
 def sample_stage(cfg: Config, force: bool = False) -> Path:
-    """Write max(sample.ipc) PNGs per class under <run>/samples/<class>/ plus manifest.json."""
+    """Write max(sample.ipc) PNGs per class under <run>/samples/<class>/ plus manifest.json.
+
+    Work happens in <run>/.samples.partial/, which survives an interruption: a rerun with the same sampling
+    settings skips the batches whose images all exist. Batches are cut from the global image list and
+    dealt to torchrun ranks round-robin, so every image is computed in the same batch whatever the number
+    of processes and the set is identical for any world size."""
     scfg = cfg.sample
-    device = setup(cfg)
+    device = dist.init(setup(cfg))
     final = cfg.run_dir / "samples"
+    check_output_free(final, force)
     source = model_source(cfg, scfg.checkpoint, scfg.weights)
     classes = data_classes(cfg.data)
     cond, _ = condition_ids(classes, cfg.model.class_ids)
     ipc = max(scfg.ipc)
-    with staged_dir(final, force) as out:
-        model = load_dit(source, key="sample.checkpoint").to(device).eval()
-        ae = build_decoder(cfg.autoencoder).to(device)
-        latent_shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
-        betas = NoiseSchedule.from_config(cfg.diffusion).betas
-        jobs = [(c, i) for c in range(len(classes)) for i in range(ipc)]
-        records = []
-        for c in classes:
-            (out / c).mkdir()
-        bar = tqdm(total=len(jobs), desc="sample", unit="img", dynamic_ncols=True)
-        for start in range(0, len(jobs), scfg.batch_size):
-            batch = jobs[start : start + scfg.batch_size]
-            seeds = [derive_seed(cfg.seed, "sample", classes[c], i) for c, i in batch]
-            gens = [torch.Generator().manual_seed(s) for s in seeds]
-            labels = torch.tensor([cond[c] for c, _ in batch])
-            z = sample_latents(model, scfg, betas, labels, gens, latent_shape, device, cfg.precision)
-            images = to_uint8(ae.decode(z)).cpu()  # [B, C, H, W]
-            for (c, i), seed, img in zip(batch, seeds, images):
-                arr = img.permute(1, 2, 0).numpy()
-                Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(out / image_file(classes[c], i))
-                records.append({"file": image_file(classes[c], i), "class": classes[c], "label": c,
-                                "condition_id": cond[c], "index": i, "seed": seed})
-            bar.update(len(batch))
-        bar.close()
-        atomic_write_json(out / "manifest.json", {
+    work = cfg.run_dir / ".samples.partial"
+    full = to_dict(cfg)
+    spec = {"checkpoint": source, "checkpoint_files": _fingerprint(source), "sample": full["sample"],
+            "seed": cfg.seed, "classes": classes, "class_ids": cfg.model.class_ids,
+            "autoencoder": full["autoencoder"], "diffusion": full["diffusion"], "precision": cfg.precision}
+    if dist.is_main():
+        _open_work_dir(work, spec, classes)
+    dist.barrier()
+    model = load_dit(source, key="sample.checkpoint").to(device).eval()
+    ae = build_decoder(cfg.autoencoder).to(device)
+    latent_shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
+    betas = NoiseSchedule.from_config(cfg.diffusion).betas
+    jobs = [(c, i) for c in range(len(classes)) for i in range(ipc)]
+    seeds = {job: derive_seed(cfg.seed, "sample", classes[job[0]], job[1]) for job in jobs}
+    batches = [jobs[k : k + scfg.batch_size] for k in range(0, len(jobs), scfg.batch_size)]
+    mine = [b for n, b in enumerate(batches) if n % dist.world_size() == dist.rank()
+            and not all((work / image_file(classes[c], i)).is_file() for c, i in b)]
+    bar = tqdm(total=sum(map(len, mine)), desc="sample", unit="img", dynamic_ncols=True, disable=not dist.is_main())
+    for batch in mine:
+        gens = [torch.Generator().manual_seed(seeds[job]) for job in batch]
+        labels = torch.tensor([cond[c] for c, _ in batch])
+        z = sample_latents(model, scfg, betas, labels, gens, latent_shape, device, cfg.precision)
+        images = to_uint8(ae.decode(z)).cpu()  # [B, C, H, W]
+        for (c, i), img in zip(batch, images):
+            arr = img.permute(1, 2, 0).numpy()
+            _save_png(arr[..., 0] if arr.shape[-1] == 1 else arr, work / image_file(classes[c], i))
+        bar.update(len(batch))
+    bar.close()
+    dist.barrier()
+    if dist.is_main():
+        missing = [image_file(classes[c], i) for c, i in jobs if not (work / image_file(classes[c], i)).is_file()]
+        if missing:
+            raise StageError(f"sample: {len(missing)} images were not written (first: {work / missing[0]})")
+        records = [{"file": image_file(classes[c], i), "class": classes[c], "label": c, "condition_id": cond[c],
+                    "index": i, "seed": seeds[(c, i)]} for c, i in jobs]
+        atomic_write_json(work / "manifest.json", {
             "checkpoint": source, "weights": scfg.weights, "classes": classes, "ipc": ipc,
             "sampler": {"scheduler": scfg.scheduler, "steps": scfg.steps, "guidance": scfg.guidance,
                         "guidance_channels": scfg.guidance_channels,
@@ -107,5 +128,49 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
                         "learned_sigma": learns_sigma(model)},
             "images": records,
         })
-        write_run_info(out, cfg, "sample", {"checkpoint": source, "num_images": len(records)})
+        (work / SPEC_FILE).unlink()
+        for tmp in work.glob("*/.*.tmp"):  # left by an interrupted run
+            tmp.unlink()
+        write_run_info(work, cfg, "sample", {"checkpoint": source, "num_images": len(records),
+                                             "world_size": dist.world_size()})
+        replace_dir(work, final)
+    dist.barrier()
     return final
+
+
+SPEC_FILE = ".spec.json"  # what the partial folder's images were made with
+
+
+def _fingerprint(source: str) -> list:
+    """(file, size, mtime) of a local model folder: a retrained checkpoint invalidates partial samples."""
+    root = Path(source)
+    files = sorted(root.rglob("*")) if root.is_dir() else [root] if root.is_file() else []
+    return [[str(f.relative_to(root) if root.is_dir() else f.name), f.stat().st_size, f.stat().st_mtime_ns]
+            for f in files if f.is_file()]
+
+
+def _open_work_dir(work: Path, spec: dict, classes: list[str]) -> None:
+    """Create the partial folder, or keep it if it was made with the same settings (resume)."""
+    spec_file = work / SPEC_FILE
+    if work.is_dir():
+        old = json.loads(spec_file.read_text()) if spec_file.is_file() else None
+        if old == spec:
+            done = sum(1 for _ in work.glob("*/*.png"))
+            print(f"sample: resuming in {work} ({done} images already there)", flush=True)
+            return
+        print(f"sample: {work} holds images made with other settings; starting over", flush=True)
+        shutil.rmtree(work)
+    try:
+        work.mkdir(parents=True)
+        for c in classes:
+            (work / c).mkdir()
+    except OSError as err:
+        raise StageError(f"cannot write the sample folder {work}: {err.strerror or err}") from None
+    atomic_write_json(spec_file, spec)
+
+
+def _save_png(arr, path: Path) -> None:
+    """A PNG written to a temp name and renamed: an interruption never leaves a truncated image."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(arr).save(tmp, format="PNG")
+    os.replace(tmp, path)

@@ -14,6 +14,8 @@ from torch import Tensor, nn
 
 from diffdistill.checkpoint import StageError
 
+GAMMA = "difffit_gamma"  # name of the scale factor registered on each adapted branch (folded away on save)
+
 
 @dataclass
 class Trainable:
@@ -27,7 +29,7 @@ class Trainable:
         """The model's state dict with `values` (default: the live params) for the trainable ones and
         every γ folded in. The live model is not modified."""
         values = [p.detach() for p in self.params] if values is None else values
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith(GAMMA)}
         n = len(self.names)
         for aliases, v in zip(self.names, values[:n]):
             for name in aliases:
@@ -75,6 +77,8 @@ def make_trainable(model: nn.Module, mode: str, difffit_blocks: int | None = Non
     for block in blocks[:n]:
         for branch in (block.attn1, block.ff):
             gamma = nn.Parameter(torch.ones((), device=device))
+            # a registered parameter, so DistributedDataParallel averages its gradient like any other
+            branch.register_parameter(GAMMA, gamma)
             last = [m for m in branch.modules() if isinstance(m, nn.Linear)][-1]  # output projection
             out.folds.append((f"{linear_names[last]}.weight",
                               f"{linear_names[last]}.bias" if last.bias is not None else None))
