@@ -56,6 +56,7 @@ def staged_dir(final: Path, force: bool) -> Iterator[Path]:
     """Yield a temp folder beside `final`; on success it replaces `final` (which must not exist unless
     `force`). On failure nothing is left behind, and an existing `final` is untouched."""
     check_output_free(final, force)
+    created = [p for p in [final.parent, *final.parent.parents] if not p.exists()]  # made here, removed on failure
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
@@ -67,6 +68,11 @@ def staged_dir(final: Path, force: bool) -> Iterator[Path]:
         replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:  # innermost first; only if nothing else was put there meanwhile
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
 
 

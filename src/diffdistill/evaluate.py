@@ -189,6 +189,8 @@ def evaluate_stage(cfg: Config, force: bool = False, distilled: str | None = Non
     syn_xy = prep(syn) if ecfg.full else None  # only the full-data classifiers score it (fidelity)
     flip = cfg.data.hflip
     ipcs = sorted(set(ecfg.ipc or cfg.sample.ipc))
+    for labels, where in ((syn.labels, "distilled set"), (train.labels, "random-real baseline (real train set)")):
+        per_class_indices(labels, names, max(ipcs), None, where)  # too few images: say so before any training
     jobs = [(net, kind, ipc, s) for net in ecfg.nets for ipc in ipcs for kind in ("distilled", "random_real")
             for s in range(ecfg.seeds)]
     if ecfg.full:

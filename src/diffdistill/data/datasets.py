@@ -4,6 +4,7 @@ class subfolders of images (any size, RGB or grayscale; resized and center-cropp
 from __future__ import annotations
 
 import hashlib
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,19 +124,23 @@ def list_class_folders(root: Path, key: str) -> list[str]:
 def list_images(root: str | Path, classes: list[str], key: str = "data.train") -> tuple[list[Path], list[int]]:
     """Image files of `classes` (subfolders of `root`) and their labels, in class order then file-name order."""
     root = Path(root)
-    files, labels = [], []
+    files, labels, skipped = [], [], []
     for label, name in enumerate(classes):
         folder = root / name
         if not folder.is_dir():
             raise StageError(f"{key}: class folder {folder} does not exist")
-        found = sorted(p for p in folder.iterdir()
-                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+        entries = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+        found = sorted(p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS)
+        skipped += [p for p in entries if p.suffix.lower() not in IMAGE_EXTENSIONS]
         if not found:
             raise StageError(
                 f"{key}: class folder {folder} has no images (looked for {', '.join(IMAGE_EXTENSIONS)})"
             )
         files += found
         labels += [label] * len(found)
+    if skipped:  # README files, .txt labels, ...: not an error, but said
+        print(f"diffdistill: note: {key}: skipped {len(skipped)} files that are not images by their extension "
+              f"(e.g. {skipped[0]})", file=sys.stderr)
     return files, labels
 
 

@@ -1,0 +1,125 @@
+"""Kill -9 in the middle of fine-tuning or sampling, resume, and get exactly what an uninterrupted run makes."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffdistill.cli import main
+
+TINY_FT = ["finetune.init=null", "finetune.steps=60", "finetune.batch_size=16", "finetune.log_every=5",
+           "finetune.checkpoint_every=2", "finetune.keep_checkpoints=2", "threads=1"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "diffdistill", *args]
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
+    """SIGKILL `proc` as soon as ready() holds, after a random extra delay (a random step)."""
+    start = time.time()
+    while not ready():
+        assert proc.poll() is None, "the run finished before it could be killed"
+        assert time.time() - start < timeout
+        time.sleep(0.02)
+    time.sleep(random.uniform(0, 0.5))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def outputs(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in ("raw/diffusion_pytorch_model.safetensors", "ema/diffusion_pytorch_model.safetensors",
+                 "memory.safetensors"):
+        out.update({f"{name}:{k}": v for k, v in load_file(str(folder / name)).items()})
+    return out
+
+
+@pytest.mark.slow
+def test_killed_finetune_resumes_bit_identically(tmp_path):
+    common = ["configs/demo-digits.yaml", f"out_dir={tmp_path}", *TINY_FT]
+    subprocess.run(cli("finetune", *common, "name=ref"), check=True, env=ENV, capture_output=True)
+    proc = subprocess.Popen(cli("finetune", *common, "name=killed"), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "killed" / "checkpoints" / "finetune"
+    kill_when(proc, lambda: any((p / "state.json").is_file() for p in ckpts.glob("step-*")))
+    assert not (tmp_path / "killed" / "finetune").exists()  # no half-written output
+    kept = sorted(p.name for p in ckpts.glob("step-*"))
+    assert 1 <= len(kept) <= 3  # keep_checkpoints = 2 (+ one being renamed at the kill)
+    # without --resume the user is told what to do
+    assert main(["finetune", *common, "name=killed"]) == 2
+    assert main(["finetune", *common, "name=killed", "--resume"]) == 0
+    ref, resumed = outputs(tmp_path / "ref" / "finetune"), outputs(tmp_path / "killed" / "finetune")
+    assert ref.keys() == resumed.keys()
+    assert all(torch.equal(ref[k], resumed[k]) for k in ref)  # weights, EMA and memory banks, bit for bit
+    log = lambda run: (tmp_path / run / "finetune" / "log.jsonl").read_text().splitlines()  # noqa: E731
+    assert log("ref") == log("killed")
+    assert not (tmp_path / "killed" / "checkpoints").exists()  # removed once the stage finished
+
+
+def test_resume_refuses_a_different_config_or_world_size(tmp_path, capsys):
+    common = ["configs/demo-digits.yaml", f"out_dir={tmp_path}", "finetune.init=null", "finetune.steps=4",
+              "finetune.batch_size=8", "finetune.checkpoint_every=2", "threads=1"]
+    from diffdistill.train import TrainLoop
+
+    original = TrainLoop.save
+    calls = []
+
+    def save_then_stop(self, root):  # a crash right after the first checkpoint
+        original(self, root)
+        calls.append(self.step)
+        raise KeyboardInterrupt
+
+    TrainLoop.save = save_then_stop
+    try:
+        assert main(["finetune", *common]) == 130
+    finally:
+        TrainLoop.save = original
+    assert calls == [2]
+    capsys.readouterr()
+    assert main(["finetune", *common, "finetune.lr=0.5", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "different config (finetune.lr differ)" in err
+    state_file = next((tmp_path / "demo-digits" / "checkpoints" / "finetune").glob("step-*")) / "state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "world_size": 2}))
+    assert main(["finetune", *common, "--resume"]) == 2
+    assert "written by 2 processes, this run has 1" in capsys.readouterr().err
+    state_file.write_text(json.dumps(state))
+    (state_file.parent / "optimizer.pt").write_bytes(b"garbage")
+    assert main(["finetune", *common, "--resume"]) == 2
+    assert "cannot be read" in capsys.readouterr().err
+    assert main(["finetune", *common, "--force"]) == 0  # start over
+
+
+@pytest.mark.slow
+def test_killed_sampling_resumes_without_duplicates_or_gaps(tmp_path):
+    common = ["configs/demo-digits.yaml", f"out_dir={tmp_path}", "finetune.init=null", "finetune.steps=3",
+              "sample.checkpoint=finetune", "sample.ipc=[6]", "sample.steps=40", "sample.batch_size=2",
+              "threads=1"]
+    assert main(["finetune", *common]) == 0
+    model = str(tmp_path / "demo-digits" / "finetune")
+    args = [*common, f"sample.checkpoint={model}/ema"]
+    subprocess.run(cli("sample", *args, "name=ref"), check=True, env=ENV, capture_output=True)
+    proc = subprocess.Popen(cli("sample", *args, "name=killed"), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    partial = tmp_path / "killed" / ".samples.partial"
+    kill_when(proc, lambda: len(list(partial.glob("*/*.png"))) >= 4)
+    assert not (tmp_path / "killed" / "samples").exists()
+    assert main(["sample", *args, "name=killed"]) == 0  # picks up the partial folder
+    ref, got = tmp_path / "ref" / "samples", tmp_path / "killed" / "samples"
+    files = sorted(p.relative_to(ref) for p in ref.rglob("*.png"))
+    assert files == sorted(p.relative_to(got) for p in got.rglob("*") if p.is_file() and p.suffix == ".png")
+    assert len(files) == 60 and all((ref / f).read_bytes() == (got / f).read_bytes() for f in files)
+    assert not list(got.rglob(".*"))  # no temp files left
+    manifest = json.loads((got / "manifest.json").read_text())
+    assert len({r["file"] for r in manifest["images"]}) == 60
