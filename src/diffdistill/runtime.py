@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import platform
 import subprocess
 import sys
@@ -83,6 +84,8 @@ def write_run_info(folder: Path, cfg: Config, stage: str, extra: dict[str, Any])
     atomic_write_json(folder / "run_info.json", {
         "stage": stage,
         "command": sys.argv,
+        "torchrun": {k: os.environ[k] for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+                     if k in os.environ} or None,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seed": cfg.seed,
         "device": cfg.device,
