@@ -97,3 +97,10 @@ def test_paper_configs_hold_the_paper_defaults():
         assert (s.scheduler, s.steps, s.guidance, s.ipc) == ("ddpm", 50, 4.0, (10, 20, 50, 100))
     big = load_config("configs/imagenet1k.yaml")
     assert big.data.classes == "imagenet1k" and big.finetune.memory.dtype == "float16"
+
+
+def test_exponent_without_a_dot_is_a_float():
+    cfg = build_config({"finetune": {"lr": "1e-4"}}, ["pretrain.lr=5E-4", "finetune.memory.lambda_gen=2e-3"])
+    assert (cfg.finetune.lr, cfg.pretrain.lr, cfg.finetune.memory.lambda_gen) == (1e-4, 5e-4, 2e-3)
+    with pytest.raises(ConfigError, match="expected float"):
+        build_config({}, ["finetune.lr=1e"])

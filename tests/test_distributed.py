@@ -46,6 +46,15 @@ def test_finetune_and_sample_under_torchrun(tmp_path):
     assert all((one / f).read_bytes() == (two / f).read_bytes() for f in files)
     assert json.loads((two / "run_info.json").read_text())["world_size"] == 2
 
+    # evaluation: jobs dealt to the two processes, merged by rank 0; the numbers do not depend on that
+    score = ["evaluate.epochs=2", "evaluate.full_epochs=1", "evaluate.seeds=2", "evaluate.width=8",
+             "evaluate.eval_every=1"]
+    torchrun("evaluate", *common, *score)
+    assert main(["evaluate", *common, *score, "name=single"]) == 0
+    a = json.loads((run / "evaluate" / "results.json").read_text())
+    b = json.loads((tmp_path / "single" / "evaluate" / "results.json").read_text())
+    assert a["world_size"] == 2 and a["by_net"] == b["by_net"]
+
 
 @pytest.mark.slow
 def test_allgather_memories_are_the_same_on_every_rank(tmp_path):

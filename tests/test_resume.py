@@ -123,3 +123,16 @@ def test_killed_sampling_resumes_without_duplicates_or_gaps(tmp_path):
     assert not list(got.rglob(".*"))  # no temp files left
     manifest = json.loads((got / "manifest.json").read_text())
     assert len({r["file"] for r in manifest["images"]}) == 60
+
+
+def test_a_diverging_loss_stops_with_the_step_and_the_last_good_checkpoint(tmp_path, capsys):
+    args = ["finetune", "configs/demo-digits.yaml", f"out_dir={tmp_path}", "finetune.init=null", "finetune.steps=30",
+            "finetune.batch_size=8", "finetune.checkpoint_every=1", "finetune.lr=1e30", "finetune.grad_clip=null",
+            "threads=1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "the loss is not finite at step" in err and "the last good checkpoint is" in err and "--resume" in err
+    step = int(err.split("at step ")[1].split()[0])
+    newest = sorted((tmp_path / "demo-digits" / "checkpoints" / "finetune").glob("step-*"))[-1]
+    assert newest.name == f"step-{step - 1:08d}" and (newest / "state.json").is_file()
+    assert not (tmp_path / "demo-digits" / "finetune").exists()

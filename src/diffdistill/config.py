@@ -6,6 +6,7 @@ Unknown keys and wrong types are rejected with one line that names the key and w
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -280,6 +281,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
     elif tp is str:
         if isinstance(value, str):
             return value
