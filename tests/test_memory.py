@@ -163,3 +163,11 @@ def test_mean_similarity_from_the_cache_equals_the_direct_computation():
     expected = sum(float(s.sum() - s.diagonal().sum()) for s in direct) / sum(len(s) * (len(s) - 1) for s in direct)
     assert adaptive.mean_similarity() == pytest.approx(expected, abs=1e-6)
     assert fifo.mean_similarity(chunk=3) == pytest.approx(expected, abs=1e-6)
+
+
+def test_pushing_no_rows_changes_nothing():
+    bank = MemoryBank(2, 3, 4, "adaptive")
+    bank.push(torch.ones(2, 4), torch.tensor([0, 1]))
+    before = {k: v.clone() for k, v in bank.state_dict().items()}
+    bank.push(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
+    assert all(torch.equal(before[k], v) for k, v in bank.state_dict().items())

@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from diffdistill.checkpoint import StageError, check_output_free
 from diffdistill.config import Config, ConfigError, load_config
@@ -17,10 +18,18 @@ STAGE_HELP = {
     "finetune": "fine-tune the DiT with the memory losses (finetune.init: pretrain, a folder or a hub id)",
     "sample": "generate max(sample.ipc) images per class into <run>/samples",
     "evaluate": "train small classifiers on the distilled set, random-real subsets and the full data",
-    "report": "write results.json, report.md and PNGs at the top of the run folder",
+    "report": "write results.json, report.md and PNGs at the top of the run folder (CONFIG or the run folder)",
+    "sweep": "many runs over config values × seeds (a sweep file, or CONFIG --vary KEY=V1,V2): one CSV and a plot",
     "run": "every stage in order: prepare (if a training stage reads the cache), pretrain (if steps > 0), "
            "finetune (if steps > 0), sample, evaluate, report",
 }
+
+
+def _report_dir(run_dir: Path) -> None:
+    from diffdistill.report import write_report
+
+    print(write_report(run_dir))
+    print(f"\nreport: {run_dir / 'report.md'}")
 
 
 def _report(cfg: Config) -> None:
@@ -73,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, text in STAGE_HELP.items():
         p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("config", help="YAML config file (e.g. configs/demo-digits.yaml)")
+        p.add_argument("config", help="YAML config file (e.g. configs/demo-digits.yaml)"
+                       + (" or a sweep file" if name == "sweep" else " or a run folder" if name == "report" else ""))
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
         p.add_argument("--force", action="store_true", help="overwrite existing stage output folders")
         if name in ("pretrain", "finetune", "run"):
@@ -82,12 +92,26 @@ def main(argv: list[str] | None = None) -> int:
         if name in ("evaluate", "run"):
             p.add_argument("--pool", action="store_true",
                            help="draw IPC images per class at random (seeded) from a larger set (evaluate.pool=true)")
+        if name == "sweep":
+            p.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
+                           help="sweep KEY over these values, the other keys at the config's (repeatable)")
+            p.add_argument("--seeds", metavar="S1,S2", help="the run seeds of every point (default: the file's, or 0)")
         if name == "evaluate":
             p.add_argument("--distilled", metavar="DIR",
                            help="score this folder of class subfolders instead of <run>/samples")
     parser.set_defaults(distilled=None, resume=False)
     args = parser.parse_args(argv)
     try:
+        if args.stage == "sweep":
+            from diffdistill.sweep import load_sweep, parse_seeds, run_sweep
+
+            root = run_sweep(load_sweep(args.config, args.overrides, args.vary, parse_seeds(args.seeds)))
+            say((root / "summary.md").read_text())
+            say(f"sweep: {root / 'sweep.csv'}, {root / 'sweep.png'}")
+            return 0
+        if args.stage == "report" and Path(args.config).is_dir():  # `diffdistill report RUN_DIR`
+            _report_dir(Path(args.config))
+            return 0
         overrides = args.overrides + (["evaluate.pool=true"] if getattr(args, "pool", False) else [])
         cfg = load_config(args.config, overrides)
         actions = _actions()

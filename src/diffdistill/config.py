@@ -83,6 +83,9 @@ class MemoryConfig:
     # several processes (torchrun): "none" = each rank keeps banks of its own batches (the released code);
     # "allgather" = every rank pushes every rank's rows, so all ranks hold the same banks
     sync: Literal["none", "allgather"] = "none"
+    # push into the generated memory only the x̂0 predicted from t <= push_max_t (x̂0 from very noisy inputs
+    # is scaled by 1/sqrt(ᾱ_t) and looks like an outlier, which adaptive pruning keeps); None: all t (paper)
+    push_max_t: int | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,10 @@ class EvalConfig:
     epochs: int | None = None  # None: by IPC (1: 3000, <=10: 2000, <=50: 1500, <=200: 1000, <=500: 500, else 300)
     full: bool = True  # also train on the full real train set (needed for fidelity; expensive at scale)
     full_epochs: int = 50
+    # diversity / precision / recall / density / coverage in the penultimate-layer features of the first
+    # net's full-data classifier (seed 0); needs `full`. k of the k-nearest-neighbour balls:
+    metrics: bool = True
+    knn: int = 5
     batch_size: int = 64
     lr: float = 0.01
     momentum: float = 0.9
@@ -212,6 +219,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "evaluate.cutmix_prob": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "evaluate.cutmix_beta": (lambda v: v > 0, _POSITIVE),
     "evaluate.full_epochs": (lambda v: v > 0, _POSITIVE),
+    "evaluate.knn": (lambda v: v > 0, _POSITIVE),
     "evaluate.batch_size": (lambda v: v > 0, _POSITIVE),
     "evaluate.eval_every": (lambda v: v > 0, _POSITIVE),
     "evaluate.crop_scale": (lambda v: 0 < v[0] <= v[1] <= 1, "two numbers 0 < lo <= hi <= 1"),
@@ -358,7 +366,7 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     """The mapping in `path`; a top-level `base: OTHER.yaml` (relative to `path`) is read first and
     overridden key by key, so a config can say only how it differs from another."""
     if not path.is_file():
@@ -377,12 +385,12 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     parent = (path.parent / base).resolve()
     if parent in seen:
         raise ConfigError(f"config file {path}: 'base' chain loops back to {parent}")
-    return _deep_merge(_read_yaml(parent, (*seen, path.resolve())), raw)
+    return _deep_merge(read_yaml(parent, (*seen, path.resolve())), raw)
 
 
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
     path = Path(path)
-    raw = _read_yaml(path)
+    raw = read_yaml(path)
     try:
         return build_config(raw, overrides)
     except ConfigError as err:

@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffdistill import distributed as dist
 from diffdistill.augment import color_jitter, cutmix, lighting, random_resized_crop
-from diffdistill.checkpoint import StageError, atomic_write_json, check_output_free, staged_dir
+from diffdistill.checkpoint import StageError, atomic_write_bytes, atomic_write_json, check_output_free, staged_dir
 from diffdistill.config import Config, EvalConfig, to_dict
 from diffdistill.data.datasets import (
     ImageFiles,
@@ -38,6 +39,7 @@ from diffdistill.data.datasets import (
     load_val,
     to_uint8,
 )
+from diffdistill.metrics import dd_ranking, per_class_metrics
 from diffdistill.models.classifiers import DEFAULT_NORM, build_classifier
 from diffdistill.runtime import derive_seed, setup, write_run_info
 
@@ -204,6 +206,8 @@ def evaluate_stage(cfg: Config, force: bool = False, distilled: str | None = Non
         key = derive_seed(json.dumps({**common, "job": [net, kind, ipc, s]}, sort_keys=True))
         file = cache / f"{net}_{kind}_ipc{ipc}_seed{s}.json"
         record = json.loads(file.read_text()) if file.is_file() else None
+        if kind == "full" and s == 0 and not file.with_suffix(".safetensors").is_file():
+            record = None  # the feature extractor of the metrics is kept beside this record
         return file, key, record if record is not None and record.get("key") == key else None
 
     # torchrun: jobs are dealt to the ranks round-robin; each writes its records, rank 0 merges them
@@ -213,8 +217,11 @@ def evaluate_stage(cfg: Config, force: bool = False, distilled: str | None = Non
         bar.set_postfix_str(f"{net} {kind} ipc={ipc} seed={s}")
         file, key, record = job_record(net, kind, ipc, s)
         if record is None:
-            record = _run_job(cfg, net, kind, ipc, s, train, syn, prep, (x_val, y_val), syn_xy, norm)
+            record, model = _run_job(cfg, net, kind, ipc, s, train, syn, prep, (x_val, y_val), syn_xy, norm)
             record["key"] = key
+            if kind == "full" and s == 0:  # weights first: a record implies its weights exist
+                atomic_write_bytes(file.with_suffix(".safetensors"), save(
+                    {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
             atomic_write_json(file, record)
     dist.barrier()
     if not dist.is_main():
@@ -234,6 +241,9 @@ def evaluate_stage(cfg: Config, force: bool = False, distilled: str | None = Non
             e["random_real"]["indices"] = [r["indices"] for r in kinds["random_real"][ipc]]
             if ecfg.pool:
                 e["distilled"]["indices"] = [r["indices"] for r in kinds["distilled"][ipc]]
+            e["dd_ranking"] = dd_ranking([r["final"] for r in kinds["distilled"][ipc]],
+                                         [r["final"] for r in kinds["random_real"][ipc]],
+                                         [r["final"] for r in kinds["full"][None]] if "full" in kinds else None)
             entry["ipc"][str(ipc)] = e
         if "full" in kinds:
             runs = kinds["full"][None]
@@ -259,6 +269,8 @@ def evaluate_stage(cfg: Config, force: bool = False, distilled: str | None = Non
     report["seconds"] = round(time.perf_counter() - t0, 1)
     report["config"] = to_dict(cfg)
     report["world_size"] = dist.world_size()
+    if ecfg.full and ecfg.metrics:
+        report["metrics"] = feature_metrics(cfg, names, train, syn, prep, norm, records, cache, ipcs)
     with staged_dir(final, force) as out:
         atomic_write_json(out / "results.json", report)
         write_run_info(out, cfg, "evaluate", {"data": report["data"]})
@@ -267,7 +279,7 @@ def evaluate_stage(cfg: Config, force: bool = False, distilled: str | None = Non
 
 def _run_job(cfg: Config, net: str, kind: str, ipc: int | None, s: int, train: ImageSet | ImageFiles, syn: ImageSet,
              prep, val: tuple[Tensor, Tensor], syn_xy: tuple[Tensor, Tensor] | None,
-             norm: tuple[Tensor, Tensor]) -> dict:
+             norm: tuple[Tensor, Tensor]) -> tuple[dict, torch.nn.Module]:
     """Train one classifier; the record holds what the report needs (and which images were used)."""
     ecfg = cfg.evaluate
     seed = derive_seed(cfg.seed, "evaluate", net, kind, ipc, s)
@@ -289,4 +301,41 @@ def _run_job(cfg: Config, net: str, kind: str, ipc: int | None, s: int, train: I
     record.update(final=res.final, best=res.best, best_epoch=res.best_epoch, curve=res.curve, epochs=epochs)
     if kind == "full":
         record["fidelity"] = accuracy(res.model, *syn_xy, norm)
-    return record
+    return record, res.model
+
+
+@torch.no_grad()
+def features(model: torch.nn.Module, x: Tensor, norm: tuple[Tensor, Tensor], batch: int = 512) -> Tensor:
+    """Penultimate-layer features [N, F] of uint8 images x (every classifier has .features / .classifier)."""
+    model.eval()
+    return torch.cat([model.features((to_unit(x[i : i + batch]) - norm[0]) / norm[1]).flatten(1).cpu()
+                      for i in range(0, len(x), batch)])
+
+
+def feature_metrics(cfg: Config, names: list[str], train: ImageSet, syn: ImageSet, prep,
+                    norm: tuple[Tensor, Tensor], records: dict, cache: Path, ipcs: list[int]) -> dict:
+    """Diversity and coverage of the distilled set and of the random-real subset (seed 0) at each IPC,
+    against the real train set, in the features of the first net's full-data classifier (seed 0)."""
+    ecfg, net = cfg.evaluate, cfg.evaluate.nets[0]
+    x_train, y_train = prep(train)
+    model = build_classifier(net, x_train.shape[1], len(names), x_train.shape[-1], ecfg.width, ecfg.norm)
+    model.load_state_dict(load_file(str(cache / f"{net}_full_ipcNone_seed0.safetensors")))
+    model.to(x_train.device)
+    real, real_y = features(model, x_train, norm), y_train.cpu()
+    x_syn, _ = prep(syn)
+    fake_all = features(model, x_syn, norm)
+    real_div = per_class_metrics(real, real_y, real, real_y, names, ecfg.knn)["overall"]["diversity"]
+    out: dict = {
+        "feature_space": f"penultimate layer of the {net} trained on the full real train set (seed 0)",
+        "k": ecfg.knn, "reference": f"the real train set ({len(train)} images)", "real_train_diversity": real_div,
+        "ipc": {},
+    }
+    for ipc in ipcs:
+        drawn = records[net]["distilled"][ipc][0].get("indices")  # --pool: seed 0's draw
+        d_idx = torch.tensor(drawn) if drawn is not None else per_class_indices(syn.labels, names, ipc, None, "")
+        r_idx = torch.tensor(records[net]["random_real"][ipc][0]["indices"])
+        out["ipc"][str(ipc)] = {
+            "distilled": per_class_metrics(real, real_y, fake_all[d_idx], syn.labels[d_idx], names, ecfg.knn),
+            "random_real": per_class_metrics(real, real_y, real[r_idx], real_y[r_idx], names, ecfg.knn),
+        }
+    return out

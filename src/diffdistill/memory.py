@@ -150,6 +150,8 @@ class MemoryBank:
         labels = labels.to(self.rows.device)
         if self.sync is not None:
             rows, labels = self.sync(rows), self.sync(labels)  # every process's rows, in process order
+        if labels.numel() == 0:
+            return
         classes, inv, rank = group_by_class(labels)  # [K], [B], [B]
         k, n = len(classes), self.counts[classes.cpu()].to(labels.device)  # n: rows held now, [K]
         total = n + torch.bincount(inv, minlength=k)  # [K] after the new rows arrive

@@ -478,7 +478,11 @@ class TrainLoop:
         if banks:
             tm = time.perf_counter()
             banks["real"].push(z0.flatten(1), y_dev)
-            banks["gen"].push(x0_hat.detach(), y_dev)
+            if mem.push_max_t is None:
+                banks["gen"].push(x0_hat.detach(), y_dev)
+            else:
+                keep = t <= mem.push_max_t
+                banks["gen"].push(x0_hat.detach()[keep], y_dev[keep])
             self.mem_seconds += time.perf_counter() - tm
         return parts
 

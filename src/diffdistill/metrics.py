@@ -1,0 +1,89 @@
+"""How diverse and how representative a sample set is, measured against real data in a feature space.
+Pure functions of feature tensors [N, F] (no I/O).
+
+- diversity: mean pairwise cosine distance 1 − cos(f_i, f_j) over pairs i < j inside a set.
+- precision / recall (Kynkäänniemi et al. 2019): each real point's ball reaches its k-th nearest real
+  neighbour; precision = share of fake points inside some real ball. Recall swaps the roles (balls of
+  the fake points, share of real points inside one).
+- density / coverage (Naeem et al. 2020): density = Σ_fake #(real balls containing it) / (k · #fake),
+  ~1 when fake matches real, can exceed 1; coverage = share of real balls that contain a fake point.
+- mean distance (representativeness): ‖mean(fake) − mean(real)‖₂.
+- DD-Ranking scores (accuracies as fractions): IOR = acc_distilled − acc_random_real,
+  HLR = acc_full − acc_distilled, LRS = (e^(λ·IOR − (1−λ)·HLR) − e^−1) / (e − e^−1), λ = 0.5.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def diversity(x: Tensor) -> float | None:
+    """Mean pairwise cosine distance of the rows of x [N, F]; None for fewer than two rows."""
+    n = x.shape[0]
+    if n < 2:
+        return None
+    unit = x.double() / x.double().norm(dim=1, keepdim=True).clamp_min(1e-12)
+    sim = unit @ unit.T
+    return float((n * (n - 1) - (sim.sum() - sim.diagonal().sum())) / (n * (n - 1)))
+
+
+def knn_radii(x: Tensor, k: int) -> Tensor:
+    """[N] distance from each row to its k-th nearest other row."""
+    d = torch.cdist(x.double(), x.double())
+    return d.kthvalue(k + 1, dim=1).values  # the 1st smallest is the point itself (distance 0)
+
+
+def precision_recall(real: Tensor, fake: Tensor, k: int) -> tuple[float | None, float | None]:
+    """Improved precision and recall; None where a set has no k-th neighbour (fewer than k + 1 rows)."""
+    d = torch.cdist(fake.double(), real.double())  # [M, N]
+    precision = float((d <= knn_radii(real, k)[None]).any(1).double().mean()) if len(real) > k else None
+    recall = float((d <= knn_radii(fake, k)[:, None]).any(0).double().mean()) if len(fake) > k else None
+    return precision, recall
+
+
+def density_coverage(real: Tensor, fake: Tensor, k: int) -> tuple[float | None, float | None]:
+    if len(real) <= k:
+        return None, None
+    inside = torch.cdist(fake.double(), real.double()) <= knn_radii(real, k)[None]  # [M, N]
+    return float(inside.sum() / (k * len(fake))), float(inside.any(0).double().mean())
+
+
+def mean_distance(real: Tensor, fake: Tensor) -> float:
+    return float((fake.double().mean(0) - real.double().mean(0)).norm())
+
+
+def set_metrics(real: Tensor, fake: Tensor, k: int) -> dict[str, float | None]:
+    precision, recall = precision_recall(real, fake, k)
+    density, coverage = density_coverage(real, fake, k)
+    return {"diversity": diversity(fake), "precision": precision, "recall": recall, "density": density,
+            "coverage": coverage, "mean_distance": mean_distance(real, fake)}
+
+
+def per_class_metrics(real: Tensor, real_labels: Tensor, fake: Tensor, fake_labels: Tensor, classes: list[str],
+                      k: int) -> dict:
+    """`set_metrics` inside each class, and their mean over classes ("overall"; None values skipped)."""
+    per_class = {name: set_metrics(real[real_labels == c], fake[fake_labels == c], k) for c, name in enumerate(classes)}
+    keys = next(iter(per_class.values())).keys()
+    overall = {}
+    for key in keys:
+        vals = [m[key] for m in per_class.values() if m[key] is not None]
+        overall[key] = sum(vals) / len(vals) if vals else None
+    return {"overall": overall, "per_class": per_class}
+
+
+def dd_ranking(distilled: list[float], random_real: list[float], full: list[float] | None,
+               weight: float = 0.5) -> dict:
+    """IOR, HLR and LRS per seed (accuracies in %, paired by seed index) and their means, in %."""
+    out: dict = {"ior": [round(d - r, 2) for d, r in zip(distilled, random_real)]}
+    if full:
+        out["hlr"] = [round(f - d, 2) for f, d in zip(full, distilled)]
+        alphas = [weight * i / 100 - (1 - weight) * h / 100 for i, h in zip(out["ior"], out["hlr"])]
+        out["lrs"] = [round(100 * (math.exp(a) - math.exp(-1)) / (math.e - math.exp(-1)), 2) for a in alphas]
+    for key in list(out):
+        vals = out[key]
+        out[f"{key}_mean"] = round(sum(vals) / len(vals), 2)
+    out["weight"] = weight
+    return out

@@ -1,0 +1,67 @@
+import math
+
+import pytest
+import torch
+
+from diffdistill.metrics import (
+    dd_ranking,
+    density_coverage,
+    diversity,
+    knn_radii,
+    mean_distance,
+    per_class_metrics,
+    precision_recall,
+)
+
+
+def t(rows):
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def test_diversity_is_the_mean_pairwise_cosine_distance():
+    # pairs: (a, b) cos 0 -> 1; (a, c) cos -1 -> 2; (b, c) cos 0 -> 1
+    assert diversity(t([[1, 0], [0, 1], [-1, 0]])) == pytest.approx(4 / 3)
+    assert diversity(t([[2, 0], [5, 0]])) == pytest.approx(0.0)  # same direction, any length
+    assert diversity(t([[1, 0]])) is None
+
+
+def test_knn_precision_recall_density_coverage_on_points_with_known_answers():
+    real = t([[0], [1], [2], [3]])  # k = 1: every real ball has radius 1
+    fake = t([[0.5], [10]])
+    assert knn_radii(real, 1).tolist() == [1, 1, 1, 1]
+    precision, recall = precision_recall(real, fake, 1)
+    assert precision == 0.5  # 0.5 is inside the balls of 0 and 1; 10 is in none
+    assert recall == 1.0  # the fake balls have radius 9.5: they reach every real point
+    density, coverage = density_coverage(real, fake, 1)
+    assert density == pytest.approx(2 / (1 * 2))  # 0.5 sits in two real balls, 10 in none
+    assert coverage == 0.5  # the balls of 0 and 1 contain a fake point
+    assert precision_recall(real, t([[0.5]]), 1) == (1.0, None)  # one fake point: no fake ball
+
+
+def test_identical_sets_score_perfectly_and_mean_distance():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    assert precision_recall(x, x, 3) == (1.0, 1.0)
+    density, coverage = density_coverage(x, x, 3)
+    assert coverage == 1.0 and density >= 1.0
+    assert mean_distance(t([[0, 0], [2, 0]]), t([[1, 1]])) == pytest.approx(1.0)
+
+
+def test_per_class_metrics_and_overall_mean():
+    real, real_y = t([[0, 1], [0, 2], [0, 3], [5, 0], [6, 0], [7, 0]]), torch.tensor([0, 0, 0, 1, 1, 1])
+    fake, fake_y = t([[0, 2.5], [6.2, 0], [0, 100]]), torch.tensor([0, 1, 0])
+    m = per_class_metrics(real, real_y, fake, fake_y, ["a", "b"], 1)
+    assert m["per_class"]["a"]["precision"] == 0.5 and m["per_class"]["b"]["precision"] == 1.0
+    assert m["overall"]["precision"] == 0.75
+    assert m["per_class"]["b"]["diversity"] is None and m["overall"]["diversity"] == 0.0  # one class only
+
+
+def test_dd_ranking_scores():
+    out = dd_ranking([60.0, 62.0], [50.0, 50.0], [90.0, 90.0])
+    assert out["ior"] == [10.0, 12.0] and out["hlr"] == [30.0, 28.0]
+    alpha = 0.5 * 0.10 - 0.5 * 0.30
+    assert out["lrs"][0] == round(100 * (math.exp(alpha) - math.exp(-1)) / (math.e - math.exp(-1)), 2)
+    assert out["ior_mean"] == 11.0
+    perfect = dd_ranking([100.0], [0.0], [100.0])  # IOR 1, HLR 0 -> alpha 0.5
+    assert perfect["lrs"][0] == round(100 * (math.exp(0.5) - math.exp(-1)) / (math.e - math.exp(-1)), 2)
+    assert "lrs" not in dd_ranking([60.0], [50.0], None)
