@@ -61,6 +61,31 @@ def test_run_writes_results_report_grid_and_manifest(digits_run):
 
 
 @pytest.mark.slow
+def test_report_of_a_run_folder_has_pictures_metrics_and_dd_ranking(digits_run, capsys):
+    assert run("report", str(digits_run)) == 0  # `diffdistill report RUN_DIR`
+    assert "report.md" in capsys.readouterr().out
+    res = json.loads((digits_run / "results.json").read_text())
+    m = res["metrics"]
+    assert m["k"] == 5 and "penultimate layer" in m["feature_space"]
+    for kind in ("distilled", "random_real"):
+        overall = m["ipc"]["3"][kind]["overall"]
+        assert 0 <= overall["precision"] <= 1 and 0 <= overall["coverage"] <= 1 and overall["diversity"] >= 0
+        assert set(m["ipc"]["3"][kind]["per_class"]) == {str(d) for d in range(10)}
+    assert m["ipc"]["1"]["distilled"]["overall"]["diversity"] is None  # one image per class: no pairs
+    dd = res["ipc"]["3"]["dd_ranking"]
+    assert dd["ior"] == pytest.approx([a - b for a, b in zip(res["ipc"]["3"]["distilled"]["runs"],
+                                                            res["ipc"]["3"]["random_real"]["runs"])], abs=0.011)
+    assert 0 <= dd["lrs_mean"] <= 100
+    report = (digits_run / "report.md").read_text()
+    for text in ("## Diversity and coverage", "## DD-Ranking scores", "classes.png", "memory.png", "losses.png",
+                 "Fidelity beside it", "| random real | 3 |"):
+        assert text in report, text
+    for png in ("classes.png", "memory.png", "losses.png", "samples.png"):
+        with Image.open(digits_run / png) as img:
+            img.verify()
+
+
+@pytest.mark.slow
 def test_existing_output_needs_force(digits_run, capsys):
     out = str(digits_run.parent)
     assert run("sample", "configs/demo-digits.yaml", f"out_dir={out}", *TINY) == 2

@@ -16,6 +16,30 @@ GRID_COLUMNS = 10
 MAX_CLASS_ROWS = 20  # rows of the real-vs-distilled picture
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (imported on first use: it is slow to import)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figure_png(fig) -> bytes:
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    pyplot().close(fig)
+    return buf.getvalue()
+
+
+def image_png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def _fmt(r: dict | None) -> str:
     return "—" if not r else f"{r['mean']:.1f} ± {r['std']:.1f}"
 
@@ -68,9 +92,7 @@ def sample_grid(samples: Path, classes: list[str], size: int, columns: int = GRI
     scale = scale or max(1, 256 // rows[0].shape[0])  # small images are enlarged for viewing
     if scale > 1:
         grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
-    buf = io.BytesIO()
-    grid.save(buf, format="PNG")
-    return buf.getvalue()
+    return image_png(grid)
 
 
 def _cells(images: list[np.ndarray], count: int, size: int) -> np.ndarray:
@@ -92,9 +114,7 @@ def real_vs_distilled(real: dict[str, list[np.ndarray]], distilled: dict[str, li
     scale = max(1, 96 // size)
     if scale > 1:
         grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
-    buf = io.BytesIO()
-    grid.save(buf, format="PNG")
-    return buf.getvalue()
+    return image_png(grid)
 
 
 def _first_images(folder: Path, count: int) -> list[np.ndarray]:
@@ -118,7 +138,12 @@ def _real_examples(data_cfg: dict, classes: list[str], count: int) -> dict[str, 
         return {c: [im.permute(1, 2, 0).numpy().squeeze(-1) if im.shape[0] == 1 else im.permute(1, 2, 0).numpy()
                     for im in train.images[idx]] for c, idx in pick.items() if c in classes}
     files, labels = list_images(cfg.train, classes)
-    keep = [i for i in range(len(files)) if labels[:i].count(labels[i]) < count]
+    seen: dict[int, int] = {}
+    keep = []
+    for i, y in enumerate(labels):  # the first `count` files of each class
+        if seen.get(y, 0) < count:
+            keep.append(i)
+            seen[y] = seen.get(y, 0) + 1
     subset = read_images([files[i] for i in keep], [labels[i] for i in keep], classes, cfg.image_size, None, cfg.train)
     out: dict[str, list[np.ndarray]] = {c: [] for c in classes}
     for im, y in zip(subset.images, subset.labels.tolist()):
@@ -134,11 +159,7 @@ def memory_plot(run_dir: Path) -> bytes | None:
     rows = [r for r in rows if "real_bank_similarity" in r]
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.2))
     steps = [r["step"] for r in rows]
     ax.plot(steps, [r["real_bank_similarity"] for r in rows], label="real memory")
@@ -147,11 +168,7 @@ def memory_plot(run_dir: Path) -> bytes | None:
     ax.set_ylabel("mean pairwise cosine similarity")
     ax.set_title("redundancy inside the memories (lower = more diverse)")
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def _num(v: float | None, digits: int = 3) -> str:
@@ -192,11 +209,7 @@ def loss_plot(run_dir: Path) -> bytes | None:
     logs = {s: [json.loads(line) for line in p.read_text().splitlines()] for s, p in logs.items() if p.is_file()}
     if not logs:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     keys = [k for k in ("diffusion", "representativeness", "diversity") if any(k in r[0] for r in logs.values() if r)]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys):
@@ -209,11 +222,7 @@ def loss_plot(run_dir: Path) -> bytes | None:
         if key == "diffusion":
             ax.set_yscale("log")  # the early drop would hide the fine-tuning curve
         ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def write_report(run_dir: Path) -> str:

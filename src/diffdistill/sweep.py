@@ -221,11 +221,9 @@ def summary_table(summary: list[dict], seeds: int) -> str:
 def fig4_plot(summary: list[dict], x_label: str, default_x: float | None) -> bytes:
     """One panel per (net, IPC): for each group a mean line over x with a min–max band; points without
     an x (or a group of one x) are horizontal reference lines; the default x is a dashed vertical line."""
-    import matplotlib
+    from diffdistill.report import figure_png, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = sorted({(e["net"], e["ipc"]) for e in summary})
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (net, ipc) in zip(axes[0], panels):
@@ -255,11 +253,7 @@ def fig4_plot(summary: list[dict], x_label: str, default_x: float | None) -> byt
         ax.set_ylabel("distilled accuracy (%)")
         ax.set_title(f"{net}, IPC {ipc}")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def parse_seeds(text: str | None) -> list[int] | None:
