@@ -141,7 +141,7 @@ def test_three_nets_full_recipe_and_resume(tmp_path, monkeypatch):
     assert set(res["by_net"]) == {"convnet3", "resnetap10", "resnet18"}
     assert res["by_net"]["resnet18"]["norm"] == "batch" and res["norm"] == "instance"
     report = (tmp_path / "demo-digits" / "report.md").read_text()
-    assert "resnet18 (batch norm)" in report and report.count("| IPC |") == 3
+    assert "resnet18 (batch norm)" in report and report.count("| IPC | distilled |") == 3
     assert res["protocol"]["epochs"] == {"2": 2}
     assert res["data"]["ipc_handling"].startswith("IPC per class drawn at random")
     assert len(res["ipc"]["2"]["distilled"]["indices"]) == 2

@@ -391,6 +391,8 @@ def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
     path = Path(path)
     raw = read_yaml(path)
+    if "points" in raw:
+        raise ConfigError(f"{path} is a sweep file: run it with `diffdistill sweep {path}`")
     try:
         return build_config(raw, overrides)
     except ConfigError as err:
