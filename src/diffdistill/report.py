@@ -166,7 +166,7 @@ def memory_plot(run_dir: Path) -> bytes | None:
     ax.plot(steps, [r["gen_bank_similarity"] for r in rows], label="generated memory")
     ax.set_xlabel("fine-tuning step")
     ax.set_ylabel("mean pairwise cosine similarity")
-    ax.set_title("redundancy inside the memories (lower = more diverse)")
+    ax.set_title("redundancy inside the memories\n(lower = more diverse)", fontsize=10)
     ax.legend()
     return figure_png(fig)
 
