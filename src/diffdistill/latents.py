@@ -19,21 +19,19 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffdistill.autoencoders import build_autoencoder
-from diffdistill.checkpoint import StageError, atomic_write_json, atomic_write_text
+from diffdistill.checkpoint import StageError, atomic_write_bytes, atomic_write_json, atomic_write_text
 from diffdistill.config import Config
-from diffdistill.data.datasets import BUILTINS, ImageSet, data_classes, list_images, read_images
+from diffdistill.data.datasets import BUILTINS, ImageSet, data_classes, file_listing, list_images, read_images
 from diffdistill.runtime import setup, write_run_info
 
 CACHE_VERSION = 1
@@ -49,20 +47,21 @@ def _builtin_train(cfg: Config) -> ImageSet:
     return BUILTINS[cfg.data.builtin](cfg.data)[0]
 
 
-def cache_key(cfg: Config) -> str:
-    """Hash of everything that determines the cache's contents (lists the image files, reads none)."""
+def cache_key(cfg: Config, listing: tuple[list[Path], list[int]] | None = None) -> str:
+    """Hash of everything that determines the cache's contents (lists the image files, reads none).
+    `listing`: the train folder's (files, labels) if the caller has listed it already."""
     a, d = cfg.autoencoder, cfg.data
+    classes = data_classes(d)
     if d.train is None:
         images: object = {"builtin": d.builtin, "sha256": _builtin_train(cfg).sha256()}
     else:
-        files, labels = list_images(d.train, data_classes(d))
-        root = Path(d.train)
-        images = [[str(f.relative_to(root)), f.stat().st_size, y] for f, y in zip(files, labels)]
+        files, labels = listing or list_images(d.train, classes)
+        images = [list(row) for row in file_listing(files, labels, d.train)]
     spec = {
         "version": CACHE_VERSION,
         "autoencoder": {"kind": a.kind, "pretrained": a.pretrained, "subfolder": a.subfolder,
                         "revision": a.revision, "unshuffle": a.unshuffle},
-        "classes": data_classes(d), "images": images, "image_size": d.image_size, "channels": d.channels,
+        "classes": classes, "images": images, "image_size": d.image_size, "channels": d.channels,
         "hflip": d.hflip, "dtype": cfg.prepare.dtype, "shard_size": cfg.prepare.shard_size,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
@@ -72,23 +71,14 @@ def cache_dir(cfg: Config) -> Path:
     return cache_root(cfg) / cache_key(cfg)
 
 
-def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def prepare_stage(cfg: Config, force: bool = False) -> Path:
     """Encode the train images into the cache folder for this config; returns that folder."""
     device = setup(cfg)
     d, p = cfg.data, cfg.prepare
+    classes = data_classes(d)
+    listing = list_images(d.train, classes) if d.train is not None else None
     try:
-        folder = cache_dir(cfg)
+        folder = cache_root(cfg) / cache_key(cfg, listing)
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise StageError(f"prepare.dir: cannot write the latent cache under {cache_root(cfg)}: "
@@ -101,13 +91,12 @@ def prepare_stage(cfg: Config, force: bool = False) -> Path:
         for old in folder.glob("shard-*.safetensors"):
             old.unlink()
     ae = build_autoencoder(cfg.autoencoder).to(device)
-    classes = data_classes(d)
-    if d.train is None:
+    if listing is None:
         memory: ImageSet | None = _builtin_train(cfg)
         files, labels, channels = None, memory.labels.tolist(), memory.channels
     else:
         memory = None
-        files, labels = list_images(d.train, classes)
+        files, labels = listing
         # the KL autoencoder fixes the channels; the identity map needs to see every image to decide
         channels = d.channels or ae.in_channels
         if channels is None:
@@ -126,7 +115,7 @@ def prepare_stage(cfg: Config, force: bool = False) -> Path:
                 files[lo:hi], labels[lo:hi], classes, d.image_size, channels, d.train)
             pixels = hashlib.sha256(chunk.images.numpy().tobytes()).hexdigest()
             tensors = _encode_chunk(ae, chunk, p.batch_size, d.hflip, dtype, device)
-            _atomic_save(tensors, path, {"images_sha256": pixels})
+            atomic_write_bytes(path, save(tensors, {"images_sha256": pixels}))
         with safe_open(str(path), framework="pt") as handle:
             data_hash.update(handle.metadata()["images_sha256"].encode())
         bar.update(hi - lo)

@@ -77,15 +77,8 @@ def fidelity_line(fid: dict) -> str:
 
 def sample_grid(samples: Path, classes: list[str], size: int, columns: int = GRID_COLUMNS, scale: int = 0) -> bytes:
     """PNG bytes: one row per class, the first `columns` images of each, as `size` px cells."""
-    rows = []
-    for c in classes:
-        files = sorted(f for f in (samples / c).iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)[:columns]
-        if not files:
-            continue
-        imgs = [np.asarray(resize_center_crop(Image.open(f).convert("RGB"), size)) for f in files]
-        blank = np.full_like(imgs[0], 255)
-        imgs += [blank] * (columns - len(imgs))
-        rows.append(np.concatenate([np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=255) for im in imgs], 1))
+    rows = [_cells(images, columns, size) for images in (_first_images(samples / c, columns) for c in classes)
+            if images]
     if not rows:
         raise StageError(f"no sample images under {samples}")
     grid = Image.fromarray(np.concatenate(rows, 0))

@@ -7,8 +7,8 @@ size, and the first k images of a class are exactly what a run with IPC = k woul
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from diffdistill import distributed as dist
 from diffdistill.autoencoders import build_decoder
-from diffdistill.checkpoint import StageError, atomic_write_json, check_output_free, replace_dir
+from diffdistill.checkpoint import StageError, atomic_write_bytes, atomic_write_json, check_output_free, replace_dir
 from diffdistill.config import Config, SampleConfig, to_dict
 from diffdistill.data.classes import condition_ids
 from diffdistill.data.datasets import data_classes, to_uint8
@@ -171,6 +171,6 @@ def _open_work_dir(work: Path, spec: dict, classes: list[str]) -> None:
 
 def _save_png(arr, path: Path) -> None:
     """A PNG written to a temp name and renamed: an interruption never leaves a truncated image."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from diffdistill.checkpoint import (
     atomic_write_json,
     atomic_write_text,
     check_output_free,
+    replace_dir,
     staged_dir,
 )
 from diffdistill.config import Config, TrainConfig, to_dict
@@ -336,8 +336,7 @@ class TrainLoop:
         if dist.is_main():
             atomic_write_json(tmp / "state.json", {"step": self.step, "world_size": dist.world_size(),
                                                    "config": _resume_spec(self.cfg, self.stage)})
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            replace_dir(tmp, final)
             for old in _valid_checkpoints(root)[self.tcfg.keep_checkpoints :]:
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier()

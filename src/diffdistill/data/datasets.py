@@ -76,8 +76,8 @@ class ImageFiles:
     def sha256(self) -> str:
         """Hash of the listing (relative paths, byte sizes, labels), not of the pixels."""
         h = hashlib.sha256()
-        for f, y in zip(self.files, self.labels.tolist()):
-            h.update(f"{f.relative_to(self.root)}\t{f.stat().st_size}\t{y}\n".encode())
+        for rel, size, y in file_listing(self.files, self.labels.tolist(), self.root):
+            h.update(f"{rel}\t{size}\t{y}\n".encode())
         h.update("\n".join(self.classes).encode())
         return "listing:" + h.hexdigest()
 
@@ -119,6 +119,12 @@ def list_class_folders(root: Path, key: str) -> list[str]:
     if not names:
         raise StageError(f"{key}: folder {root} has no class subfolders (expected ROOT/CLASS/IMAGE files)")
     return names
+
+
+def file_listing(files: list[Path], labels: list[int], root: str | Path) -> list[tuple[str, int, int]]:
+    """(path relative to root, byte size, label) of each file: identifies a folder's contents without reading
+    them (moving the folder keeps it; editing a file changes it in practice)."""
+    return [(str(f.relative_to(root)), f.stat().st_size, y) for f, y in zip(files, labels)]
 
 
 def list_images(root: str | Path, classes: list[str], key: str = "data.train") -> tuple[list[Path], list[int]]:
@@ -188,7 +194,7 @@ def load_flat_folder(root: str | Path, labels_file: str | Path, classes: list[st
     missing = [c for c in classes if c not in found]
     if missing:
         raise StageError(f"data.val: no image of class {', '.join(missing[:5])} in {root} per {labels_file}")
-    return _stack(_read_images(files, image_size, root), labels, classes, files, channels)
+    return read_images(files, labels, classes, image_size, channels, root)
 
 
 def _read_images(files: list[Path], size: int, root: Path) -> list[tuple[np.ndarray, bool]]:
