@@ -29,8 +29,7 @@ def _fixture(root: Path) -> list[str]:
     from diffusers import AutoencoderKL
 
     from diffdistill.data.classes import PRESETS
-    from diffdistill.models.dit import build_dit
-    from diffdistill.train import save_model_folder
+    from diffdistill.models.dit import build_dit, save_dit
 
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=WIDTH["vae"], down_block_types=("DownEncoderBlock2D",) * 4,
@@ -38,7 +37,7 @@ def _fixture(root: Path) -> list[str]:
                         sample_size=256, scaling_factor=0.18215)
     vae.save_pretrained(root / "hub" / "vae")
     dit = build_dit(WIDTH["dit"], 4, 32, 1000, learn_sigma=True)
-    save_model_folder(root / "hub" / "transformer", dit, dit.state_dict())
+    save_dit(root / "hub" / "transformer", dit, dit.state_dict())
     rng = np.random.default_rng(0)
     for wnid in PRESETS["imagewoof"]():
         (root / "train" / wnid).mkdir(parents=True)

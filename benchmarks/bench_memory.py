@@ -13,7 +13,7 @@ import time
 import torch
 
 from diffdistill.config import build_config
-from diffdistill.memory import select_adaptive, select_adaptive_naive
+from diffdistill.memory import select_adaptive, similarity_matrix
 from diffdistill.runtime import package_versions
 from diffdistill.train import train_stage
 
@@ -25,6 +25,15 @@ def best_of(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def select_adaptive_naive(bank: torch.Tensor, size: int) -> torch.Tensor:
+    """The baseline: recompute the similarity matrix after every removal."""
+    keep = torch.arange(bank.shape[0])
+    while keep.numel() > size:
+        i = int(similarity_matrix(bank[keep]).sum(dim=1).argmax())
+        keep = torch.cat([keep[:i], keep[i + 1 :]])
+    return keep
 
 
 def prune(rows: int = 72, keep: int = 64, dim: int = 4096, trials: int = 20) -> dict:

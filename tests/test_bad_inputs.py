@@ -3,7 +3,13 @@ key and exit code 2, or a logged skip and success — and never leaves a half-wr
 
 import json
 import os
+import select
 import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +17,11 @@ import pytest
 from helpers import make_shapes
 from PIL import Image
 
+import diffdistill.cli
 from diffdistill.cli import main
-from diffdistill.models.dit import build_dit
-from diffdistill.train import save_model_folder
+from diffdistill.config import DataConfig
+from diffdistill.data.datasets import load_data
+from diffdistill.models.dit import build_dit, save_dit
 
 CFG = "configs/demo-digits.yaml"
 FAST = ["finetune.init=null", "finetune.steps=2", "finetune.batch_size=4", "sample.steps=2", "sample.ipc=[2]",
@@ -26,17 +34,49 @@ def folders(root: Path) -> list[str]:
     return [f"data.train={root / 'train'}", f"data.val={root / 'val'}"]
 
 
-def first_image(root: Path) -> Path:
-    return sorted((root / "train" / "circle").iterdir())[0]
-
-
 def tiny_model(path: Path, in_channels: int) -> str:
     model = build_dit("tiny", in_channels, 8, 3)
-    save_model_folder(path, model, model.state_dict())
+    save_dit(path, model, model.state_dict())
     return str(path)
 
 
-# (id, stage, extra overrides, setup(root) -> extra overrides, expected exit code, expected text in stderr)
+def trained_on(root: Path, err: str, count: int, swap: tuple[str, str] | None = None, note: str = "") -> None:
+    """Check of a case that succeeds: finetune trained on `count` train images and, with `swap` (a train file
+    of class circle, a plain 8-bit file beside the folders), on the pixels of the folder with that file replaced
+    by the plain one; so an image dropped or decoded wrongly fails the case."""
+    info = json.loads((root / "demo-digits" / "finetune" / "run_info.json").read_text())
+    assert info["num_train_images"] == count, info["num_train_images"]
+    assert note in err, err[-2000:]
+    if swap:
+        ref = root / "ref"
+        shutil.copytree(root / "train", ref)
+        (ref / "circle" / swap[0]).unlink()
+        shutil.copy(root / swap[1], ref / "circle")
+        expected, _ = load_data(DataConfig(train=str(ref), image_size=16), need_val=False)
+        assert info["data_sha256"] == expected.sha256()  # hashes the pixels, labels and classes
+
+
+def _cmyk(r: Path) -> list[str]:
+    """A CMYK JPEG with varied pixels, and (as ref_c.png) PIL's own RGB conversion of that file."""
+    out = folders(r)
+    arr = np.random.default_rng(2).integers(0, 256, (24, 24, 4), dtype=np.uint8)
+    Image.fromarray(arr, "CMYK").save(r / "train" / "circle" / "c.jpg")
+    with Image.open(r / "train" / "circle" / "c.jpg") as img:
+        img.convert("RGB").save(r / "ref_c.png")
+    return out
+
+
+def _gray16(r: Path) -> list[str]:
+    """A 16-bit PNG of 40000 and (as ref_d.png) the 8-bit 40000 * 255 // 65535 = 155 it must scale to
+    (rounding would give 156, so would / 256)."""
+    out = folders(r)
+    Image.fromarray(np.full((20, 20), 40000, np.uint16)).save(r / "train" / "circle" / "d.png")
+    Image.fromarray(np.full((20, 20), 40000 * 255 // 65535, np.uint8), "L").save(r / "ref_d.png")
+    return out
+
+
+# (id, stage, extra overrides, setup(root) -> extra overrides, expected exit code, expect): for a failure,
+# expect is text of the one error line; for a success, expect(root, stderr) checks what was done.
 CASES = [
     ("missing train folder", "finetune", [], lambda r: [f"data.train={r / 'nope'}", f"data.val={r / 'val'}"], 2,
      "data.train: folder"),
@@ -54,13 +94,10 @@ CASES = [
      lambda r: [*folders(r), (r / "train" / "circle" / "a.png").write_text("hello")][:2], 2, "cannot read image"),
     ("non-image files are skipped", "finetune", [],
      lambda r: [*folders(r), (r / "train" / "circle" / "notes.txt").write_text("x")][:2], 0,
-     "skipped 1 files that are not images"),
-    ("CMYK JPEG is converted", "finetune", [],
-     lambda r: [*folders(r), Image.new("CMYK", (24, 24), (0, 50, 100, 0)).save(r / "train" / "circle" / "c.jpg")][:2],
-     0, ""),
-    ("16-bit PNG is scaled", "finetune", [],
-     lambda r: [*folders(r), Image.fromarray(np.full((20, 20), 40000, np.uint16)).save(
-         r / "train" / "circle" / "d.png")][:2], 0, ""),
+     lambda r, err: trained_on(r, err, 12, note="skipped 1 files that are not images")),
+    ("CMYK JPEG is converted", "finetune", [], _cmyk, 0,
+     lambda r, err: trained_on(r, err, 13, ("c.jpg", "ref_c.png"))),
+    ("16-bit PNG is scaled", "finetune", [], _gray16, 0, lambda r, err: trained_on(r, err, 13, ("d.png", "ref_d.png"))),
     ("duplicate class names", "finetune", ["data.classes=[circle,circle]"], folders, 2, "duplicate class names"),
     ("class not in the folder", "finetune", ["data.classes=[circle,hexagon]"], folders, 2,
      "hexagon not found in"),
@@ -122,7 +159,7 @@ def _fake_samples(root: Path, ipc: int) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(case, tmp_path, capsys):
-    name, stage, overrides, setup, code, text = case
+    name, stage, overrides, setup, code, expect = case
     extra = setup(tmp_path)
     extra = [e for e in (extra or []) if isinstance(e, str)]
     config = CFG if stage else str(tmp_path / "missing.yaml")
@@ -133,7 +170,10 @@ def test_bad_input(case, tmp_path, capsys):
     lines = [line for line in err.splitlines() if line.startswith("diffdistill:")]
     if code:
         assert len(lines) == 1 and lines[0].startswith("diffdistill: error: "), err[-2000:]
-    assert text in err, err[-2000:]
+        assert expect in lines[0], err[-2000:]  # in the error line itself, not in some log above it
+    else:
+        assert not [line for line in lines if line.startswith("diffdistill: error")], err[-2000:]
+        expect(tmp_path, err)
     after = _outputs(tmp_path)
     assert not [p for p in after if p.endswith(".tmp")]  # never a half-written output
     if code:
@@ -146,20 +186,78 @@ def _outputs(root: Path) -> list[str]:
                   and not str(p.relative_to(root)).startswith(("train", "val", "m3", "mc")))
 
 
-def test_read_only_output_folder(tmp_path, capsys):
-    if os.geteuid() == 0:
-        pytest.skip("root writes into read-only folders; 'output folder under a file' covers this path")
-    out = tmp_path / "ro"
-    out.mkdir()
-    out.chmod(0o500)
+def test_read_only_output_folder(capsys):
+    """An output folder the user may not write: exit 2, one error line, nothing made. Root writes anywhere, so
+    as root (as CI runs) the CLI runs in a forked child that has dropped to user nobody."""
+    # not tmp_path (under root's 0700 pytest-of-root): nobody must reach the folder and the config, which is
+    # copied because the repository may lie where nobody cannot read (e.g. /root)
+    base = Path(tempfile.mkdtemp(dir="/tmp"))
+    out = base / "ro"
     try:
-        assert main(["finetune", CFG, f"out_dir={out}", *FAST]) == 2
-        assert "cannot write the output folder" in capsys.readouterr().err
+        base.chmod(0o755)
+        config = base / "demo-digits.yaml"
+        shutil.copyfile(CFG, config)
+        config.chmod(0o644)
+        out.mkdir()
+        out.chmod(0o555)
+        args = ["finetune", str(config), f"out_dir={out}", *FAST, "device=cpu"]
+        if os.geteuid() == 0:
+            code, err = _main_as_nobody(args, base)
+        else:
+            code, err = main(args), capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("diffdistill:")]
+        assert code == 2, err[-2000:]
+        assert len(lines) == 1, err[-2000:]
+        assert lines[0].startswith(f"diffdistill: error: cannot write the output folder {out / 'demo-digits'}: ")
+        assert not list(out.iterdir())
     finally:
-        out.chmod(0o700)
+        if out.exists():
+            out.chmod(0o755)
+        shutil.rmtree(base)
 
 
-def test_case_matrix_covers_every_stage():
-    assert len(CASES) >= 20
-    assert {c[1] for c in CASES} >= {"finetune", "sample", "evaluate", None}
-    assert json.dumps([c[0] for c in CASES])  # ids are plain strings
+def _main_as_nobody(args: list[str], cwd: Path, timeout: float = 60) -> tuple[int, str]:
+    """(exit code, stderr) of `main(args)` in a forked child running as nobody (uid/gid 65534)."""
+    diffdistill.cli._actions()  # import every stage now: the child may not be able to read the package's files
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 99
+        try:
+            os.close(read)
+            sys.stderr = os.fdopen(write, "w")
+            sys.stdout = open(os.devnull, "w")
+            os.chdir(cwd)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            code = main(args)
+        except BaseException:
+            traceback.print_exc()  # e.g. EPERM from setuid: the test fails with this text
+        finally:
+            try:
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+    os.close(write)
+    chunks, status, deadline = [], None, time.monotonic() + timeout
+    try:
+        while (left := deadline - time.monotonic()) > 0 and select.select([read], [], [], left)[0]:
+            chunk = os.read(read, 65536)
+            if not chunk:  # EOF: the child has exited (its stderr closed)
+                break
+            chunks.append(chunk)
+        while status is None and time.monotonic() < deadline:
+            done, st = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status = st
+            else:
+                time.sleep(0.05)
+    finally:
+        os.close(read)
+        if status is None:  # hung: kill and reap it, then fail
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    err = b"".join(chunks).decode(errors="replace")
+    assert status is not None, f"the child did not finish in {timeout} s: {err[-2000:]}"
+    return os.waitstatus_to_exitcode(status), err

@@ -97,19 +97,28 @@ def test_existing_output_needs_force(digits_run, capsys):
 
 
 @pytest.mark.slow
-def test_difffit_finetune_and_sampling_are_reproducible(digits_run, tmp_path):
-    out = str(digits_run.parent)
-    args = ["configs/demo-digits.yaml", f"out_dir={out}", *TINY, "finetune.trainable=difffit",
-            "finetune.memory.policy=fifo"]
-    assert run("finetune", *args, "--force") == 0
-    info = json.loads((digits_run / "finetune" / "run_info.json").read_text())
-    assert info["trainable_parameters"] < 100_000  # biases, class table, γ only
-    cfg = build_config({"out_dir": out, "name": "demo-digits"})
+def test_difffit_finetune_is_reproducible_and_images_do_not_depend_on_their_batch(digits_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from diffdistill.diffusion import cosine_betas
     from diffdistill.models.dit import load_dit
 
-    model = load_dit(str(digits_run / "finetune" / "ema"))
-    from diffdistill.diffusion import cosine_betas
+    out = str(digits_run.parent)
+    args = ["configs/demo-digits.yaml", f"out_dir={out}", *TINY, "finetune.trainable=difffit",
+            "finetune.memory.policy=fifo", f"finetune.init={digits_run / 'pretrain' / 'ema'}"]
+    assert run("finetune", *args, "--force") == 0
+    assert run("finetune", *args, "name=again") == 0  # the same config and seed under another name
+    info = json.loads((digits_run / "finetune" / "run_info.json").read_text())
+    assert info["trainable_parameters"] < 100_000  # biases, class table, γ only
+    for weights in ("raw", "ema"):
+        a, b = (load_file(str(run_dir / "finetune" / weights / "diffusion_pytorch_model.safetensors"))
+                for run_dir in (digits_run, digits_run.parent / "again"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
+    assert (digits_run / "finetune" / "memory.safetensors").read_bytes() == \
+        (digits_run.parent / "again" / "finetune" / "memory.safetensors").read_bytes()
 
+    cfg = build_config({"out_dir": out, "name": "demo-digits"})
+    model = load_dit(str(digits_run / "finetune" / "ema"))
     betas = cosine_betas(1000)
     scfg = cfg.sample.__class__(steps=3, guidance=2.0, scheduler="ddpm", timestep_spacing="leading")
     labels = torch.tensor([0, 1, 2, 3])
@@ -117,6 +126,7 @@ def test_difffit_finetune_and_sampling_are_reproducible(digits_run, tmp_path):
     together = sample_latents(model, scfg, betas, labels, gens(), (4, 8, 8), torch.device("cpu"))
     alone = sample_latents(model, scfg, betas, labels[2:3], gens()[2:3], (4, 8, 8), torch.device("cpu"))
     assert torch.allclose(together[2:3], alone, atol=1e-5)  # an image does not depend on its batch
+    assert not torch.allclose(together[2:3], together[3:4], atol=1e-3)  # (and images do differ)
 
 
 @pytest.mark.slow
@@ -130,11 +140,15 @@ def test_folder_dataset_that_is_not_digits(tmp_path):
     assert res["data"]["classes"] == ["circle", "square", "triangle"]
     img = Image.open(tmp_path / "runs" / "shapes" / "samples" / "circle" / "00000.png")
     assert img.size == (16, 16) and img.mode == "RGB"
-    # scoring a set made elsewhere
+    # scoring a set made elsewhere: the real val images themselves, as a "distilled" set
     rc = run("evaluate", "configs/demo-digits.yaml", f"out_dir={tmp_path / 'runs'}", "name=shapes",
              f"data.train={tmp_path / 'train'}", f"data.val={tmp_path / 'val'}", *TINY, "--force",
              "--distilled", str(tmp_path / "val"))
     assert rc == 0
+    scored = json.loads((tmp_path / "runs" / "shapes" / "evaluate" / "results.json").read_text())
+    assert scored["data"]["distilled_set"] == str(tmp_path / "val")
+    assert scored["data"]["distilled_sha256"] != res["data"]["distilled_sha256"]
+    assert scored["fidelity"]["num_images"] == 12  # the 4 val images of each of the 3 classes
 
 
 @pytest.mark.parametrize("args, message", [

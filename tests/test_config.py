@@ -35,6 +35,12 @@ def test_unknown_key_names_the_key_and_the_valid_ones():
     ("sample.ipc=[]", "expected a non-empty list of positive integers"),
     ("finetune.batch_size=-4", "expected a positive number, got -4"),
     ("data=3", "config 'data': expected a mapping of keys, got 3"),
+    ("finetune.memory.lambda_gen=-0.1", "config key 'finetune.memory.lambda_gen': expected a number >= 0"),
+    ("finetune.grad_clip=0", "config key 'finetune.grad_clip': expected a positive number or null, got 0.0"),
+    ("finetune.warmup_steps=-1", "config key 'finetune.warmup_steps': expected a number >= 0"),
+    ("evaluate.momentum=1", "config key 'evaluate.momentum': expected a number in [0, 1)"),
+    ("diffusion.beta_end=0.00001", "'diffusion.beta_end': expected a number larger than diffusion.beta_start"),
+    ("sample.steps=1001", "config key 'sample.steps': expected at most diffusion.train_steps, got 1001"),
     ("finetune", "expected KEY=VALUE"),
 ])
 def test_bad_values_are_one_line_errors(override, expected):
@@ -109,3 +115,39 @@ def test_exponent_without_a_dot_is_a_float():
     assert (cfg.finetune.lr, cfg.pretrain.lr, cfg.finetune.memory.lambda_gen) == (1e-4, 5e-4, 2e-3)
     with pytest.raises(ConfigError, match="expected float"):
         build_config({}, ["finetune.lr=1e"])
+
+
+def _numeric_keys(cls, prefix=""):
+    """(dotted key, field) of every field whose type involves int or float, through nested configs."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _numeric_keys(tp, f"{prefix}{f.name}.")
+            continue
+
+        def leaves(t):
+            args = typing.get_args(t)
+            return [x for a in args for x in leaves(a)] if args else [t]
+
+        if typing.get_origin(tp) is not typing.Literal and {int, float} & set(leaves(tp)):
+            yield prefix + f.name, f
+
+
+def test_every_numeric_key_has_a_range_check_next_to_it():
+    from diffdistill.config import Config
+
+    keys = dict(_numeric_keys(Config))
+    assert {"diffusion.beta_end", "finetune.warmup_steps", "finetune.grad_clip", "finetune.memory.lambda_real",
+            "evaluate.crop_scale", "seed"} <= set(keys)
+    missing = [k for k, f in keys.items() if "check" not in f.metadata]
+    assert not missing, f"numeric config keys without a range check: {missing}"
+    defaults = Config()  # every default passes its own check
+    for key, f in keys.items():
+        value = defaults
+        for part in key.split("."):
+            value = getattr(value, part)
+        assert f.metadata["check"][0](value), key

@@ -4,10 +4,10 @@ import torch
 from helpers import make_shapes
 from PIL import Image
 
-from diffdistill.checkpoint import StageError
 from diffdistill.config import DataConfig
 from diffdistill.data.classes import PRESETS, condition_ids, imagenet_wnids, resolve_classes
 from diffdistill.data.datasets import data_classes, load_data, load_image_folder
+from diffdistill.errors import StageError
 
 
 def test_presets_keep_the_field_class_order_and_imagenet_ids():
@@ -71,6 +71,33 @@ def test_folder_dataset_grayscale_cmyk_and_16bit(tmp_path):
     red = data.images[2].float().mean((1, 2))
     assert red[0] > 200 and red[1] < 60
     assert load_image_folder(tmp_path / "g", ["a"], 8, 1).channels == 1
+
+
+def test_cmyk_jpeg_decodes_as_pils_rgb_conversion(tmp_path):
+    (tmp_path / "a").mkdir()
+    arr = np.random.default_rng(0).integers(0, 256, (12, 12, 4), dtype=np.uint8)  # varied, not one colour
+    Image.fromarray(arr, "CMYK").save(tmp_path / "a" / "c.jpg")
+    with Image.open(tmp_path / "a" / "c.jpg") as img:
+        assert img.mode == "CMYK"
+        expected = np.asarray(img.convert("RGB"))
+    data = load_image_folder(tmp_path, ["a"], 12, None)  # the file's own size: no resize
+    assert data.channels == 3
+    assert np.array_equal(data.images[0].permute(1, 2, 0).numpy(), expected)
+
+
+@pytest.mark.parametrize("value, expected", [
+    (40000, 155),  # 155.6: scaled by 255 / 65535 and rounded down (/ 256 or rounding give 156)
+    (1000, 3),  # 3.9
+    (65535, 255),
+    (200, 200),  # no value above 255: taken as already 8-bit
+])
+def test_16bit_png_scales_to_8_bits(tmp_path, value, expected):
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.full((10, 10), value, np.uint16)).save(tmp_path / "a" / "d.png")
+    with Image.open(tmp_path / "a" / "d.png") as img:
+        assert img.mode == "I;16"
+    data = load_image_folder(tmp_path, ["a"], 10, 3)
+    assert data.images.unique().tolist() == [expected]
 
 
 @pytest.mark.parametrize("breakage, message", [

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -90,3 +92,60 @@ def test_vb_term_vanishes_for_the_true_noise_and_posterior_variance():
     t0 = torch.zeros(4, dtype=torch.long)  # t = 0: the decoder's negative log-likelihood, in bits
     nll = sched.vb_bits(z0, sched.q_sample(z0, t0, eps), t0, eps, v)
     assert (nll > 0).all()
+
+
+def test_guidance_on_all_channels_or_only_the_first_ones():
+    from diffdistill.sample import guided_eps
+
+    cond, uncond = torch.full((2, 4, 3, 3), 2.0), torch.full((2, 4, 3, 3), 0.5)
+    assert torch.equal(guided_eps(cond, uncond, 4.0, None), torch.full((2, 4, 3, 3), 0.5 + 4.0 * 1.5))
+    # original DiT: guidance on the first 3 latent channels, the 4th keeps the conditional prediction
+    three = guided_eps(cond, uncond, 4.0, 3)
+    assert torch.equal(three[:, :3], torch.full((2, 3, 3, 3), 6.5)) and torch.equal(three[:, 3], cond[:, 3])
+    assert torch.equal(guided_eps(cond, uncond, 1.0, None), cond)  # scale 1: no guidance
+
+
+def _respaced(sched, t: int) -> tuple[float, float]:
+    """(ᾱ_t, ᾱ_prev) of the sampler's own step t -> its previous step (1 after the last)."""
+    steps = sched.timesteps.tolist()
+    prev = steps[steps.index(t) + 1] if steps.index(t) + 1 < len(steps) else -1
+    a = sched.alphas_cumprod
+    return float(a[t]), float(a[prev]) if prev >= 0 else 1.0
+
+
+@pytest.mark.parametrize("variance", ["fixed_large", "fixed_small"])
+def test_ddpm_step_variance_against_the_formula(variance):
+    betas = linear_betas(1000, 1e-4, 0.02)
+    assert make_scheduler("ddpm", betas).config.variance_type == "fixed_large"  # DiT's sampler, the default
+    sched = make_scheduler("ddpm", betas, ddpm_variance=variance)
+    sched.set_timesteps(50)
+    assert sched.timesteps[:3].tolist() == [999, 979, 958]  # DiT's respacing (linspace), as the default
+    x, eps = torch.randn(2, 4, 4, 4, dtype=torch.float64), torch.randn(2, 4, 4, 4, dtype=torch.float64)
+    t = int(sched.timesteps[10])
+    a_t, a_prev = _respaced(sched, t)
+    beta = 1 - a_t / a_prev  # β of the respaced schedule
+    x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
+    mean = (a_prev ** 0.5 * beta / (1 - a_t)) * x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a_t)) * x
+    var = beta if variance == "fixed_large" else beta * (1 - a_prev) / (1 - a_t)
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    out = sched.step(eps, t, x, generator=torch.Generator().manual_seed(3)).prev_sample
+    assert torch.allclose(out, mean + var ** 0.5 * z, atol=1e-6)
+
+
+def test_learned_sigma_ddpm_step_against_the_formula():
+    betas = linear_betas(1000, 1e-4, 0.02)
+    sched = make_scheduler("ddpm", betas, learned_sigma=True)
+    sched.set_timesteps(50)
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
+    v = torch.rand(2, 4, 4, 4, generator=g) * 2 - 1  # the model's variance channels, in [-1, 1]
+    t = int(sched.timesteps[20])
+    a_t, a_prev = _respaced(sched, t)
+    beta = 1 - a_t / a_prev
+    x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
+    mean = (a_prev ** 0.5 * beta / (1 - a_t)) * x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a_t)) * x
+    # DiT's learned range: log σ² interpolates between log β̃_t (v = -1) and log β_t (v = 1)
+    log_var = (v + 1) / 2 * math.log(beta) + (1 - v) / 2 * math.log(beta * (1 - a_prev) / (1 - a_t))
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    out = sched.step(torch.cat([eps, v], 1), t, x, generator=torch.Generator().manual_seed(5)).prev_sample
+    assert torch.allclose(out, mean + torch.exp(0.5 * log_var) * z, atol=1e-5)

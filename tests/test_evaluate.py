@@ -6,35 +6,63 @@ import torch
 from PIL import Image
 
 from diffdistill.augment import color_jitter, cutmix, lighting, random_resized_crop
-from diffdistill.checkpoint import StageError
 from diffdistill.config import DataConfig, EvalConfig
 from diffdistill.data.datasets import load_data
+from diffdistill.errors import StageError
 from diffdistill.evaluate import epochs_for_ipc, lr_milestones, per_class_indices, train_classifier
 from diffdistill.models.classifiers import build_classifier
 
-# (net, size) -> parameters with 3 input channels, 10 classes, norm as given; resnet18 @ 224 = torchvision's
-PARAMS = {
-    ("convnet3", 32, "instance"): 3 * 128 * 9 + 128 + 2 * (128 * 128 * 9 + 128) + 3 * 256 + 128 * 16 * 10 + 10,
-    ("resnet18", 224, "batch"): 11_181_642,
-    ("resnet18", 32, "batch"): 11_173_962,  # 3x3 stem below 128 px
-    ("resnetap10", 224, "instance"): 4_910_922,
-    ("resnetap10", 64, "instance"): 4_903_242,
-}
+
+# Expected parameter counts, from the architecture descriptions (not from the modules).
+def conv_params(cin, cout, k, bias=False):
+    return cin * cout * k * k + (cout if bias else 0)
+
+
+def convnet_params(depth, width, in_ch, classes, size):
+    """D × [conv3×3 with bias → instance norm (2 per channel) → ReLU → avg-pool 2] → linear."""
+    chans = [in_ch] + [width] * depth
+    layers = sum(conv_params(a, b, 3, bias=True) + 2 * b for a, b in zip(chans, chans[1:]))
+    return layers + width * (size // 2**depth) ** 2 * classes + classes
+
+
+def resnet_params(blocks, in_ch, classes, size):
+    """Basic blocks, widths 64…512, bias-free convs, 2 norm params per channel (batch or affine instance norm);
+    1×1 conv + norm shortcut when stride ≠ 1 or channels change; 7×7 stem from 128 px, else 3×3; linear(512)."""
+    n = conv_params(in_ch, 64, 7 if size >= 128 else 3) + 2 * 64  # stem (pools have no parameters)
+    c = 64
+    for i, count in enumerate(blocks):
+        out = 64 * 2**i
+        for j in range(count):
+            n += conv_params(c, out, 3) + conv_params(out, out, 3) + 2 * (2 * out)
+            if (i > 0 and j == 0) or c != out:  # stride 2 (or, for ResNetAP, stride 1 + avg-pool)
+                n += conv_params(c, out, 1) + 2 * out
+            c = out
+    return n + 512 * classes + classes
+
+
+def expected_params(net, in_ch, classes, size):
+    if net.startswith("convnet"):
+        return convnet_params(int(net[len("convnet"):]), 128, in_ch, classes, size)  # width 128
+    return resnet_params({"resnet18": (2, 2, 2, 2), "resnetap10": (1, 1, 1, 1)}[net], in_ch, classes, size)
+
+
+def test_resnet18_formula_matches_torchvision():
+    assert resnet_params((2, 2, 2, 2), 3, 10, 224) == 11_181_642  # torchvision resnet18, 10-class head
 
 
 @pytest.mark.parametrize("net, sizes", [("convnet3", (32, 64, 224)), ("convnet6", (64, 224)),
                                        ("resnetap10", (32, 64, 224)), ("resnet18", (32, 64, 224))])
 def test_nets_any_size_shapes_and_parameter_counts(net, sizes):
     norm = "batch" if net == "resnet18" else "instance"
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     for size in sizes:
         model = build_classifier(net, 3, 10, size, 128, norm).eval()
         assert model(torch.randn(2, 3, size, size)).shape == (2, 10)
-        n = sum(p.numel() for p in model.parameters())
-        print(f"{net} @ {size} px: {n:,} parameters")
-        if (net, size, norm) in PARAMS:
-            assert n == PARAMS[(net, size, norm)]
+        assert count(model) == expected_params(net, 3, 10, size), f"{net} @ {size} px"
     small = 64 if net == "convnet6" else 28  # grayscale, another class count, the smallest size each takes
-    assert build_classifier(net, 1, 7, small)(torch.randn(1, 1, small, small)).shape == (1, 7)
+    model = build_classifier(net, 1, 7, small)
+    assert model(torch.randn(1, 1, small, small)).shape == (1, 7)
+    assert count(model) == expected_params(net, 1, 7, small), f"{net} @ {small} px, 1 channel, 7 classes"
 
 
 def test_resnetap_has_no_strided_convolutions():

@@ -2,12 +2,11 @@ import pytest
 import torch
 
 from diffdistill.autoencoders import IdentityAutoencoder, build_autoencoder
-from diffdistill.checkpoint import StageError
 from diffdistill.config import AutoencoderConfig
+from diffdistill.errors import StageError
 from diffdistill.models.adapters import make_trainable
 from diffdistill.models.classifiers import build_classifier
-from diffdistill.models.dit import SIZES, build_dit, drop_labels, load_dit, null_class
-from diffdistill.train import save_model_folder
+from diffdistill.models.dit import SIZES, build_dit, drop_labels, load_dit, null_class, save_dit
 
 
 def tiny(classes=3):
@@ -60,7 +59,7 @@ def test_difffit_trainable_set_and_folding_preserves_the_function(tmp_path):
     x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 200, 900]), torch.tensor([0, 1, 2])
     model.eval()
     want = model(x, t, y).sample
-    save_model_folder(tmp_path / "m", model, tr.folded_state_dict(model))
+    save_dit(tmp_path / "m", model, tr.folded_state_dict(model))
     loaded = load_dit(str(tmp_path / "m")).eval()
     assert torch.allclose(loaded(x, t, y).sample, want, atol=1e-5)
     full = make_trainable(tiny(), "full")
@@ -116,7 +115,7 @@ def test_untied_embeddings_are_refused(tmp_path):
     state = model.state_dict()
     key = "transformer_blocks.1.norm1.emb.class_embedder.embedding_table.weight"
     state[key] = state[key] + 1
-    save_model_folder(tmp_path / "m", model, state)
+    save_dit(tmp_path / "m", model, state)
     with pytest.raises(StageError, match="block 1 has its own class/timestep embedding"):
         load_dit(str(tmp_path / "m"))
 
@@ -140,39 +139,31 @@ def test_convnet_shapes(net, size):
         build_classifier("vgg", 3, 7, size)
 
 
-def _to_original_layout(model) -> dict:
-    """The inverse of the converter, written from the original DiT's tensor names (for the round trip)."""
-    sd, out = model.state_dict(), {}
-    out["pos_embed"] = torch.zeros(1, model.config.sample_size ** 2 // model.config.patch_size ** 2, 128)
-    emb = "transformer_blocks.0.norm1.emb."
-    names = {"x_embedder.proj": "pos_embed.proj", "final_layer.adaLN_modulation.1": "proj_out_1",
-             "final_layer.linear": "proj_out_2", "t_embedder.mlp.0": emb + "timestep_embedder.linear_1",
-             "t_embedder.mlp.2": emb + "timestep_embedder.linear_2"}
-    for i in range(model.config.num_layers):
-        b = f"transformer_blocks.{i}."
-        names.update({f"blocks.{i}.adaLN_modulation.1": b + "norm1.linear",
-                      f"blocks.{i}.attn.proj": b + "attn1.to_out.0",
-                      f"blocks.{i}.mlp.fc1": b + "ff.net.0.proj", f"blocks.{i}.mlp.fc2": b + "ff.net.2"})
-        for part in ("weight", "bias"):
-            out[f"blocks.{i}.attn.qkv.{part}"] = torch.cat([sd[f"{b}attn1.to_{x}.{part}"] for x in "qkv"])
-    for theirs, ours in names.items():
-        for part in ("weight", "bias"):
-            out[f"{theirs}.{part}"] = sd[f"{ours}.{part}"]
-    out["y_embedder.embedding_table.weight"] = sd[emb + "class_embedder.embedding_table.weight"]
-    return {k: v.clone() for k, v in out.items()}
-
-
-def test_original_dit_checkpoint_is_converted_on_load(tmp_path):
-    torch.manual_seed(0)
-    model = build_dit("tiny", 4, 8, 10, learn_sigma=True).eval()
-    torch.save({"model": {}, "ema": _to_original_layout(model)}, tmp_path / "DiT-tiny.pt")  # train.py's format
-    loaded = load_dit(str(tmp_path / "DiT-tiny.pt")).eval()
-    assert loaded.config.num_embeds_ada_norm == 10 and loaded.config.out_channels == 8
-    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 500, 999]), torch.tensor([0, 9, 10])
-    assert torch.equal(loaded(x, t, y).sample, model(x, t, y).sample)
+def test_unreadable_or_foreign_checkpoints_are_one_line_errors(tmp_path):
+    # what a checkpoint of the original DiT computes after loading: tests/test_dit_original.py
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(StageError, match="cannot read the checkpoint"):
         load_dit(str(tmp_path / "bad.pt"))
     torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(StageError, match="not a DiT checkpoint"):
         load_dit(str(tmp_path / "other.pt"))
+
+
+def test_every_model_runs_with_the_conventions_its_folder_records(tmp_path):
+    import json
+
+    from diffdistill.models.dit import CONVENTIONS_FILE, ORIGINAL_DIT, conventions_of
+
+    model = tiny()
+    assert conventions_of(model) == ORIGINAL_DIT  # built here: the original DiT's numbers, like pretrained ones
+    save_dit(tmp_path / "m", model, model.state_dict())
+    assert json.loads((tmp_path / "m" / CONVENTIONS_FILE).read_text()) == ORIGINAL_DIT
+    assert conventions_of(load_dit(str(tmp_path / "m"))) == ORIGINAL_DIT
+    (tmp_path / "m" / CONVENTIONS_FILE).unlink()  # a hub folder records nothing: the original DiT trained it
+    assert conventions_of(load_dit(str(tmp_path / "m"))) == ORIGINAL_DIT
+    other = {"time_freq_shift": 1, "mlp_norm_eps": 1e-5}  # diffusers' own numbers, as recorded by a folder
+    (tmp_path / "m" / CONVENTIONS_FILE).write_text(json.dumps(other))
+    loaded = load_dit(str(tmp_path / "m")).eval()
+    assert conventions_of(loaded) == other
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([500, 900]), torch.tensor([0, 1])
+    assert not torch.allclose(loaded(x, t, y).sample, model.eval()(x, t, y).sample, atol=1e-4)  # it matters

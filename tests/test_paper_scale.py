@@ -13,8 +13,7 @@ from diffdistill.cli import main
 from diffdistill.config import load_config
 from diffdistill.data.classes import PRESETS
 from diffdistill.latents import LatentCache, cache_dir
-from diffdistill.models.dit import build_dit
-from diffdistill.train import save_model_folder
+from diffdistill.models.dit import build_dit, save_dit
 
 WOOF = PRESETS["imagewoof"]()
 EXTRA = "n01440764"  # an ImageNet class outside the subset: present on disk, never read
@@ -25,7 +24,7 @@ def _make_hub(root):
 
     torch.manual_seed(0)
     dit = build_dit("tiny", 4, 8, 1000, learn_sigma=True)
-    save_model_folder(root / "transformer", dit, dit.state_dict())  # tied embedders: one copy per block
+    save_dit(root / "transformer", dit, dit.state_dict())  # tied embedders: one copy per block
     for name, seed in (("vae", 1), ("decoder", 2)):
         torch.manual_seed(seed)
         vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
@@ -124,8 +123,13 @@ def test_cache_gives_the_same_training_as_encoding_every_step(paper_setup):
         weights[mode] = load_file(str(root / "runs" / f"same-{mode}" / "finetune" / "raw" /
                                       "diffusion_pytorch_model.safetensors"))
     assert weights["cache"].keys() == weights["images"].keys()
-    for k in weights["cache"]:  # same latents, same draws; only the VAE's batch size differs
-        assert torch.allclose(weights["cache"][k], weights["images"][k], atol=1e-5), k
+    diffs = {k: float((weights["cache"][k] - weights["images"][k]).abs().max()) for k in weights["cache"]}
+    # same latents, same draws; only the VAE's batch size differs. Key biases are left out: softmax ignores
+    # them, so their true gradient is 0 and AdamW turns the rounding noise of that 0 into lr-sized steps
+    noisy = [k for k in diffs if k.endswith("attn1.to_k.bias")]
+    assert noisy and all(diffs[k] < 1e-3 for k in noisy)  # at most one lr of drift
+    worst = max((k for k in diffs if k not in noisy), key=diffs.get)
+    assert diffs[worst] < 1e-5, (worst, diffs[worst])
 
 
 @pytest.mark.slow
@@ -146,12 +150,18 @@ def test_prepare_resumes_and_finetune_needs_the_cache(paper_setup, capsys):
 
 
 @pytest.mark.slow
-def test_bf16_autocast_path_runs_on_cpu(paper_setup):
+def test_bf16_autocast_tracks_fp32_on_cpu(paper_setup):
     root, overrides = paper_setup
-    assert main(["finetune", "configs/imagewoof.yaml", *overrides, "precision=bf16", "name=bf16",
-                 "finetune.memory.dtype=float16"]) == 0
-    log = (root / "runs" / "bf16" / "finetune" / "log.jsonl").read_text().splitlines()
-    assert all(np.isfinite(v) for v in json.loads(log[-1]).values() if isinstance(v, float))
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        assert main(["finetune", "configs/imagewoof.yaml", *overrides, f"precision={precision}",
+                     f"name={precision}", "finetune.memory.dtype=float16", "finetune.log_every=1"]) == 0
+        log = (root / "runs" / precision / "finetune" / "log.jsonl").read_text().splitlines()
+        losses[precision] = np.array([[json.loads(line)[k] for k in ("diffusion", "vb")] for line in log])
+    assert losses["bf16"].shape == (4, 2) and np.isfinite(losses["bf16"]).all()
+    assert not np.array_equal(losses["bf16"], losses["fp32"])  # autocast really ran in bfloat16
+    # the same batches, noise and steps: bfloat16's ~3 significant digits stay close to the fp32 losses
+    assert np.allclose(losses["bf16"], losses["fp32"], rtol=0.05), losses
 
 
 def test_missing_hub_weights_say_what_to_download(tmp_path, capsys):

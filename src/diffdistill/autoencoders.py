@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffdistill.checkpoint import StageError, load_pretrained
 from diffdistill.config import AutoencoderConfig
+from diffdistill.errors import StageError, load_pretrained
 
 
 class IdentityAutoencoder:

@@ -1,103 +1,114 @@
-"""Atomic writes (temp file/folder + rename) and loading of pretrained weights with a useful error."""
+"""Resumable training checkpoints: everything a training step changes, so a resumed run repeats the
+uninterrupted one bit for bit.
+
+    <root>/step-<N>/trainable.safetensors   trainable weights (param.i) and their EMA (ema.i)
+                   optimizer.pt             optimizer, lr schedule and loss-scaler states
+                   rank-<r>.pt              per rank: generator, data order, memories, running log sums
+                   log.jsonl                the log rows up to step N
+                   state.json               step, world size, the config it must be resumed with; written
+                                            last, so its presence marks a complete checkpoint
+Only tensors and plain containers are stored; they are read back with safetensors or
+torch.load(weights_only=True).
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
-T = TypeVar("T")
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
 
+from diffdistill import distributed as dist
+from diffdistill.config import Config, to_dict
+from diffdistill.errors import StageError
+from diffdistill.files import atomic_torch_save, atomic_write_json, atomic_write_text, replace_dir
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-class StageError(RuntimeError):
-    """A user-facing problem (bad input, missing file): printed as one line, exit code 2."""
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the umask like any file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+# keys that may change between a checkpoint and its resumption (they do not change the result)
+RESUME_FREE = {"steps", "checkpoint_every", "keep_checkpoints", "log_every"}
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+@dataclass
+class Checkpoint:
+    step: int
+    tensors: dict[str, Tensor]  # param.i and ema.i, in the order of the trainable parameters
+    optimizer: dict  # {"optimizer", "lr_scheduler", "scaler"} state dicts
+    rank: dict  # this rank's {"generator", "order", "sums", "banks"}
+    log: list[dict]  # the log rows up to `step`
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+def resume_spec(cfg: Config, stage: str) -> dict:
+    """The part of the config a checkpoint must match to be resumed bit-identically."""
+    d = to_dict(cfg)
+    return {"seed": cfg.seed, "precision": cfg.precision, "data": d["data"], "autoencoder": d["autoencoder"],
+            "model": d["model"], "diffusion": d["diffusion"], "prepare": d["prepare"],
+            stage: {k: v for k, v in d[stage].items() if k not in RESUME_FREE}}
 
 
-def check_output_free(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise StageError(f"output folder {path} exists; pass --force to overwrite it or set name=... for a new run")
+def valid_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints (state.json is written last), newest first."""
+    found = [p for p in root.glob("step-*") if (p / "state.json").is_file()] if root.is_dir() else []
+    return sorted(found, key=lambda p: p.name, reverse=True)
 
 
-@contextmanager
-def staged_dir(final: Path, force: bool) -> Iterator[Path]:
-    """Yield a temp folder beside `final`; on success it replaces `final` (which must not exist unless
-    `force`). On failure nothing is left behind, and an existing `final` is untouched."""
-    check_output_free(final, force)
-    created = [p for p in [final.parent, *final.parent.parents] if not p.exists()]  # made here, removed on failure
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
-    except OSError as err:
-        raise StageError(f"cannot write the output folder {final.parent}: {err.strerror or err}") from None
-    os.chmod(tmp, 0o777 & ~_umask())
-    try:
-        yield tmp
-        replace_dir(tmp, final)
-    except BaseException:
+def save_checkpoint(root: Path, ckpt: Checkpoint, spec: dict, keep: int) -> None:
+    """Write `ckpt` as <root>/step-<N>/ and keep the newest `keep`. Every rank calls this with its own
+    `ckpt.rank`; rank 0 writes the shared files."""
+    final = root / f"step-{ckpt.step:08d}"
+    tmp = root / f".step-{ckpt.step:08d}.tmp"
+    if dist.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
-        for folder in created:  # innermost first; only if nothing else was put there meanwhile
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-        raise
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    atomic_torch_save(ckpt.rank, tmp / f"rank-{dist.rank()}.pt")
+    if dist.is_main():
+        save_file(ckpt.tensors, str(tmp / "trainable.safetensors"))
+        atomic_torch_save(ckpt.optimizer, tmp / "optimizer.pt")
+        atomic_write_text(tmp / "log.jsonl", "".join(json.dumps(r) + "\n" for r in ckpt.log))
+    dist.barrier()
+    if dist.is_main():
+        atomic_write_json(tmp / "state.json", {"step": ckpt.step, "world_size": dist.world_size(), "config": spec})
+        replace_dir(tmp, final)
+        for old in valid_checkpoints(root)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
 
 
-def replace_dir(src: Path, final: Path) -> None:
-    """Move the finished folder `src` to `final`, replacing an existing `final` (two renames)."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(src, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, final)
-
-
-def load_pretrained(load: Callable[[], T], source: str, key: str, revision: str | None = None) -> T:
-    """Run `load` (a from_pretrained call); turn "not found / offline" into one actionable line."""
+def load_checkpoint(folder: Path, spec: dict) -> Checkpoint:
+    """This rank's view of the checkpoint in `folder`, after checking that this run may resume it."""
+    state = json.loads((folder / "state.json").read_text())
+    if state["world_size"] != dist.world_size():
+        raise StageError(f"{folder} was written by {state['world_size']} processes, this run has "
+                         f"{dist.world_size()}: resume with the same number (torchrun --nproc_per_node)")
+    if state["config"] != spec:
+        old, new = _flat(state["config"]), _flat(spec)
+        keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        raise StageError(f"{folder} was made with a different config ({', '.join(keys[:6])} differ); "
+                         f"resume with the same config or pass --force to start over")
     try:
-        return load()
-    except (OSError, ValueError) as err:
-        local = Path(source).exists()
-        rev = f" --revision {revision}" if revision else ""
-        where = (
-            f"the folder {source} does not hold diffusers weights ({str(err).splitlines()[0]})"
-            if local
-            else f"'{source}' is not on disk and cannot be downloaded here; download it on a machine with "
-            f"internet (huggingface-cli download {source}{rev} --local-dir DIR), copy DIR here and set {key}=DIR"
-        )
-        raise StageError(f"{key}: {where}") from None
+        tensors = load_file(str(folder / "trainable.safetensors"))
+        optimizer = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+        rank = torch.load(folder / f"rank-{dist.rank()}.pt", map_location="cpu", weights_only=True)
+        log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    except Exception as err:  # damaged files: name them, never resume from half a state
+        raise StageError(f"checkpoint {folder} cannot be read ({str(err).splitlines()[0]}); delete it to "
+                         f"resume from an older one, or pass --force to start over") from None
+    return Checkpoint(state["step"], tensors, optimizer, rank, log)
+
+
+def remove_checkpoints(root: Path) -> None:
+    """Rank 0 removes a finished stage's checkpoints (the stage's output supersedes them)."""
+    if dist.is_main():
+        shutil.rmtree(root, ignore_errors=True)
+        if root.parent.is_dir() and not any(root.parent.iterdir()):
+            root.parent.rmdir()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out

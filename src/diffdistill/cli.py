@@ -8,9 +8,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from diffdistill.checkpoint import StageError, check_output_free
 from diffdistill.config import Config, ConfigError, load_config
 from diffdistill.distributed import is_main
+from diffdistill.errors import StageError
+from diffdistill.files import check_output_free
+from diffdistill.runs import STAGE_FOLDERS, TRAINING_STAGES, checkpoint_root, run_order, stage_dir
 
 STAGE_HELP = {
     "prepare": "encode the train images once into the latent cache (read by finetune.latents=cache)",
@@ -25,25 +27,18 @@ STAGE_HELP = {
 }
 
 
-def _report_dir(run_dir: Path) -> None:
+def _report(run_dir: Path) -> None:
+    """Write the run's report and print its table (rank 0 only: the other ranks have nothing to write)."""
     from diffdistill.report import write_report
 
-    print(write_report(run_dir))
-    print(f"\nreport: {run_dir / 'report.md'}")
-
-
-def _report(cfg: Config) -> None:
-    from diffdistill.report import write_report
-
-    if not is_main():  # under torchrun the other ranks have no report to write
-        return
-    print(write_report(cfg.run_dir))
-    print(f"\nreport: {cfg.run_dir / 'report.md'}")
+    if is_main():
+        print(write_report(run_dir))
+        print(f"\nreport: {run_dir / 'report.md'}")
 
 
 def _actions() -> dict[str, Callable[[Config, argparse.Namespace], object]]:
     from diffdistill.evaluate import evaluate_stage
-    from diffdistill.latents import prepare_stage
+    from diffdistill.prepare import prepare_stage
     from diffdistill.sample import sample_stage
     from diffdistill.train import train_stage
 
@@ -53,24 +48,14 @@ def _actions() -> dict[str, Callable[[Config, argparse.Namespace], object]]:
         "pretrain": lambda cfg, a: train_stage(cfg, "pretrain", a.force, a.resume),
         "finetune": lambda cfg, a: train_stage(cfg, "finetune", a.force, a.resume),
         "sample": lambda cfg, a: sample_stage(cfg, a.force),
-        "evaluate": lambda cfg, a: (evaluate_stage(cfg, a.force, a.distilled), _report(cfg)),
-        "report": lambda cfg, a: _report(cfg),
+        "evaluate": lambda cfg, a: (evaluate_stage(cfg, a.force, a.distilled), _report(cfg.run_dir)),
+        "report": lambda cfg, a: _report(cfg.run_dir),
     }
 
 
 def say(text: str) -> None:
     if is_main():
         print(text, flush=True)
-
-
-# stage -> its output folder inside the run folder (prepare writes to the shared, resumable latent cache)
-OUTPUTS = {"pretrain": "pretrain", "finetune": "finetune", "sample": "samples", "evaluate": "evaluate"}
-
-
-def run_order(cfg: Config) -> list[str]:
-    training = [s for s in ("pretrain", "finetune") if getattr(cfg, s).steps > 0]
-    prepare = ["prepare"] if any(getattr(cfg, s).latents == "cache" for s in training) else []
-    return prepare + training + ["sample", "evaluate"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"sweep: {root / 'sweep.csv'}, {root / 'sweep.png'}")
             return 0
         if args.stage == "report" and Path(args.config).is_dir():  # `diffdistill report RUN_DIR`
-            _report_dir(Path(args.config))
+            _report(Path(args.config))
             return 0
         overrides = args.overrides + (["evaluate.pool=true"] if getattr(args, "pool", False) else [])
         cfg = load_config(args.config, overrides)
@@ -121,13 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         order = run_order(cfg)
         if not (args.force or args.resume):  # fail before any work, not after an hour of training
             for name in order:
-                if name in OUTPUTS:
-                    check_output_free(cfg.run_dir / OUTPUTS[name], False)
+                if name in STAGE_FOLDERS:
+                    check_output_free(stage_dir(cfg.run_dir, name), False)
         start = time.perf_counter()
         for name in order:
-            if args.resume and name in OUTPUTS and (cfg.run_dir / OUTPUTS[name]).exists() and not (
-                    name in ("pretrain", "finetune") and (cfg.run_dir / "checkpoints" / name).is_dir()):
-                say(f"== {name} == done before: {cfg.run_dir / OUTPUTS[name]}")
+            if args.resume and name in STAGE_FOLDERS and stage_dir(cfg.run_dir, name).exists() and not (
+                    name in TRAINING_STAGES and checkpoint_root(cfg.run_dir, name).is_dir()):
+                say(f"== {name} == done before: {stage_dir(cfg.run_dir, name)}")
                 continue
             say(f"== {name} ==")
             actions[name](cfg, args)

@@ -20,6 +20,24 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
 
+# Each numeric key carries its range check beside it, as field metadata: (test, what is expected).
+def _check(test: typing.Callable[[Any], bool], expected: str) -> dict:
+    return {"check": (test, expected)}
+
+
+POSITIVE = _check(lambda v: v > 0, "a positive number")
+NON_NEGATIVE = _check(lambda v: v >= 0, "a number >= 0")
+POSITIVE_OR_NULL = _check(lambda v: v is None or v > 0, "a positive number or null")
+NON_NEGATIVE_OR_NULL = _check(lambda v: v is None or v >= 0, "a number >= 0 or null")
+PROBABILITY = _check(lambda v: 0 <= v <= 1, "a number in [0, 1]")
+BELOW_ONE = _check(lambda v: 0 <= v < 1, "a number in [0, 1)")
+IPC_LIST = _check(lambda v: len(v) > 0 and all(i > 0 for i in v), "a non-empty list of positive integers")
+
+
+def _num(default: Any, check: dict) -> Any:
+    return field(default=default, metadata=check)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     builtin: Literal["digits"] = "digits"  # used when `train` is not set
@@ -29,21 +47,23 @@ class DataConfig:
     # ("ILSVRC2012_val_00000001.JPEG n01751748", or the CSV "ImageId,PredictionString" of LOC_val_solution.csv)
     val_labels: str | None = None
     classes: str | tuple[str, ...] | None = None  # preset name, list of class names, or all
-    image_size: int = 16
-    channels: int | None = None  # 1 or 3; None: 1 if every image is grayscale, else 3
+    image_size: int = _num(16, POSITIVE)
+    # 1 or 3; None: 1 if every image is grayscale, else 3
+    channels: int | None = _num(None, _check(lambda v: v is None or v in (1, 3), "1, 3 or null"))
     hflip: bool = True  # is a horizontal flip label-preserving for this data?
-    val_fraction: float = 0.2  # builtin datasets only
-    split_seed: int = 0  # builtin datasets only
+    val_fraction: float = _num(0.2, _check(lambda v: 0 < v < 1, "a number in (0, 1)"))  # builtin datasets only
+    split_seed: int = _num(0, NON_NEGATIVE)  # builtin datasets only
 
 
 @dataclass(frozen=True)
 class AutoencoderConfig:
     kind: Literal["identity", "kl"] = "identity"
-    unshuffle: int = 1  # identity only: pixel-unshuffle factor (16 px gray, 2 -> 4x8x8 latent)
+    # identity only: pixel-unshuffle factor (16 px gray, 2 -> 4x8x8 latent)
+    unshuffle: int = _num(1, _check(lambda v: v >= 1, "an integer >= 1"))
     pretrained: str | None = None  # kl only: hub id or local folder (diffusers layout)
     subfolder: str | None = "vae"
     revision: str | None = None
-    scaling_factor: float | None = None  # None: the VAE's own config value (identity: 1)
+    scaling_factor: float | None = _num(None, POSITIVE_OR_NULL)  # None: the VAE's own config value (identity: 1)
     # kl only: another VAE with the same latent space for decoding samples (the paper encodes with the SD
     # "ft-ema" VAE and decodes with "ft-mse"); None: decode with `pretrained`
     decoder: str | None = None
@@ -55,7 +75,7 @@ class AutoencoderConfig:
 class ModelConfig:
     size: str = "tiny"  # a key of diffdistill.models.dit.SIZES
     class_ids: Literal["local", "imagenet"] = "local"  # condition on 0..C-1 or on ImageNet-1K ids
-    class_dropout: float = 0.1  # label dropout for classifier-free guidance, once per sample
+    class_dropout: float = _num(0.1, BELOW_ONE)  # label dropout for classifier-free guidance, once per sample
     # new models only (a loaded model keeps its own): also predict the variance (DiT's 2C output channels),
     # trained with the hybrid loss MSE(ε̂, ε) + variational bound
     learn_sigma: bool = False
@@ -63,19 +83,20 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    train_steps: int = 1000
+    train_steps: int = _num(1000, _check(lambda v: v > 1, "an integer > 1"))
     schedule: Literal["linear", "cosine"] = "linear"
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
+    # linear schedule only (cosine is parameter-free); beta_start < beta_end is checked too
+    beta_start: float = _num(1e-4, _check(lambda v: 0 < v < 1, "a number in (0, 1)"))
+    beta_end: float = _num(0.02, _check(lambda v: 0 < v < 1, "a number in (0, 1)"))
 
 
 @dataclass(frozen=True)
 class MemoryConfig:
     policy: Literal["adaptive", "fifo", "none"] = "adaptive"
-    size_real: int = 64  # N_R
-    size_gen: int = 64  # N_G
-    lambda_real: float = 0.002
-    lambda_gen: float = 0.008
+    size_real: int = _num(64, POSITIVE)  # N_R
+    size_gen: int = _num(64, POSITIVE)  # N_G
+    lambda_real: float = _num(0.002, NON_NEGATIVE)
+    lambda_gen: float = _num(0.008, NON_NEGATIVE)
     # "per_class": Σ_c a_c as the paper writes it; "authors": the released code's running-sum weighting.
     loss_accumulation: Literal["per_class", "authors"] = "per_class"
     # storage of the banks; float16 halves their size (1000 classes × 64 × 4096: 0.5 GB per bank instead of 1)
@@ -85,26 +106,27 @@ class MemoryConfig:
     sync: Literal["none", "allgather"] = "none"
     # push into the generated memory only the x̂0 predicted from t <= push_max_t (x̂0 from very noisy inputs
     # is scaled by 1/sqrt(ᾱ_t) and looks like an outlier, which adaptive pruning keeps); None: all t (paper)
-    push_max_t: int | None = None
+    push_max_t: int | None = _num(None, NON_NEGATIVE_OR_NULL)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 0  # 0 skips the stage in `run`
-    batch_size: int = 32  # global: split evenly over the processes of a torchrun launch
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    ema: float = 0.9999
-    grad_clip: float | None = 1.0
-    warmup_steps: int = 0
+    steps: int = _num(0, NON_NEGATIVE)  # 0 skips the stage in `run`
+    batch_size: int = _num(32, POSITIVE)  # global: split evenly over the processes of a torchrun launch
+    lr: float = _num(1e-4, POSITIVE)
+    weight_decay: float = _num(0.0, NON_NEGATIVE)
+    ema: float = _num(0.9999, BELOW_ONE)
+    grad_clip: float | None = _num(1.0, POSITIVE_OR_NULL)  # max gradient norm; None: no clipping
+    warmup_steps: int = _num(0, NON_NEGATIVE)
     # None: random init; "pretrain": this run's pretrain output; else a diffusers folder or hub id
     init: str | None = None
     revision: str | None = None  # hub revision of `init`
     trainable: Literal["full", "difffit"] = "full"
-    difffit_blocks: int | None = None  # blocks with DiffFit scale factors; None: the first half
-    log_every: int = 50
-    checkpoint_every: int = 1000  # steps between resumable checkpoints (<run>/checkpoints/<stage>/); 0: none
-    keep_checkpoints: int = 2  # the newest k are kept while training; all are removed when the stage ends
+    difffit_blocks: int | None = _num(None, NON_NEGATIVE_OR_NULL)  # blocks with DiffFit scale factors; None: half
+    log_every: int = _num(50, POSITIVE)
+    # steps between resumable checkpoints (<run>/checkpoints/<stage>/); 0: none
+    checkpoint_every: int = _num(1000, NON_NEGATIVE)
+    keep_checkpoints: int = _num(2, POSITIVE)  # the newest k are kept while training; all go when the stage ends
     # "images": encode each batch with the autoencoder every step; "cache": read the latents that
     # `diffdistill prepare` wrote (the VAE never runs during training)
     latents: Literal["images", "cache"] = "images"
@@ -113,16 +135,18 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    ipc: tuple[int, ...] = (10,)  # the largest is generated; smaller IPCs are its per-class prefixes
+    ipc: tuple[int, ...] = _num((10,), IPC_LIST)  # the largest is generated; smaller IPCs are its per-class prefixes
     checkpoint: str = "finetune"  # "finetune", "pretrain", or a diffusers folder
     weights: Literal["ema", "raw"] = "ema"
     scheduler: Literal["ddpm", "ddim", "dpm"] = "ddpm"
-    steps: int = 50
-    guidance: float = 4.0
-    guidance_channels: int | None = None  # None: all latent channels; 3 reproduces the original DiT
+    steps: int = _num(50, POSITIVE)
+    guidance: float = _num(4.0, NON_NEGATIVE)
+    guidance_channels: int | None = _num(None, POSITIVE_OR_NULL)  # None: all latent channels; 3: original DiT
     # None: DiT's respacing for ddpm ("linspace": 0, 20, 41, ..., 999 for 50 steps), diffusers' default otherwise
     timestep_spacing: Literal["linspace", "leading", "trailing"] | None = None
-    batch_size: int = 64
+    # DDPM without learned sigma: "fixed_large" = β_t, as DiT's sampler; "fixed_small" = the posterior variance
+    ddpm_variance: Literal["fixed_large", "fixed_small"] = "fixed_large"
+    batch_size: int = _num(64, POSITIVE)
 
 
 @dataclass(frozen=True)
@@ -130,47 +154,52 @@ class PrepareConfig:
     """The latent cache: train images encoded once (and their mirror images), read by `latents: cache`."""
 
     dir: str | None = None  # None: <out_dir>/latent-cache; each cache is a subfolder named by its key
-    shard_size: int = 4096  # images per safetensors shard (written atomically; a rerun skips finished ones)
-    batch_size: int = 32  # images per VAE forward
+    # images per safetensors shard (written atomically; a rerun skips finished ones)
+    shard_size: int = _num(4096, POSITIVE)
+    batch_size: int = _num(32, POSITIVE)  # images per VAE forward
     dtype: Literal["float32", "float16"] = "float16"  # storage of the posterior mean and std
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    nets: tuple[str, ...] = ("convnet6",)  # keys of diffdistill.models.classifiers.NETS
-    width: int = 128  # ConvNet width (ResNets keep their standard widths)
+    nets: tuple[str, ...] = field(default=("convnet6",), metadata=_check(lambda v: len(v) > 0, "a non-empty list"))
+    width: int = _num(128, POSITIVE)  # ConvNet width (ResNets keep their standard widths)
     norm: Literal["instance", "batch", "none"] | None = None  # None: each net's own (see classifiers.DEFAULT_NORM)
-    seeds: int = 3
-    ipc: tuple[int, ...] | None = None  # None: sample.ipc
+    seeds: int = _num(3, POSITIVE)
+    # None: sample.ipc
+    ipc: tuple[int, ...] | None = _num(None, _check(lambda v: v is None or IPC_LIST["check"][0](v),
+                                                     "null or a non-empty list of positive integers"))
     pool: bool = False  # draw IPC per class at random (seeded) from a larger set, instead of the first IPC
-    image_size: int | None = None  # classifier input size; None: data.image_size
-    epochs: int | None = None  # None: by IPC (1: 3000, <=10: 2000, <=50: 1500, <=200: 1000, <=500: 500, else 300)
+    image_size: int | None = _num(None, POSITIVE_OR_NULL)  # classifier input size; None: data.image_size
+    # None: by IPC (1: 3000, <=10: 2000, <=50: 1500, <=200: 1000, <=500: 500, else 300)
+    epochs: int | None = _num(None, POSITIVE_OR_NULL)
     full: bool = True  # also train on the full real train set (needed for fidelity; expensive at scale)
-    full_epochs: int = 50
+    full_epochs: int = _num(50, POSITIVE)
     # diversity / precision / recall / density / coverage in the penultimate-layer features of the first
     # net's full-data classifier (seed 0); needs `full`. k of the k-nearest-neighbour balls:
     metrics: bool = True
-    knn: int = 5
-    batch_size: int = 64
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    eval_every: int = 50
+    knn: int = _num(5, POSITIVE)
+    batch_size: int = _num(64, POSITIVE)
+    lr: float = _num(0.01, POSITIVE)
+    momentum: float = _num(0.9, BELOW_ONE)
+    weight_decay: float = _num(5e-4, NON_NEGATIVE)
+    eval_every: int = _num(50, POSITIVE)
     # augmentation, every batch; each element can be switched off (crop_scale [1, 1], strength 0, prob 0)
-    crop_scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop scale range (+ flip when data.hflip)
-    color_jitter: float = 0.4  # brightness / contrast / saturation strength
-    lighting: float = 0.1  # PCA lighting noise std (RGB only)
-    cutmix_prob: float = 1.0
-    cutmix_beta: float = 1.0
+    crop_scale: tuple[float, float] = _num((0.5, 1.0), _check(lambda v: 0 < v[0] <= v[1] <= 1,
+                                                              "two numbers 0 < lo <= hi <= 1"))  # RandomResizedCrop
+    color_jitter: float = _num(0.4, BELOW_ONE)  # brightness / contrast / saturation strength
+    lighting: float = _num(0.1, NON_NEGATIVE)  # PCA lighting noise std (RGB only)
+    cutmix_prob: float = _num(1.0, PROBABILITY)
+    cutmix_beta: float = _num(1.0, POSITIVE)
 
 
 @dataclass(frozen=True)
 class Config:
     name: str = "run"
     out_dir: str = "runs"
-    seed: int = 0
+    seed: int = _num(0, NON_NEGATIVE)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int | None = None  # torch CPU threads; None: torch's default
+    threads: int | None = _num(None, POSITIVE_OR_NULL)  # torch CPU threads; None: torch's default
     # autocast dtype for the DiT (training and sampling); "fp32" = no autocast. fp16 adds loss scaling.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     tf32: bool = True  # CUDA only: TF32 tensor cores for fp32 matmuls and convolutions
@@ -191,53 +220,12 @@ class Config:
         return Path(self.out_dir) / self.name
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Validation of values that types alone cannot express. Keys map to (check, what is expected).
-_POSITIVE = "a positive number"
-_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
-    "data.image_size": (lambda v: v > 0, _POSITIVE),
-    "data.channels": (lambda v: v is None or v in (1, 3), "1, 3 or null"),
-    "data.val_fraction": (lambda v: 0 < v < 1, "a number in (0, 1)"),
-    "autoencoder.unshuffle": (lambda v: v >= 1, "an integer >= 1"),
-    "model.class_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "diffusion.train_steps": (lambda v: v > 1, "an integer > 1"),
-    "sample.ipc": (lambda v: len(v) > 0 and all(i > 0 for i in v), "a non-empty list of positive integers"),
-    "sample.steps": (lambda v: v > 0, _POSITIVE),
-    "sample.batch_size": (lambda v: v > 0, _POSITIVE),
-    "sample.guidance": (lambda v: v >= 0, "a number >= 0"),
-    "sample.guidance_channels": (lambda v: v is None or v > 0, "a positive number or null"),
-    "prepare.shard_size": (lambda v: v > 0, _POSITIVE),
-    "prepare.batch_size": (lambda v: v > 0, _POSITIVE),
-    "evaluate.nets": (lambda v: len(v) > 0, "a non-empty list"),
-    "evaluate.seeds": (lambda v: v > 0, _POSITIVE),
-    "evaluate.epochs": (lambda v: v is None or v > 0, "a positive number or null"),
-    "evaluate.ipc": (lambda v: v is None or (len(v) > 0 and all(i > 0 for i in v)),
-                     "null or a non-empty list of positive integers"),
-    "evaluate.image_size": (lambda v: v is None or v > 0, "a positive number or null"),
-    "evaluate.color_jitter": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "evaluate.lighting": (lambda v: v >= 0, "a number >= 0"),
-    "evaluate.cutmix_prob": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    "evaluate.cutmix_beta": (lambda v: v > 0, _POSITIVE),
-    "evaluate.full_epochs": (lambda v: v > 0, _POSITIVE),
-    "evaluate.knn": (lambda v: v > 0, _POSITIVE),
-    "evaluate.batch_size": (lambda v: v > 0, _POSITIVE),
-    "evaluate.eval_every": (lambda v: v > 0, _POSITIVE),
-    "evaluate.crop_scale": (lambda v: 0 < v[0] <= v[1] <= 1, "two numbers 0 < lo <= hi <= 1"),
-}
-for _stage in ("pretrain", "finetune"):
-    _CHECKS.update(
-        {
-            f"{_stage}.steps": (lambda v: v >= 0, "an integer >= 0"),
-            f"{_stage}.batch_size": (lambda v: v > 0, _POSITIVE),
-            f"{_stage}.lr": (lambda v: v > 0, _POSITIVE),
-            f"{_stage}.ema": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-            f"{_stage}.log_every": (lambda v: v > 0, _POSITIVE),
-            f"{_stage}.checkpoint_every": (lambda v: v >= 0, "an integer >= 0"),
-            f"{_stage}.keep_checkpoints": (lambda v: v > 0, _POSITIVE),
-            f"{_stage}.memory.size_real": (lambda v: v > 0, _POSITIVE),
-            f"{_stage}.memory.size_gen": (lambda v: v > 0, _POSITIVE),
-        }
-    )
+# checks that relate two keys: (key named in the error, test of the whole config, what is expected)
+_RELATIONS: tuple[tuple[str, typing.Callable[[Config], bool], str], ...] = (
+    ("diffusion.beta_end", lambda c: c.diffusion.beta_start < c.diffusion.beta_end,
+     "a number larger than diffusion.beta_start"),
+    ("sample.steps", lambda c: c.sample.steps <= c.diffusion.train_steps, "at most diffusion.train_steps"),
+)
 
 
 def _type_name(tp: Any) -> str:
@@ -327,8 +315,18 @@ def _validate(cfg: Any, prefix: str = "") -> None:
         value, key = getattr(cfg, f.name), prefix + f.name
         if dataclasses.is_dataclass(value):
             _validate(value, key + ".")
-        elif key in _CHECKS and not _CHECKS[key][0](value):
-            raise ConfigError(f"config key '{key}': expected {_CHECKS[key][1]}, got {value!r}")
+        elif "check" in f.metadata and not f.metadata["check"][0](value):
+            raise ConfigError(f"config key '{key}': expected {f.metadata['check'][1]}, got {value!r}")
+    if isinstance(cfg, Config):
+        for key, test, expected in _RELATIONS:
+            if not test(cfg):
+                raise ConfigError(f"config key '{key}': expected {expected}, got {_get(cfg, key)!r}")
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

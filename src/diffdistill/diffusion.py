@@ -116,17 +116,21 @@ def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tens
 DEFAULT_SPACING = {"ddpm": "linspace", "ddim": "leading", "dpm": "linspace"}
 
 
-def make_scheduler(name: str, betas: Tensor, learned_sigma: bool = False, spacing: str | None = None):
+def make_scheduler(name: str, betas: Tensor, learned_sigma: bool = False, spacing: str | None = None,
+                   ddpm_variance: str = "fixed_large"):
     """A diffusers sampler over the training betas (epsilon prediction, no clipping). With `learned_sigma`
-    DDPM takes the model's variance channels (DiT's learned range); the other samplers ignore them."""
+    DDPM takes the model's variance channels (DiT's learned range); the other samplers ignore them.
+    Without, DDPM's variance is `ddpm_variance`: "fixed_large" = β_t (DiT's sampler for models without
+    learned sigma) or "fixed_small" = the posterior variance β̃_t, both of the respaced schedule."""
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
     if name not in DEFAULT_SPACING:
         raise ValueError(f"sampler {name!r}: expected one of {', '.join(DEFAULT_SPACING)}")
     common = dict(num_train_timesteps=betas.shape[0], trained_betas=betas.float().numpy(),
                   prediction_type="epsilon", timestep_spacing=spacing or DEFAULT_SPACING[name])
-    # fixed_small = the posterior variance, as DiT's sampler uses for non-learned sigma
-    variance = "learned_range" if learned_sigma else "fixed_small"
+    if ddpm_variance not in ("fixed_large", "fixed_small"):
+        raise ValueError(f"DDPM variance {ddpm_variance!r}: expected 'fixed_large' or 'fixed_small'")
+    variance = "learned_range" if learned_sigma else ddpm_variance
     builders = {
         "ddpm": lambda: DDPMScheduler(**common, variance_type=variance, clip_sample=False),
         "ddim": lambda: DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False),

@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 
 from diffdistill import distributed as dist
 from diffdistill.augment import color_jitter, cutmix, lighting, random_resized_crop
-from diffdistill.checkpoint import StageError, atomic_write_bytes, atomic_write_json, check_output_free, staged_dir
 from diffdistill.config import Config, EvalConfig, to_dict
 from diffdistill.data.datasets import (
     ImageFiles,
@@ -39,8 +38,12 @@ from diffdistill.data.datasets import (
     load_val,
     to_uint8,
 )
+from diffdistill.errors import StageError
+from diffdistill.files import atomic_write_bytes, atomic_write_json, check_output_free, staged_dir
 from diffdistill.metrics import dd_ranking, per_class_metrics
 from diffdistill.models.classifiers import DEFAULT_NORM, build_classifier
+from diffdistill.plots import EXAMPLE_CLASSES, EXAMPLES_PER_CLASS
+from diffdistill.runs import REAL_EXAMPLES, evaluate_jobs, stage_dir
 from diffdistill.runtime import derive_seed, setup, write_run_info
 
 BEST_LABEL = "best epoch, selected on the validation set (optimistic)"
@@ -93,7 +96,7 @@ def train_classifier(net: str, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tenso
     """SGD + momentum, lr × 0.2 at 2/3 and 5/6 of the epochs. x and x_val: uint8 images on the device at the
     classifier's size; `norm` = (mean, std) applied to each (augmented) batch."""
     torch.manual_seed(seed)
-    gen, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
+    generator, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
     model = build_classifier(net, x.shape[1], num_classes, x.shape[-1], ecfg.width, ecfg.norm).to(x.device)
     opt = torch.optim.SGD(model.parameters(), lr=ecfg.lr, momentum=ecfg.momentum, weight_decay=ecfg.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, lr_milestones(epochs), gamma=0.2)
@@ -101,17 +104,17 @@ def train_classifier(net: str, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tenso
     curve = []
     for epoch in range(1, epochs + 1):
         model.train()
-        for idx in torch.randperm(len(y), generator=gen).split(ecfg.batch_size):
+        for idx in torch.randperm(len(y), generator=generator).split(ecfg.batch_size):
             xb, yb = to_unit(x[idx]), y[idx]
             if crop:
-                xb = random_resized_crop(xb, ecfg.crop_scale, flip, gen)
+                xb = random_resized_crop(xb, ecfg.crop_scale, flip, generator)
             if ecfg.color_jitter > 0:
-                xb = color_jitter(xb, ecfg.color_jitter, gen)
+                xb = color_jitter(xb, ecfg.color_jitter, generator)
             if ecfg.lighting > 0:
-                xb = lighting(xb, ecfg.lighting, gen)
+                xb = lighting(xb, ecfg.lighting, generator)
             xb = (xb - norm[0]).div_(norm[1])
             if ecfg.cutmix_prob > 0 and rng.random() < ecfg.cutmix_prob:
-                xb, perm, lam = cutmix(xb, ecfg.cutmix_beta, gen, rng)
+                xb, perm, lam = cutmix(xb, ecfg.cutmix_beta, generator, rng)
                 out = model(xb)
                 loss = lam * F.cross_entropy(out, yb) + (1 - lam) * F.cross_entropy(out, yb[perm])
             else:
@@ -126,14 +129,16 @@ def train_classifier(net: str, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tenso
     return TrainResult(curve[-1][1], best, best_epoch, curve, model)
 
 
-def per_class_indices(labels: Tensor, names: list[str], ipc: int, gen: torch.Generator | None, where: str) -> Tensor:
-    """`ipc` indices per class, classes in order: the first ones (gen None) or a seeded random draw."""
+def per_class_indices(labels: Tensor, names: list[str], ipc: int, generator: torch.Generator | None,
+                      where: str) -> Tensor:
+    """`ipc` indices per class, classes in order: the first ones (generator None) or a seeded random draw."""
     picks = []
     for c, name in enumerate(names):
         pool = (labels == c).nonzero().squeeze(1)
         if len(pool) < ipc:
             raise StageError(f"{where}: class {name} has {len(pool)} images, IPC {ipc} needs at least {ipc}")
-        picks.append(pool[:ipc] if gen is None else pool[torch.randperm(len(pool), generator=gen)[:ipc]].sort().values)
+        picks.append(pool[:ipc] if generator is None
+                     else pool[torch.randperm(len(pool), generator=generator)[:ipc]].sort().values)
     return torch.cat(picks)
 
 
@@ -155,20 +160,83 @@ def _resize(x: Tensor, size: int) -> Tensor:
     return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
 
 
+Job = tuple[str, str, "int | None", int]  # (net, kind: distilled | random_real | full, IPC, seed index)
+
+
+@dataclass
+class Plan:
+    """What every classifier job of one evaluation shares: the sets, their normalization and the job list."""
+
+    cfg: Config
+    names: list[str]  # class names, in label order
+    train: ImageSet | ImageFiles  # the real train set (listed only when no full-data job needs it)
+    val: ImageSet
+    syn: ImageSet  # the distilled set
+    syn_dir: Path
+    stats_from: str  # which real images gave the normalization statistics
+    size: int  # classifier input size (px)
+    norm: tuple[Tensor, Tensor]  # per-channel (mean, std) [1, C, 1, 1] on the device
+    device: torch.device
+    ipcs: list[int]
+    jobs: list[Job]
+    key_parts: dict  # everything besides the job itself that determines a job's result
+
+    def prepare(self, s: ImageSet) -> tuple[Tensor, Tensor]:
+        """uint8 pixels at the classifier size and labels, on the device."""
+        x = s.images if s.images.shape[-1] == self.size else to_uint8(_resize(s.as_float(), self.size))
+        return x.to(self.device), s.labels.to(self.device)
+
+    def job_file(self, job: Job) -> Path:
+        net, kind, ipc, s = job
+        return evaluate_jobs(self.cfg.run_dir) / f"{net}_{kind}_ipc{ipc}_seed{s}.json"
+
+    def record(self, job: Job) -> dict | None:
+        """The saved result of `job` if it was made with everything this plan would use, else None."""
+        file = self.job_file(job)
+        record = json.loads(file.read_text()) if file.is_file() else None
+        if job[1] == "full" and job[3] == 0 and not file.with_suffix(".safetensors").is_file():
+            return None  # the feature extractor of the metrics is kept beside this record
+        return record if record is not None and record.get("key") == self.key(job) else None
+
+    def key(self, job: Job) -> int:
+        return derive_seed(json.dumps({**self.key_parts, "job": list(job)}, sort_keys=True))
+
+
 def evaluate_stage(cfg: Config, force: bool = False, distilled: str | None = None) -> Path:
-    """Score the distilled set (default: <run>/samples) -> <run>/evaluate/results.json."""
-    ecfg = cfg.evaluate
+    """Score the distilled set (default: <run>/samples) -> <run>/evaluate/results.json. Under torchrun the
+    classifier jobs are dealt to the ranks round-robin; rank 0 merges their records."""
     device = dist.init(setup(cfg))
-    final = cfg.run_dir / "evaluate"
-    syn_dir = Path(distilled) if distilled else cfg.run_dir / "samples"
+    final = stage_dir(cfg.run_dir, "evaluate")
+    syn_dir = Path(distilled) if distilled else stage_dir(cfg.run_dir, "sample")
     if not syn_dir.is_dir():
         raise StageError(f"distilled set {syn_dir} does not exist: run `diffdistill sample` first")
     check_output_free(final, force)  # on every rank, before any work
     t0 = time.perf_counter()
+    plan = plan_evaluation(cfg, syn_dir, device)
+    run_jobs(plan)
+    dist.barrier()
+    if not dist.is_main():
+        return final
+    records = collect_records(plan)
+    results = aggregate(plan, records)
+    if cfg.evaluate.full and cfg.evaluate.metrics:
+        results["metrics"] = feature_metrics(plan, records)
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    with staged_dir(final, force) as out:
+        save_real_examples(plan, out)
+        atomic_write_json(out / "results.json", results)
+        write_run_info(out, cfg, "evaluate", {"data": results["data"]})
+    return final
+
+
+def plan_evaluation(cfg: Config, syn_dir: Path, device: torch.device) -> Plan:
+    """Read the sets, fix the normalization and list the jobs; too few images for an IPC fail here, before
+    any training."""
+    ecfg = cfg.evaluate
     names = data_classes(cfg.data)
     if cfg.data.train is not None and not ecfg.full:  # only IPC-sized real subsets are needed: list, don't read
         val = load_val(cfg.data, names, cfg.data.channels)
-        train = list_train(cfg.data, val.channels)
+        train: ImageSet | ImageFiles = list_train(cfg.data, val.channels)
         k = min(NORM_IMAGES_PER_CLASS, int(torch.bincount(train.labels).min()))
         stats = train.subset(per_class_indices(train.labels, names, k, torch.Generator().manual_seed(
             derive_seed(cfg.seed, "evaluate", "normalization")), "data.train"))
@@ -182,126 +250,130 @@ def evaluate_stage(cfg: Config, force: bool = False, distilled: str | None = Non
     real01 = _resize(stats.as_float() / 2 + 0.5, size)
     norm = (real01.mean((0, 2, 3), keepdim=True).to(device),
             real01.std((0, 2, 3), keepdim=True).clamp_min(1e-3).to(device))
-
-    def prep(s: ImageSet) -> tuple[Tensor, Tensor]:  # uint8 pixels at the classifier size, on the device
-        x = s.images if s.images.shape[-1] == size else to_uint8(_resize(s.as_float(), size))
-        return x.to(device), s.labels.to(device)
-
-    x_val, y_val = prep(val)
-    syn_xy = prep(syn) if ecfg.full else None  # only the full-data classifiers score it (fidelity)
-    flip = cfg.data.hflip
     ipcs = sorted(set(ecfg.ipc or cfg.sample.ipc))
     for labels, where in ((syn.labels, "distilled set"), (train.labels, "random-real baseline (real train set)")):
         per_class_indices(labels, names, max(ipcs), None, where)  # too few images: say so before any training
-    jobs = [(net, kind, ipc, s) for net in ecfg.nets for ipc in ipcs for kind in ("distilled", "random_real")
-            for s in range(ecfg.seeds)]
+    jobs: list[Job] = [(net, kind, ipc, s) for net in ecfg.nets for ipc in ipcs
+                       for kind in ("distilled", "random_real") for s in range(ecfg.seeds)]
     if ecfg.full:
         jobs += [(net, "full", None, s) for net in ecfg.nets for s in range(ecfg.seeds)]
-    cache = cfg.run_dir / "evaluate-jobs"
-    common = {"recipe": RECIPE_VERSION, "evaluate": to_dict(cfg)["evaluate"], "hflip": flip, "seed": cfg.seed,
-              "train": train.sha256(), "normalization": stats_from,
-              "val": val.sha256(), "distilled": syn.sha256(), "torch": torch.__version__}
+    key_parts = {"recipe": RECIPE_VERSION, "evaluate": to_dict(cfg)["evaluate"], "hflip": cfg.data.hflip,
+                 "seed": cfg.seed, "train": train.sha256(), "normalization": stats_from, "val": val.sha256(),
+                 "distilled": syn.sha256(), "torch": torch.__version__}
+    return Plan(cfg, names, train, val, syn, syn_dir, stats_from, size, norm, device, ipcs, jobs, key_parts)
 
-    def job_record(net: str, kind: str, ipc: int | None, s: int) -> tuple[Path, int, dict | None]:
-        key = derive_seed(json.dumps({**common, "job": [net, kind, ipc, s]}, sort_keys=True))
-        file = cache / f"{net}_{kind}_ipc{ipc}_seed{s}.json"
-        record = json.loads(file.read_text()) if file.is_file() else None
-        if kind == "full" and s == 0 and not file.with_suffix(".safetensors").is_file():
-            record = None  # the feature extractor of the metrics is kept beside this record
-        return file, key, record if record is not None and record.get("key") == key else None
 
-    # torchrun: jobs are dealt to the ranks round-robin; each writes its records, rank 0 merges them
-    mine = [job for n, job in enumerate(jobs) if n % dist.world_size() == dist.rank()]
+def run_jobs(plan: Plan) -> None:
+    """Train this rank's jobs that have no valid saved record; save each record as it finishes."""
+    mine = [job for n, job in enumerate(plan.jobs) if n % dist.world_size() == dist.rank()]
+    val_xy = plan.prepare(plan.val)
+    syn_xy = plan.prepare(plan.syn) if plan.cfg.evaluate.full else None  # fidelity: full-data nets score it
     bar = tqdm(mine, desc="evaluate", unit="model", dynamic_ncols=True, disable=not dist.is_main())
-    for net, kind, ipc, s in bar:
-        bar.set_postfix_str(f"{net} {kind} ipc={ipc} seed={s}")
-        file, key, record = job_record(net, kind, ipc, s)
-        if record is None:
-            record, model = _run_job(cfg, net, kind, ipc, s, train, syn, prep, (x_val, y_val), syn_xy, norm)
-            record["key"] = key
-            if kind == "full" and s == 0:  # weights first: a record implies its weights exist
-                atomic_write_bytes(file.with_suffix(".safetensors"), save(
-                    {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
-            atomic_write_json(file, record)
-    dist.barrier()
-    if not dist.is_main():
-        return final
+    for job in bar:
+        bar.set_postfix_str("{} {} ipc={} seed={}".format(*job))
+        if plan.record(job) is not None:
+            continue
+        record, model = _run_job(plan, job, val_xy, syn_xy)
+        record["key"] = plan.key(job)
+        file = plan.job_file(job)
+        if job[1] == "full" and job[3] == 0:  # weights first: a record implies its weights exist
+            atomic_write_bytes(file.with_suffix(".safetensors"), save(
+                {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
+        atomic_write_json(file, record)
+
+
+def _run_job(plan: Plan, job: Job, val_xy: tuple[Tensor, Tensor],
+             syn_xy: tuple[Tensor, Tensor] | None) -> tuple[dict, torch.nn.Module]:
+    """Train one classifier; the record holds what the report needs (and which images were used)."""
+    cfg, ecfg, (net, kind, ipc, s) = plan.cfg, plan.cfg.evaluate, job
+    seed = derive_seed(cfg.seed, "evaluate", net, kind, ipc, s)
+    generator = torch.Generator().manual_seed(seed)
+    record: dict = {"net": net, "kind": kind, "ipc": ipc, "seed": s}
+    if kind == "distilled":
+        idx = per_class_indices(plan.syn.labels, plan.names, ipc, generator if ecfg.pool else None, "distilled set")
+        subset = plan.syn.subset(idx)
+        if ecfg.pool:
+            record["indices"] = idx.tolist()
+    elif kind == "random_real":
+        idx = per_class_indices(plan.train.labels, plan.names, ipc, generator,
+                                "random-real baseline (real train set)")
+        record["indices"] = idx.tolist()
+        subset = plan.train.subset(idx)
+    else:
+        subset = plan.train
+    epochs = ecfg.full_epochs if kind == "full" else ecfg.epochs or epochs_for_ipc(ipc)
+    res = train_classifier(net, *plan.prepare(subset), *val_xy, plan.norm, len(plan.names), epochs, seed, ecfg,
+                           cfg.data.hflip)
+    record.update(final=res.final, best=res.best, best_epoch=res.best_epoch, curve=res.curve, epochs=epochs)
+    if kind == "full":
+        record["fidelity"] = accuracy(res.model, *syn_xy, plan.norm)
+    return record, res.model
+
+
+def collect_records(plan: Plan) -> dict:
+    """records[net][kind][ipc] = the records of every seed (all ranks' jobs must be there)."""
     records: dict = {}
-    for net, kind, ipc, s in jobs:
-        file, _, record = job_record(net, kind, ipc, s)
+    for job in plan.jobs:
+        record = plan.record(job)
         if record is None:
-            raise StageError(f"evaluate: the result {file} of another process is missing or stale")
+            raise StageError(f"evaluate: the result {plan.job_file(job)} of another process is missing or stale")
+        net, kind, ipc, _ = job
         records.setdefault(net, {}).setdefault(kind, {}).setdefault(ipc, []).append(record)
+    return records
+
+
+def aggregate(plan: Plan, records: dict) -> dict:
+    """results.json: per net and IPC the distilled and random-real summaries, gap and DD-Ranking scores;
+    the full-data baseline and fidelity; the data, protocol and config they come from."""
+    cfg, ecfg = plan.cfg, plan.cfg.evaluate
     by_net = {}
     for net, kinds in records.items():
         entry: dict = {"norm": ecfg.norm or DEFAULT_NORM[net], "ipc": {}}
-        for ipc in ipcs:
+        full = [r["final"] for r in kinds["full"][None]] if "full" in kinds else None
+        for ipc in plan.ipcs:
             e = {kind: _result(kinds[kind][ipc]) for kind in ("distilled", "random_real")}
             e["gap_over_random_real"] = round(e["distilled"]["mean"] - e["random_real"]["mean"], 2)
             e["random_real"]["indices"] = [r["indices"] for r in kinds["random_real"][ipc]]
             if ecfg.pool:
                 e["distilled"]["indices"] = [r["indices"] for r in kinds["distilled"][ipc]]
             e["dd_ranking"] = dd_ranking([r["final"] for r in kinds["distilled"][ipc]],
-                                         [r["final"] for r in kinds["random_real"][ipc]],
-                                         [r["final"] for r in kinds["full"][None]] if "full" in kinds else None)
+                                         [r["final"] for r in kinds["random_real"][ipc]], full)
             entry["ipc"][str(ipc)] = e
         if "full" in kinds:
             runs = kinds["full"][None]
             entry["full"] = _result(runs)
-            entry["fidelity"] = {**summarize([r["fidelity"] for r in runs]), "num_images": len(syn),
+            entry["fidelity"] = {**summarize([r["fidelity"] for r in runs]), "num_images": len(plan.syn),
                                  "classifier": f"{net} trained on the full real train set"}
         by_net[net] = entry
     primary = ecfg.nets[0]
-    report = {"net": primary, "full": None, "fidelity": None, **by_net[primary],
-              "by_net": by_net}
-    report["data"] = {"train_sha256": common["train"], "val_sha256": common["val"],
-                      "distilled_sha256": common["distilled"], "num_train": len(train), "num_val": len(val),
-                      "classes": names, "distilled_set": str(syn_dir), "normalization": f"per-channel mean "
-                      f"and std of {stats_from}",
-                      "ipc_handling": ("IPC per class drawn at random (seeded) from the set" if ecfg.pool
-                                       else "the first IPC images per class of the set")}
-    report["protocol"] = {
-        "epochs": {str(ipc): ecfg.epochs or epochs_for_ipc(ipc) for ipc in ipcs}, "full_epochs": ecfg.full_epochs,
-        "seeds": ecfg.seeds, "image_size": size, "headline": "final-epoch accuracy (%), mean ± std over seeds",
-        "augmentation": {"crop_scale": list(ecfg.crop_scale), "hflip": flip, "color_jitter": ecfg.color_jitter,
-                         "lighting": ecfg.lighting, "cutmix_prob": ecfg.cutmix_prob,
-                         "cutmix_beta": ecfg.cutmix_beta}}
-    report["seconds"] = round(time.perf_counter() - t0, 1)
-    report["config"] = to_dict(cfg)
-    report["world_size"] = dist.world_size()
-    if ecfg.full and ecfg.metrics:
-        report["metrics"] = feature_metrics(cfg, names, train, syn, prep, norm, records, cache, ipcs)
-    with staged_dir(final, force) as out:
-        atomic_write_json(out / "results.json", report)
-        write_run_info(out, cfg, "evaluate", {"data": report["data"]})
-    return final
+    results = {"net": primary, "full": None, "fidelity": None, **by_net[primary], "by_net": by_net}
+    k = plan.key_parts
+    results["data"] = {"train_sha256": k["train"], "val_sha256": k["val"], "distilled_sha256": k["distilled"],
+                       "num_train": len(plan.train), "num_val": len(plan.val), "classes": plan.names,
+                       "distilled_set": str(plan.syn_dir),
+                       "normalization": f"per-channel mean and std of {plan.stats_from}",
+                       "ipc_handling": ("IPC per class drawn at random (seeded) from the set" if ecfg.pool
+                                        else "the first IPC images per class of the set")}
+    results["protocol"] = {
+        "epochs": {str(ipc): ecfg.epochs or epochs_for_ipc(ipc) for ipc in plan.ipcs},
+        "full_epochs": ecfg.full_epochs, "seeds": ecfg.seeds, "image_size": plan.size,
+        "headline": "final-epoch accuracy (%), mean ± std over seeds",
+        "augmentation": {"crop_scale": list(ecfg.crop_scale), "hflip": cfg.data.hflip,
+                         "color_jitter": ecfg.color_jitter, "lighting": ecfg.lighting,
+                         "cutmix_prob": ecfg.cutmix_prob, "cutmix_beta": ecfg.cutmix_beta}}
+    results["config"] = to_dict(cfg)
+    results["world_size"] = dist.world_size()
+    return results
 
 
-def _run_job(cfg: Config, net: str, kind: str, ipc: int | None, s: int, train: ImageSet | ImageFiles, syn: ImageSet,
-             prep, val: tuple[Tensor, Tensor], syn_xy: tuple[Tensor, Tensor] | None,
-             norm: tuple[Tensor, Tensor]) -> tuple[dict, torch.nn.Module]:
-    """Train one classifier; the record holds what the report needs (and which images were used)."""
-    ecfg = cfg.evaluate
-    seed = derive_seed(cfg.seed, "evaluate", net, kind, ipc, s)
-    gen = torch.Generator().manual_seed(seed)
-    record: dict = {"net": net, "kind": kind, "ipc": ipc, "seed": s}
-    if kind == "distilled":
-        idx = per_class_indices(syn.labels, syn.classes, ipc, gen if ecfg.pool else None, "distilled set")
-        subset = syn.subset(idx)
-        if ecfg.pool:
-            record["indices"] = idx.tolist()
-    elif kind == "random_real":
-        idx = per_class_indices(train.labels, train.classes, ipc, gen, "random-real baseline (real train set)")
-        record["indices"] = idx.tolist()
-        subset = train.subset(idx)
-    else:
-        subset = train
-    epochs = ecfg.full_epochs if kind == "full" else ecfg.epochs or epochs_for_ipc(ipc)
-    res = train_classifier(net, *prep(subset), *val, norm, len(train.classes), epochs, seed, ecfg, cfg.data.hflip)
-    record.update(final=res.final, best=res.best, best_epoch=res.best_epoch, curve=res.curve, epochs=epochs)
-    if kind == "full":
-        record["fidelity"] = accuracy(res.model, *syn_xy, norm)
-    return record, res.model
+def save_real_examples(plan: Plan, out: Path) -> None:
+    """The first real train images of the first classes, for the report's real-vs-distilled picture (so the
+    report never reads the data set)."""
+    idx = torch.cat([(plan.train.labels == c).nonzero().squeeze(1)[:EXAMPLES_PER_CLASS]
+                     for c in range(min(len(plan.names), EXAMPLE_CLASSES))])
+    real = plan.train.subset(idx)
+    atomic_write_bytes(out / REAL_EXAMPLES, save({"images": real.images.contiguous(),
+                                                  "labels": real.labels.contiguous()}))
 
 
 @torch.no_grad()
@@ -312,30 +384,30 @@ def features(model: torch.nn.Module, x: Tensor, norm: tuple[Tensor, Tensor], bat
                       for i in range(0, len(x), batch)])
 
 
-def feature_metrics(cfg: Config, names: list[str], train: ImageSet, syn: ImageSet, prep,
-                    norm: tuple[Tensor, Tensor], records: dict, cache: Path, ipcs: list[int]) -> dict:
+def feature_metrics(plan: Plan, records: dict) -> dict:
     """Diversity and coverage of the distilled set and of the random-real subset (seed 0) at each IPC,
     against the real train set, in the features of the first net's full-data classifier (seed 0)."""
-    ecfg, net = cfg.evaluate, cfg.evaluate.nets[0]
-    x_train, y_train = prep(train)
+    ecfg, net, names = plan.cfg.evaluate, plan.cfg.evaluate.nets[0], plan.names
+    x_train, y_train = plan.prepare(plan.train)
     model = build_classifier(net, x_train.shape[1], len(names), x_train.shape[-1], ecfg.width, ecfg.norm)
-    model.load_state_dict(load_file(str(cache / f"{net}_full_ipcNone_seed0.safetensors")))
+    model.load_state_dict(load_file(str(plan.job_file((net, "full", None, 0)).with_suffix(".safetensors"))))
     model.to(x_train.device)
-    real, real_y = features(model, x_train, norm), y_train.cpu()
-    x_syn, _ = prep(syn)
-    fake_all = features(model, x_syn, norm)
+    real, real_y = features(model, x_train, plan.norm), y_train.cpu()
+    x_syn, _ = plan.prepare(plan.syn)
+    fake_all = features(model, x_syn, plan.norm)
     real_div = per_class_metrics(real, real_y, real, real_y, names, ecfg.knn)["overall"]["diversity"]
     out: dict = {
         "feature_space": f"penultimate layer of the {net} trained on the full real train set (seed 0)",
-        "k": ecfg.knn, "reference": f"the real train set ({len(train)} images)", "real_train_diversity": real_div,
-        "ipc": {},
+        "k": ecfg.knn, "reference": f"the real train set ({len(plan.train)} images)",
+        "real_train_diversity": real_div, "ipc": {},
     }
-    for ipc in ipcs:
+    for ipc in plan.ipcs:
         drawn = records[net]["distilled"][ipc][0].get("indices")  # --pool: seed 0's draw
-        d_idx = torch.tensor(drawn) if drawn is not None else per_class_indices(syn.labels, names, ipc, None, "")
+        d_idx = torch.tensor(drawn) if drawn is not None else per_class_indices(plan.syn.labels, names, ipc,
+                                                                                None, "")
         r_idx = torch.tensor(records[net]["random_real"][ipc][0]["indices"])
         out["ipc"][str(ipc)] = {
-            "distilled": per_class_metrics(real, real_y, fake_all[d_idx], syn.labels[d_idx], names, ecfg.knn),
+            "distilled": per_class_metrics(real, real_y, fake_all[d_idx], plan.syn.labels[d_idx], names, ecfg.knn),
             "random_real": per_class_metrics(real, real_y, real[r_idx], real_y[r_idx], names, ecfg.knn),
         }
     return out

@@ -1,11 +1,13 @@
-"""The latent cache: the train images encoded once by the autoencoder, read back by fine-tuning.
+"""What the training loop reads: latents from the images (the autoencoder runs every step) or from the
+latent cache, and the order it reads them in.
 
-`diffdistill prepare` stores, for every train image (and its mirror image when `data.hflip`), the
-autoencoder's UNSCALED posterior mean and std ([C, H, W] each) in safetensors shards. Training then draws
-z0 = s · (mean + std · ε) from them, exactly as encoding every step would (same formula, same generator),
-without running the VAE. A cache lives in `<prepare.dir>/<key>/`; the key hashes everything that
-determines its contents (autoencoder id and revision, image list with byte sizes, classes, image size,
-channels, flips, storage dtype, shard size), so runs that share data and VAE share one cache.
+The latent cache: `diffdistill prepare` (prepare.py) stores, for every train image (and its mirror
+image when `data.hflip`), the autoencoder's UNSCALED posterior mean and std ([C, H, W] each) in
+safetensors shards. Training then draws z0 = s · (mean + std · ε) from them, exactly as encoding every
+step would (same formula, same generator), without running the VAE. A cache lives in
+`<prepare.dir>/<key>/`; the key hashes everything that determines its contents (autoencoder id and
+revision, image list with byte sizes, classes, image size, channels, flips, storage dtype, shard size),
+so runs that share data and VAE share one cache.
 
 Layout: shard-00000.safetensors ... (tensors `mean`, `std`, `mean_flip`, `std_flip`, `labels`; std is
 absent for a deterministic autoencoder; metadata: the SHA-256 of the shard's decoded pixels), files.txt
@@ -18,21 +20,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import time
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from diffdistill.autoencoders import build_autoencoder
-from diffdistill.checkpoint import StageError, atomic_write_bytes, atomic_write_json, atomic_write_text
-from diffdistill.config import Config
-from diffdistill.data.datasets import BUILTINS, ImageSet, data_classes, file_listing, list_images, read_images
-from diffdistill.runtime import setup, write_run_info
+from diffdistill.autoencoders import build_autoencoder, sample_latent
+from diffdistill.config import Config, TrainConfig
+from diffdistill.data.datasets import BUILTINS, ImageSet, data_classes, file_listing, list_images, load_data
+from diffdistill.errors import StageError
 
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
@@ -43,7 +40,7 @@ def cache_root(cfg: Config) -> Path:
     return Path(cfg.prepare.dir) if cfg.prepare.dir else Path(cfg.out_dir) / "latent-cache"
 
 
-def _builtin_train(cfg: Config) -> ImageSet:
+def builtin_train(cfg: Config) -> ImageSet:
     return BUILTINS[cfg.data.builtin](cfg.data)[0]
 
 
@@ -53,7 +50,7 @@ def cache_key(cfg: Config, listing: tuple[list[Path], list[int]] | None = None) 
     a, d = cfg.autoencoder, cfg.data
     classes = data_classes(d)
     if d.train is None:
-        images: object = {"builtin": d.builtin, "sha256": _builtin_train(cfg).sha256()}
+        images: object = {"builtin": d.builtin, "sha256": builtin_train(cfg).sha256()}
     else:
         files, labels = listing or list_images(d.train, classes)
         images = [list(row) for row in file_listing(files, labels, d.train)]
@@ -69,88 +66,6 @@ def cache_key(cfg: Config, listing: tuple[list[Path], list[int]] | None = None) 
 
 def cache_dir(cfg: Config) -> Path:
     return cache_root(cfg) / cache_key(cfg)
-
-
-def prepare_stage(cfg: Config, force: bool = False) -> Path:
-    """Encode the train images into the cache folder for this config; returns that folder."""
-    device = setup(cfg)
-    d, p = cfg.data, cfg.prepare
-    classes = data_classes(d)
-    listing = list_images(d.train, classes) if d.train is not None else None
-    try:
-        folder = cache_root(cfg) / cache_key(cfg, listing)
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise StageError(f"prepare.dir: cannot write the latent cache under {cache_root(cfg)}: "
-                         f"{err.strerror or err}") from None
-    if (folder / MANIFEST).is_file() and not force:
-        print(f"latent cache {folder} is complete; nothing to do (--force re-encodes it)")
-        return folder
-    if force:
-        (folder / MANIFEST).unlink(missing_ok=True)
-        for old in folder.glob("shard-*.safetensors"):
-            old.unlink()
-    ae = build_autoencoder(cfg.autoencoder).to(device)
-    if listing is None:
-        memory: ImageSet | None = _builtin_train(cfg)
-        files, labels, channels = None, memory.labels.tolist(), memory.channels
-    else:
-        memory = None
-        files, labels = listing
-        # the KL autoencoder fixes the channels; the identity map needs to see every image to decide
-        channels = d.channels or ae.in_channels
-        if channels is None:
-            memory = read_images(files, labels, classes, d.image_size, None, d.train)
-            channels = memory.channels
-    latent = ae.latent_shape(channels, d.image_size)
-    n, dtype = len(labels), DTYPES[p.dtype]
-    shards = math.ceil(n / p.shard_size)
-    data_hash, t0 = hashlib.sha256(), time.perf_counter()
-    bar = tqdm(total=n, desc="prepare", unit="img", dynamic_ncols=True)
-    for s in range(shards):
-        lo, hi = s * p.shard_size, min(n, (s + 1) * p.shard_size)
-        path = folder / f"shard-{s:05d}.safetensors"
-        if not path.is_file():  # finished shards of an interrupted run are kept, their images not re-read
-            chunk = memory.subset(torch.arange(lo, hi)) if memory is not None else read_images(
-                files[lo:hi], labels[lo:hi], classes, d.image_size, channels, d.train)
-            pixels = hashlib.sha256(chunk.images.numpy().tobytes()).hexdigest()
-            tensors = _encode_chunk(ae, chunk, p.batch_size, d.hflip, dtype, device)
-            atomic_write_bytes(path, save(tensors, {"images_sha256": pixels}))
-        with safe_open(str(path), framework="pt") as handle:
-            data_hash.update(handle.metadata()["images_sha256"].encode())
-        bar.update(hi - lo)
-    bar.close()
-    data_hash.update(torch.tensor(labels, dtype=torch.long).numpy().tobytes())
-    data_hash.update("\n".join(classes).encode())
-    if files is not None:
-        atomic_write_text(folder / "files.txt", "\n".join(str(f.relative_to(d.train)) for f in files) + "\n")
-    manifest = {
-        "version": CACHE_VERSION, "key": folder.name, "num_images": n, "classes": classes,
-        "latent_shape": list(latent), "channels": channels, "image_size": d.image_size, "hflip": d.hflip,
-        "dtype": p.dtype, "shard_size": p.shard_size, "shards": shards, "stochastic": ae.stochastic,
-        "scaling_factor": ae.scaling_factor, "autoencoder": cfg.autoencoder.pretrained or cfg.autoencoder.kind,
-        "data_sha256": data_hash.hexdigest(), "train": d.train, "seconds": round(time.perf_counter() - t0, 1),
-    }
-    write_run_info(folder, cfg, "prepare", {"cache": manifest})
-    atomic_write_json(folder / MANIFEST, manifest)
-    return folder
-
-
-@torch.no_grad()
-def _encode_chunk(ae, chunk: ImageSet, batch_size: int, hflip: bool, dtype: torch.dtype,
-                  device: torch.device) -> dict[str, Tensor]:
-    out: dict[str, list[Tensor]] = {}
-    for i in range(0, len(chunk), batch_size):
-        x = chunk.images[i : i + batch_size].to(device).float().div_(127.5).sub_(1)  # [b, C, H, W] in [-1, 1]
-        views = {"": x, "_flip": x.flip(-1)} if hflip else {"": x}
-        for suffix, view in views.items():
-            mean, std = ae.moments(view)
-            out.setdefault("mean" + suffix, []).append(mean.cpu().to(dtype))
-            if std is not None:
-                out.setdefault("std" + suffix, []).append(std.cpu().to(dtype))
-    tensors = {k: torch.cat(v).contiguous() for k, v in out.items()}
-    tensors["labels"] = chunk.labels.clone()
-    return tensors
 
 
 class LatentCache:
@@ -201,3 +116,98 @@ def open_cache(cfg: Config) -> LatentCache:
         raise StageError(f"no latent cache for this data and autoencoder at {folder}: run `diffdistill prepare "
                          f"CONFIG` (same config and overrides) first, or set finetune.latents=images")
     return LatentCache(folder)
+
+
+class ImageLatents:
+    """Train latents made by encoding each batch with the autoencoder (the VAE runs every step)."""
+
+    def __init__(self, data: ImageSet, ae, hflip: bool) -> None:
+        self.data, self.ae, self.hflip = data, ae, hflip
+        self.labels, self.classes = data.labels, data.classes
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def describe(self) -> dict:
+        return {"latents": "encoded every step", "data_sha256": self.data.sha256()}
+
+    def sample(self, idx: Tensor, generator: torch.Generator, device: torch.device) -> Tensor:
+        x = self.data.images[idx].to(device).float().div_(127.5).sub_(1)  # [B, C, H, W] in [-1, 1]
+        if self.hflip:
+            flip = (torch.rand(len(idx), generator=generator) < 0.5).to(device)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return sample_latent(*self.ae.moments(x), self.ae.scaling_factor, generator)  # [B, C', H', W']
+
+
+class CachedLatents:
+    """Train latents drawn from the posterior moments that `diffdistill prepare` stored (no VAE here)."""
+
+    def __init__(self, cache: LatentCache, scaling_factor: float | None, hflip: bool) -> None:
+        self.cache, self.hflip = cache, hflip
+        self.scaling_factor = scaling_factor or cache.manifest["scaling_factor"]
+        self.labels, self.classes = cache.labels, cache.classes
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def describe(self) -> dict:
+        return {"latents": f"cache {self.cache.folder}", "data_sha256": self.cache.manifest["data_sha256"]}
+
+    def sample(self, idx: Tensor, generator: torch.Generator, device: torch.device) -> Tensor:
+        flip = torch.rand(len(idx), generator=generator) < 0.5 if self.hflip else None
+        mean, std = self.cache.moments(idx, flip)
+        return sample_latent(mean.to(device), None if std is None else std.to(device), self.scaling_factor,
+                             generator)
+
+
+def latent_source(cfg: Config, tcfg: TrainConfig,
+                  device: torch.device) -> tuple[ImageLatents | CachedLatents, tuple[int, int, int]]:
+    """(source, latent shape (C, H, W)) for `tcfg.latents`: the autoencoder on the images, or the cache."""
+    if tcfg.latents == "cache":
+        cache = open_cache(cfg)
+        return CachedLatents(cache, cfg.autoencoder.scaling_factor, cfg.data.hflip), cache.latent_shape
+    data, _ = load_data(cfg.data, need_val=False)
+    ae = build_autoencoder(cfg.autoencoder).to(device)
+    return ImageLatents(data, ae, cfg.data.hflip), ae.latent_shape(data.channels, cfg.data.image_size)
+
+
+class BatchOrder:
+    """Endless shuffled epochs of indices; the last partial batch of an epoch is dropped if n > batch.
+
+    With `world` processes the global batch of `batch_size` is split: every rank draws the same
+    permutation (from `generator`, seeded alike on all ranks) and takes its own slice of each global batch,
+    so the ranks partition every epoch, as torch's DistributedSampler does. Its position (this epoch's
+    permutation, the offset in it, and the generator when the order has its own) is part of a checkpoint.
+    """
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1,
+                 owns_generator: bool = False) -> None:
+        if world > 1 and n < batch_size:
+            raise StageError(f"{n} training images are fewer than the global batch of {batch_size}: "
+                             f"lower the batch size or use fewer processes")
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+        self.rank, self.local = rank, batch_size // world
+        self.owns_generator = owns_generator
+        self.perm: Tensor | None = None
+        self.pos = 0
+
+    def __next__(self) -> Tensor:
+        stop = self.n - self.n % self.batch_size if self.n >= self.batch_size else self.n
+        if self.perm is None or self.pos >= max(stop, 1):
+            self.perm, self.pos = torch.randperm(self.n, generator=self.generator), 0
+        lo = self.pos + self.rank * self.local
+        idx = self.perm[lo : lo + self.local]
+        self.pos += self.batch_size
+        return idx
+
+    def state_dict(self) -> dict:
+        state = {"perm": self.perm if self.perm is not None else torch.empty(0, dtype=torch.long), "pos": self.pos}
+        if self.owns_generator:
+            state["generator"] = self.generator.get_state()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.perm = state["perm"] if state["perm"].numel() else None
+        self.pos = int(state["pos"])
+        if self.owns_generator:
+            self.generator.set_state(state["generator"])

@@ -4,6 +4,11 @@ For each class c in the batch whose generated memory is non-empty (X_c = the bat
     R_c = 1 − min_{i∈c, j} cos(X_c,i, M_r[c]_j)      pull the least similar pair toward the real memory
     D_c = max_{i∈c, j} cos(X_c,i, M_g[c]_j)           push the most similar pair away from earlier samples
     a_c = (λ_r R_c + λ_g D_c) / K                    K = number of distinct classes in the batch
+
+Two implementations of the same terms: `memory_loss` / `memory_loss_terms` are the public reference of the
+spec (a loop over classes; banks as lists or dicts of [n, D] tensors; METHOD.md), and
+`memory_loss_terms_dense` is the batched path training uses (banks as padded [C, N, D] tensors, no Python
+loop over classes). Tests hold the two equal in value and gradient.
 """
 
 from __future__ import annotations

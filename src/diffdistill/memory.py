@@ -1,5 +1,10 @@
 """Per-class memories of latents and the policies that shrink them. Pure tensor code, no I/O.
 
+Two entry points, one rule. `select_adaptive` / `select_fifo` are the public reference functions of the
+spec (one bank at a time; METHOD.md); `MemoryBank.push` is the batched path training uses (every class of a
+batch at once, cached similarities). Both prune through `adaptive_keep_mask`, and tests hold the bank's
+selections equal to the reference functions' and both to an independent exact-arithmetic implementation.
+
 `select_adaptive` is the paper's self-adaptive rule: while the bank is too large, drop the row whose
 similarity vector entry s_i = Σ_j cos(m_i, m_j) (diagonal included) is largest — the most redundant
 row — taking the first (oldest) on ties. The similarity matrix is computed once; after each removal the
@@ -8,7 +13,9 @@ removed column is subtracted from s, which gives the same selection as recomputi
 Ties are common in exact arithmetic (duplicate rows; any two remaining rows, s = 1 + S_ab for both), and
 floating-point rounding would break them arbitrarily. So S is made exactly symmetric with a unit diagonal
 and rounded to a fixed grid of 2^-32: every row sum is then exact in float64, whatever the order of
-summation, and exact ties really go to the oldest row.
+summation, and exact ties really go to the oldest row. Similarities are computed in float64 whatever the
+bank's dtype, so that a similarity taken from a bank's cache and a fresh one of the same rows agree; values
+of s closer than about 1e-9 count as a tie (the grid's resolution).
 """
 
 from __future__ import annotations
@@ -54,8 +61,9 @@ def group_by_class(labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def similarity_matrix(bank: Tensor) -> Tensor:
-    """[..., M, D] -> [..., M, M] float64 cosine similarities: exactly symmetric, diagonal 1 (0 for a
-    zero row), on the SIMILARITY_GRID."""
+    """[..., M, D] -> [..., M, M] cosine similarities computed in float64 from the rows' values: exactly
+    symmetric, diagonal 1 (0 for a zero row), on the SIMILARITY_GRID."""
+    bank = bank.double()
     unit = unit_rows(bank)
     return _on_grid(unit @ unit.transpose(-1, -2), bank.norm(dim=-1) > COSINE_EPS)
 
@@ -83,7 +91,8 @@ def select_fifo(bank: Tensor, size: int) -> Tensor:
 
 
 def select_adaptive(bank: Tensor, size: int) -> Tensor:
-    """Indices (ascending) of the rows kept by the similarity-vector rule (see module doc)."""
+    """Indices (ascending) of the rows kept by the similarity-vector rule (see module doc). Any float dtype:
+    the similarities are computed in float64 from the rows' values."""
     m = bank.shape[0]
     if m <= size:
         return torch.arange(m, device=bank.device)
@@ -91,16 +100,7 @@ def select_adaptive(bank: Tensor, size: int) -> Tensor:
     return adaptive_keep_mask(similarity_matrix(bank[None]), valid, size)[0].nonzero().squeeze(1)
 
 
-def select_adaptive_naive(bank: Tensor, size: int) -> Tensor:
-    """Reference for tests and benchmarks: recompute the similarity matrix after every removal."""
-    keep = torch.arange(bank.shape[0], device=bank.device)
-    while keep.numel() > size:
-        i = int(similarity_matrix(bank[keep]).sum(dim=1).argmax())
-        keep = torch.cat([keep[:i], keep[i + 1 :]])
-    return keep
-
-
-SELECTORS: dict[str, Callable[[Tensor, int], Tensor]] = {"adaptive": select_adaptive, "fifo": select_fifo}
+POLICIES = ("adaptive", "fifo")  # the policies a MemoryBank prunes with ("none" = no banks at all)
 
 
 class MemoryBank:
@@ -109,7 +109,8 @@ class MemoryBank:
     Rows of a class are kept in insertion order (oldest first); `bank[c]` is class c's [n, D] view. The
     adaptive policy also keeps each bank's similarity matrix, so a push computes only the new rows'
     similarities ([n + B_c] × B_c dot products instead of (n + B_c)²). Size: C·N·D rows in `dtype`
-    plus C·N² float64 similarities; a push works on the batch's classes only ([K, n + B_c, D] in float32).
+    plus C·N² float64 similarities; a push works on the batch's classes only ([K, n + B_c, D] in float32,
+    similarities in float64).
     """
 
     def __init__(
@@ -121,8 +122,8 @@ class MemoryBank:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        if policy not in SELECTORS:
-            raise ValueError(f"memory policy {policy!r}: expected one of {', '.join(SELECTORS)}")
+        if policy not in POLICIES:
+            raise ValueError(f"memory policy {policy!r}: expected one of {', '.join(POLICIES)}")
         self.size, self.policy = size, policy
         self.rows = torch.zeros(num_classes, size, dim, device=device, dtype=dtype)  # [C, N, D]
         self.counts = torch.zeros(num_classes, dtype=torch.long)  # [C] on CPU: read every step
@@ -141,10 +142,15 @@ class MemoryBank:
     def push(self, rows: Tensor, labels: Tensor) -> None:
         """Append each class's rows in batch order, then shrink that class's bank to `size`.
 
-        All classes of the batch are handled at once: their banks and new rows are laid out as one padded
-        tensor [K, n + B_c, D] and pruned together."""
-        # round to the storage dtype first, so the cached similarities are those of the stored rows;
-        # half-precision banks are computed on in float32
+        All classes of the batch are handled at once, as one padded tensor [K, M, D] (K classes in the
+        batch, M = the largest bank after the new rows arrive):
+          1. round the rows to the storage dtype (so cached similarities are those of the stored rows);
+          2. lay out each class's old rows followed by its new ones (`merged`);
+          3. mark the rows each bank keeps: the newest `size` (fifo) or the adaptive rule on the
+             similarity matrix, whose old-row block comes from the cache (adaptive);
+          4. compact the kept rows to the front, in order, and write them back with the new counts;
+          5. (adaptive) store the kept rows' similarity matrix as the new cache."""
+        # 1. half-precision banks are computed on in float32
         compute = torch.promote_types(self.rows.dtype, torch.float32)
         rows = rows.detach().flatten(1).to(self.rows.dtype).to(compute)  # [B, D]
         labels = labels.to(self.rows.device)
@@ -152,15 +158,16 @@ class MemoryBank:
             rows, labels = self.sync(rows), self.sync(labels)  # every process's rows, in process order
         if labels.numel() == 0:
             return
+        # 2. merged [K, M + 1, D]; one spare all-zero row at index M, onto which dropped slots are compacted
         classes, inv, rank = group_by_class(labels)  # [K], [B], [B]
         k, n = len(classes), self.counts[classes.cpu()].to(labels.device)  # n: rows held now, [K]
         total = n + torch.bincount(inv, minlength=k)  # [K] after the new rows arrive
         width = int(total.max())
         held = min(self.size, width)
-        # one spare all-zero row at index `width`: dropped slots are compacted onto it
-        merged = rows.new_zeros(k, width + 1, rows.shape[1])  # [K, M + 1, D]: old rows, then the new ones
+        merged = rows.new_zeros(k, width + 1, rows.shape[1])
         merged[:, :held] = self.rows[classes, :held].to(compute)  # rows beyond a count are zero (invariant)
         merged[inv, n[inv] + rank] = rows
+        # 3. alive [K, M]
         pos = torch.arange(width, device=labels.device)
         valid = pos[None] < total[:, None]  # [K, M]
         if self.policy == "fifo":
@@ -169,7 +176,7 @@ class MemoryBank:
             sim = self._similarities(merged[:, :width], rows, classes, inv, n, rank, held)  # [K, M, M]
             sim.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0.0)  # stale cache beyond the counts
             alive = adaptive_keep_mask(sim, valid, self.size)
-        # compact the survivors to the front, keeping their order; the slots left over read the zero row
+        # 4. survivors to the front, order kept; the slots left over read the zero row
         keep = torch.argsort((~alive).to(torch.int8), dim=1, stable=True)[:, : self.size]  # [K, <=N]
         count = alive.sum(1)  # [K]
         slots = torch.arange(keep.shape[1], device=keep.device)[None] < count[:, None]
@@ -177,6 +184,7 @@ class MemoryBank:
         kept = torch.gather(merged, 1, src[..., None].expand(-1, -1, merged.shape[2]))
         self.rows[classes, : kept.shape[1]] = kept.to(self.rows.dtype)
         self.counts[classes.cpu()] = count.cpu()
+        # 5. the kept rows' similarities, for the next push
         if self.policy == "adaptive":
             sim = torch.gather(sim, 1, keep[..., None].expand(-1, -1, width))
             self.gram[classes, : keep.shape[1], : keep.shape[1]] = torch.gather(
@@ -184,16 +192,19 @@ class MemoryBank:
 
     def _similarities(self, merged: Tensor, rows: Tensor, classes: Tensor, inv: Tensor, n: Tensor,
                       rank: Tensor, held: int) -> Tensor:
-        """similarity_matrix(merged) with the old rows' block taken from the cache."""
+        """similarity_matrix(merged) with the old rows' block taken from the cache. In float64, like
+        `similarity_matrix`: a cached similarity and a fresh one of the same two rows then land on the same
+        grid point, so a new copy of a held row ties with it exactly (in float32 they differ by ~1e-7)."""
+        merged = merged.double()
         norms = merged.norm(dim=-1)  # [K, M]
-        new_pad = rows.new_zeros(len(classes), int(rank.max()) + 1, rows.shape[1])  # [K, Bmax, D]
-        new_pad[inv, rank] = unit_rows(rows)
+        new_pad = merged.new_zeros(len(classes), int(rank.max()) + 1, rows.shape[1])  # [K, Bmax, D]
+        new_pad[inv, rank] = unit_rows(rows.double())
         cross = (merged @ new_pad.transpose(1, 2)) / norms.clamp_min(COSINE_EPS)[..., None]  # [K, M, Bmax]
         sim = torch.zeros(merged.shape[0], merged.shape[1], merged.shape[1], dtype=torch.float64,
                           device=merged.device)
         sim[:, :held, :held] = self.gram[classes, :held, :held]
         col = n[inv] + rank  # position of each new row in its class's merged bank
-        sim[inv, :, col] = cross[inv, :, rank].double()
+        sim[inv, :, col] = cross[inv, :, rank]
         return _on_grid(sim, norms > COSINE_EPS)  # keeps the upper triangle: (earlier, later) pairs
 
     def state_dict(self) -> dict[str, Tensor]:

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 import yaml
 
-from diffdistill.checkpoint import StageError, atomic_write_json, atomic_write_text
 from diffdistill.config import Config, to_dict
+from diffdistill.errors import StageError
+from diffdistill.files import atomic_write_json, atomic_write_text
 
 PACKAGES = ("diffdistill", "torch", "diffusers", "numpy", "kornia", "safetensors", "pillow", "scikit-learn")
 

@@ -19,14 +19,15 @@ from tqdm.auto import tqdm
 
 from diffdistill import distributed as dist
 from diffdistill.autoencoders import build_decoder
-from diffdistill.checkpoint import StageError, atomic_write_bytes, atomic_write_json, check_output_free, replace_dir
 from diffdistill.config import Config, SampleConfig, to_dict
 from diffdistill.data.classes import condition_ids
 from diffdistill.data.datasets import data_classes, to_uint8
 from diffdistill.diffusion import DEFAULT_SPACING, NoiseSchedule, make_scheduler
+from diffdistill.errors import StageError
+from diffdistill.files import atomic_write_bytes, atomic_write_json, check_output_free, replace_dir
 from diffdistill.models.dit import eps_prediction, learns_sigma, load_dit, null_class
+from diffdistill.runs import model_source, samples_partial, stage_dir
 from diffdistill.runtime import autocast, derive_seed, setup, write_run_info
-from diffdistill.train import model_source
 
 
 def image_file(class_name: str, index: int) -> str:
@@ -48,9 +49,9 @@ def sample_latents(model, scfg: SampleConfig, betas: Tensor, labels: Tensor, gen
     variance (of the conditional half, as in DiT) drives DDPM's noise; other samplers use ε̂ only."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    c = latent_shape[0]
+    channels = latent_shape[0]
     learned = learns_sigma(model) and scfg.scheduler == "ddpm"
-    scheduler = make_scheduler(scfg.scheduler, betas, learned, scfg.timestep_spacing)
+    scheduler = make_scheduler(scfg.scheduler, betas, learned, scfg.timestep_spacing, scfg.ddpm_variance)
     scheduler.set_timesteps(scfg.steps)
     b = labels.shape[0]
     x = randn_tensor((b, *latent_shape), generator=generators, device=torch.device("cpu")).to(device)
@@ -63,7 +64,7 @@ def sample_latents(model, scfg: SampleConfig, betas: Tensor, labels: Tensor, gen
         with autocast(device, precision):
             out = model(x_in, t.expand(x_in.shape[0]).to(device), y.to(device)).sample
         out = out.float()  # [B or 2B, C or 2C, H, W]
-        eps, var = eps_prediction(out, c), out[:b, c:]
+        eps, var = eps_prediction(out, channels), out[:b, channels:]
         if guide:
             eps = guided_eps(*eps.chunk(2), scfg.guidance, scfg.guidance_channels)
         x = scheduler.step(torch.cat([eps, var], 1) if learned else eps, t, x, generator=generators).prev_sample
@@ -79,13 +80,13 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
     of processes and the set is identical for any world size."""
     scfg = cfg.sample
     device = dist.init(setup(cfg))
-    final = cfg.run_dir / "samples"
+    final = stage_dir(cfg.run_dir, "sample")
     check_output_free(final, force)
-    source = model_source(cfg, scfg.checkpoint, scfg.weights)
+    source = model_source(cfg.run_dir, scfg.checkpoint, scfg.weights)
     classes = data_classes(cfg.data)
     cond, _ = condition_ids(classes, cfg.model.class_ids)
     ipc = max(scfg.ipc)
-    work = cfg.run_dir / ".samples.partial"
+    work = samples_partial(cfg.run_dir)
     full = to_dict(cfg)
     spec = {"checkpoint": source, "checkpoint_files": _fingerprint(source), "sample": full["sample"],
             "seed": cfg.seed, "classes": classes, "class_ids": cfg.model.class_ids,
@@ -104,9 +105,9 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
             and not all((work / image_file(classes[c], i)).is_file() for c, i in b)]
     bar = tqdm(total=sum(map(len, mine)), desc="sample", unit="img", dynamic_ncols=True, disable=not dist.is_main())
     for batch in mine:
-        gens = [torch.Generator().manual_seed(seeds[job]) for job in batch]
+        generators = [torch.Generator().manual_seed(seeds[job]) for job in batch]
         labels = torch.tensor([cond[c] for c, _ in batch])
-        z = sample_latents(model, scfg, betas, labels, gens, latent_shape, device, cfg.precision)
+        z = sample_latents(model, scfg, betas, labels, generators, latent_shape, device, cfg.precision)
         images = to_uint8(ae.decode(z)).cpu()  # [B, C, H, W]
         for (c, i), img in zip(batch, images):
             arr = img.permute(1, 2, 0).numpy()
@@ -123,7 +124,7 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
         atomic_write_json(work / "manifest.json", {
             "checkpoint": source, "weights": scfg.weights, "classes": classes, "ipc": ipc,
             "sampler": {"scheduler": scfg.scheduler, "steps": scfg.steps, "guidance": scfg.guidance,
-                        "guidance_channels": scfg.guidance_channels,
+                        "guidance_channels": scfg.guidance_channels, "ddpm_variance": scfg.ddpm_variance,
                         "timestep_spacing": scfg.timestep_spacing or DEFAULT_SPACING[scfg.scheduler],
                         "learned_sigma": learns_sigma(model)},
             "images": records,

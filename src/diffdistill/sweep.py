@@ -31,8 +31,11 @@ from pathlib import Path
 
 import yaml
 
-from diffdistill.checkpoint import StageError, atomic_write_bytes, atomic_write_text
 from diffdistill.config import ConfigError, build_config, read_yaml, to_dict
+from diffdistill.errors import StageError
+from diffdistill.files import atomic_write_bytes, atomic_write_text
+from diffdistill.plots import fig4_plot
+from diffdistill.runs import results_file, stage_dir
 
 # keys a point may not change if the pretrained model is shared (they change what pretraining makes)
 PRETRAIN_KEYS = ("pretrain.", "data.", "model.", "diffusion.", "autoencoder.", "prepare.")
@@ -129,26 +132,26 @@ def run_sweep(sweep: Sweep, out_dir: str | None = None) -> Path:
     extra = []
     if shared:
         pre_cfg = build_config(sweep.base, [*sweep.common, f"out_dir={root}", "name=shared"])
-        if not (pre_cfg.run_dir / "pretrain").is_dir():
+        if not stage_dir(pre_cfg.run_dir, "pretrain").is_dir():
             print(f"== sweep {sweep.name}: shared pretraining ==", flush=True)
             train_stage(pre_cfg, "pretrain", force=False, resume=True)
-        extra = ["pretrain.steps=0", f"finetune.init={pre_cfg.run_dir / 'pretrain' / 'ema'}"]
-    rows = []
+        extra = ["pretrain.steps=0", f"finetune.init={stage_dir(pre_cfg.run_dir, 'pretrain') / 'ema'}"]
+    table = []
     total = len(sweep.points) * len(sweep.seeds)
     for n, (point, seed) in enumerate(((p, s) for p in sweep.points for s in sweep.seeds), start=1):
         cfg = build_config(sweep.base, [*sweep.common, *point.overrides, *extra, f"seed={seed}",
                                         f"out_dir={root}", f"name={_safe(point.label)}-s{seed}"])
-        results = cfg.run_dir / "evaluate" / "results.json"
+        results = results_file(cfg.run_dir)
         if not results.is_file():
             print(f"== sweep {sweep.name} [{n}/{total}]: {point.label}, seed {seed} ==", flush=True)
-            if cfg.finetune.steps > 0 and not (cfg.run_dir / "finetune").is_dir():
+            if cfg.finetune.steps > 0 and not stage_dir(cfg.run_dir, "finetune").is_dir():
                 train_stage(cfg, "finetune", force=False, resume=True)
-            if not (cfg.run_dir / "samples").is_dir():
+            if not stage_dir(cfg.run_dir, "sample").is_dir():
                 sample_stage(cfg)
             evaluate_stage(cfg, force=True)
             write_report(cfg.run_dir)
-        rows += _rows(point, seed, json.loads(results.read_text()), cfg.run_dir)
-    _write_outputs(sweep, root, rows)
+        table += _table_entries(point, seed, json.loads(results.read_text()), cfg.run_dir)
+    _write_outputs(sweep, root, table)
     return root
 
 
@@ -156,7 +159,7 @@ def _safe(label: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in label)
 
 
-def _rows(point: Point, seed: int, res: dict, run_dir: Path) -> list[dict]:
+def _table_entries(point: Point, seed: int, res: dict, run_dir: Path) -> list[dict]:
     out = []
     for net, entry in res["by_net"].items():
         for ipc, e in entry["ipc"].items():
@@ -171,10 +174,10 @@ def _rows(point: Point, seed: int, res: dict, run_dir: Path) -> list[dict]:
     return out
 
 
-def summarize(rows: list[dict]) -> list[dict]:
+def summarize(table: list[dict]) -> list[dict]:
     """Mean ± std (over seeds) per (label, net, IPC) of the distilled accuracy and the other columns."""
     groups: dict[tuple, list[dict]] = {}
-    for r in rows:
+    for r in table:
         groups.setdefault((r["label"], r["net"], r["ipc"]), []).append(r)
     out = []
     for (label, net, ipc), rs in groups.items():
@@ -189,13 +192,13 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _write_outputs(sweep: Sweep, root: Path, rows: list[dict]) -> None:
+def _write_outputs(sweep: Sweep, root: Path, table: list[dict]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(table)
     atomic_write_text(root / "sweep.csv", buf.getvalue())
-    summary = summarize(rows)
+    summary = summarize(table)
     atomic_write_text(root / "summary.md", summary_table(summary, len(sweep.seeds)) + "\n")
     atomic_write_bytes(root / "sweep.png", fig4_plot(summary, sweep.x_label, sweep.default_x))
     atomic_write_text(root / "sweep.yaml", yaml.safe_dump({
@@ -216,44 +219,6 @@ def summary_table(summary: list[dict], seeds: int) -> str:
                      f"{_pm(e.get('random_real'))} | {_pm(e.get('gap'))} | {_pm(e.get('fidelity'))} | "
                      f"{_pm(e.get('diversity'), 3)} | {_pm(e.get('precision'), 3)} | {_pm(e.get('coverage'), 3)} |")
     return "\n".join(lines)
-
-
-def fig4_plot(summary: list[dict], x_label: str, default_x: float | None) -> bytes:
-    """One panel per (net, IPC): for each group a mean line over x with a min–max band; points without
-    an x (or a group of one x) are horizontal reference lines; the default x is a dashed vertical line."""
-    from diffdistill.report import figure_png, pyplot
-
-    plt = pyplot()
-    panels = sorted({(e["net"], e["ipc"]) for e in summary})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    for ax, (net, ipc) in zip(axes[0], panels):
-        entries = [e for e in summary if e["net"] == net and e["ipc"] == ipc and "distilled" in e]
-        groups: dict[str, list[dict]] = {}
-        for e in entries:
-            groups.setdefault(e["group"] or e["label"], []).append(e)
-        xs_all = [e["x"] for e in entries if e["x"] is not None]
-        for name, es in groups.items():
-            es = sorted((e for e in es if e["x"] is not None), key=lambda e: e["x"]) or es
-            if len(es) > 1:
-                xs = [e["x"] for e in es]
-                ax.plot(xs, [e["distilled"][0] for e in es], marker="o", label=name)
-                ax.fill_between(xs, [e["distilled"][2] for e in es], [e["distilled"][3] for e in es], alpha=0.2)
-            else:
-                e = es[0]
-                ax.axhline(e["distilled"][0], color="gray", lw=1, label=f"{name} (mean; band min–max)")
-                ax.axhspan(e["distilled"][2], e["distilled"][3], color="gray", alpha=0.15)
-        rr = [e["random_real"][0] for e in entries if "random_real" in e]
-        if rr:
-            ax.axhline(sum(rr) / len(rr), color="black", ls=":", lw=1, label="random real")
-        if default_x is not None:
-            ax.axvline(default_x, color="black", ls="--", lw=1, label="default")
-        if len(set(xs_all)) > 1 and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 20:
-            ax.set_xscale("log")
-        ax.set_xlabel(x_label)
-        ax.set_ylabel("distilled accuracy (%)")
-        ax.set_title(f"{net}, IPC {ipc}")
-        ax.legend(fontsize=7)
-    return figure_png(fig)
 
 
 def parse_seeds(text: str | None) -> list[int] | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from functools import cache
 from importlib import resources
 
-from diffdistill.checkpoint import StageError
+from diffdistill.errors import StageError
 
 
 @cache

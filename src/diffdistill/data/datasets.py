@@ -15,9 +15,9 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffdistill.checkpoint import StageError
 from diffdistill.config import DataConfig
 from diffdistill.data.classes import resolve_classes
+from diffdistill.errors import StageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}

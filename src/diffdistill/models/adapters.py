@@ -1,4 +1,4 @@
-"""Which DiT parameters train: `full`, or DiffFit (Xie et al. 2023) — biases, norm affines, the class
+"""Which DiT parameters train (and their EMA): `full`, or DiffFit (Xie et al. 2023) — biases, norm affines, the class
 embeddings and a learnable scale γ (init 1) on the attention and feed-forward branch of the first blocks.
 
 γ is applied by forward hooks, so the diffusers model class is not forked. For saving, each γ is folded
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from diffdistill.checkpoint import StageError
+from diffdistill.errors import StageError
 
 GAMMA = "difffit_gamma"  # name of the scale factor registered on each adapted branch (folded away on save)
 
@@ -23,7 +23,6 @@ class Trainable:
     params: list[nn.Parameter]  # what the optimizer updates: those parameters, then the γs
     # (output weight name, output bias name or None) for each γ, in the order of params[len(names):]
     folds: list[tuple[str, str | None]] = field(default_factory=list)
-    hooks: list = field(default_factory=list)
 
     def folded_state_dict(self, model: nn.Module, values: list[Tensor] | None = None) -> dict[str, Tensor]:
         """The model's state dict with `values` (default: the live params) for the trainable ones and
@@ -40,10 +39,17 @@ class Trainable:
                 state[b_name] = state[b_name] * gamma
         return state
 
-    def remove_hooks(self) -> None:
-        for h in self.hooks:
-            h.remove()
-        self.hooks.clear()
+
+class EMA:
+    """Exponential moving average of the trainable parameters (frozen ones never change)."""
+
+    def __init__(self, params: list[nn.Parameter], decay: float) -> None:
+        self.params, self.decay = params, decay
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - self.decay)
 
 
 def _is_difffit_param(name: str, module: nn.Module) -> bool:
@@ -82,6 +88,6 @@ def make_trainable(model: nn.Module, mode: str, difffit_blocks: int | None = Non
             last = [m for m in branch.modules() if isinstance(m, nn.Linear)][-1]  # output projection
             out.folds.append((f"{linear_names[last]}.weight",
                               f"{linear_names[last]}.bias" if last.bias is not None else None))
-            out.hooks.append(branch.register_forward_hook(lambda _m, _i, y, g=gamma: y * g))
+            branch.register_forward_hook(lambda _m, _i, y, g=gamma: y * g)
             out.params.append(gamma)
     return out

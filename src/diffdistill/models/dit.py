@@ -1,19 +1,35 @@
-"""Class-conditional DiT (diffusers' DiTTransformer2DModel) built from a named size or loaded from disk/hub.
+"""Class-conditional DiT (diffusers' DiTTransformer2DModel) built from a named size, loaded from disk/hub,
+or saved as a diffusers model folder.
 
 diffusers gives every transformer block its own timestep + label embedder (the original DiT has one,
 shared; converted checkpoints hold 28 identical copies), each drawing its own 10 % label dropout in train
 mode. We tie the copies back into one module, switch its dropout off and drop labels ourselves, once per
 sample (`drop_labels`), so every block sees the same label and DiffFit trains one class table, as in DiT.
+
+diffusers' DiT also differs from the original DiT code — which trained every public DiT checkpoint, the hub
+folders included — in two numbers: its timestep embedding spaces the sinusoid frequencies by half − 1
+instead of half (`downscale_freq_shift` 1, not 0: 34 % off at t = 250, ~100 % at t = 999), and the
+LayerNorm before each MLP uses eps 1e-5 instead of 1e-6. One rule for every model here, pretrained or
+trained from scratch: the original DiT's numbers (ORIGINAL_DIT). Each saved model folder records the numbers
+it was trained with in CONVENTIONS_FILE, and loading applies what the folder records (the original DiT's
+where it records nothing: hub folders and original checkpoints).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
 
-from diffdistill.checkpoint import StageError, load_pretrained
+from diffdistill.errors import StageError, load_pretrained
+
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # diffusers' file name: folders load with from_pretrained
+CONVENTIONS_FILE = "diffdistill.json"
+# time_freq_shift: frequencies exp(−ln(10⁴)·i / (half − shift)); mlp_norm_eps: eps of the LayerNorm before the MLP
+ORIGINAL_DIT = {"time_freq_shift": 0, "mlp_norm_eps": 1e-6}
 
 # DiT paper sizes: name -> (num_layers, num_attention_heads, attention_head_dim); hidden = heads × head_dim
 _BODIES = {"DiT-S": (12, 6, 64), "DiT-B": (12, 12, 64), "DiT-L": (24, 16, 64), "DiT-XL": (28, 16, 72)}
@@ -45,8 +61,9 @@ def build_dit(size: str, in_channels: int, sample_size: int, num_classes: int, l
         activation_fn="gelu-approximate",
         norm_type="ada_norm_zero",
         norm_elementwise_affine=False,
+        norm_eps=ORIGINAL_DIT["mlp_norm_eps"],
     )
-    return share_block_embeddings(model)
+    return use_conventions(share_block_embeddings(model), ORIGINAL_DIT)
 
 
 def load_dit(source: str, revision: str | None = None, key: str = "finetune.init"):
@@ -64,15 +81,40 @@ def load_dit(source: str, revision: str | None = None, key: str = "finetune.init
                                                       low_cpu_mem_usage=False),
         source, key, revision,
     )
-    return share_block_embeddings(model, source)
+    record = Path(source, subfolder or "", CONVENTIONS_FILE)
+    conventions = {**ORIGINAL_DIT, **json.loads(record.read_text())} if record.is_file() else ORIGINAL_DIT
+    return use_conventions(share_block_embeddings(model, source), conventions)
+
+
+def save_dit(folder: Path, model, state: dict[str, Tensor]) -> None:
+    """A diffusers model folder (config.json + safetensors) holding `state` for `model`'s architecture, and
+    the conventions the model runs with (CONVENTIONS_FILE)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_config(folder)
+    # clone: tied parameters share storage, which safetensors refuses
+    save_file({k: v.detach().cpu().clone().contiguous() for k, v in state.items()}, str(folder / WEIGHTS_FILE))
+    (folder / CONVENTIONS_FILE).write_text(json.dumps(conventions_of(model)) + "\n")
+
+
+def use_conventions(model, conventions: dict):
+    """Run `model` with the given timestep spacing and MLP-norm eps (see the module doc)."""
+    model.transformer_blocks[0].norm1.emb.time_proj.downscale_freq_shift = conventions["time_freq_shift"]
+    for block in model.transformer_blocks:
+        block.norm3.eps = conventions["mlp_norm_eps"]
+    return model
+
+
+def conventions_of(model) -> dict:
+    return {"time_freq_shift": model.transformer_blocks[0].norm1.emb.time_proj.downscale_freq_shift,
+            "mlp_norm_eps": model.transformer_blocks[0].norm3.eps}
 
 
 def load_original_dit(path: str | Path, key: str = "finetune.init"):
     """A checkpoint of the original DiT code (facebookresearch/DiT: a state dict, or {"model": ..., "ema":
     ...} from its train.py, whose EMA weights are used) as a diffusers DiT. Depth, width, patch size, class
-    count, sample size and learned sigma are read from the tensors; the head count from SIZES. As with
-    diffusers' own converter, diffusers' timestep embedding spaces frequencies by half−1 instead of half
-    (a tiny shift), which the pretrained diffusers weights share."""
+    count, sample size and learned sigma are read from the tensors; the head count from SIZES. The model runs
+    with the original DiT's timestep spacing and norm eps (see the module doc), so it computes what the
+    original code computes."""
     state = _read_state(Path(path), key)
     if "ema" in state and isinstance(state["ema"], dict):
         state = state["ema"]

@@ -1,0 +1,66 @@
+"""Where a run keeps its stages, checkpoints and models: the one home of the run folder's layout.
+
+    <out_dir>/<name>/            the run folder (Config.run_dir)
+      pretrain/ finetune/        training stages: {raw,ema}/ diffusers model folders, log.jsonl, run_info.json
+      checkpoints/<stage>/       resumable checkpoints of an unfinished training stage
+      .samples.partial/          images of an unfinished sample stage
+      samples/                   the distilled set: <class>/<i>.png + manifest.json
+      evaluate-jobs/             one record per trained classifier
+      evaluate/                  results.json of the evaluation, real_examples.safetensors
+      results.json report.md *.png   the report
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffdistill.config import Config
+from diffdistill.errors import StageError
+
+TRAINING_STAGES = ("pretrain", "finetune")
+# stage -> its output folder inside the run folder (prepare writes to the shared, resumable latent cache)
+STAGE_FOLDERS = {"pretrain": "pretrain", "finetune": "finetune", "sample": "samples", "evaluate": "evaluate"}
+REAL_EXAMPLES = "real_examples.safetensors"  # in the evaluate folder: real train images for the report
+
+
+def stage_dir(run_dir: Path, stage: str) -> Path:
+    return run_dir / STAGE_FOLDERS[stage]
+
+
+def checkpoint_root(run_dir: Path, stage: str) -> Path:
+    return run_dir / "checkpoints" / stage
+
+
+def samples_partial(run_dir: Path) -> Path:
+    return run_dir / ".samples.partial"
+
+
+def evaluate_jobs(run_dir: Path) -> Path:
+    return run_dir / "evaluate-jobs"
+
+
+def results_file(run_dir: Path) -> Path:
+    return stage_dir(run_dir, "evaluate") / "results.json"
+
+
+def training_log(run_dir: Path, stage: str) -> Path:
+    return stage_dir(run_dir, stage) / "log.jsonl"
+
+
+def model_source(run_dir: Path, spec: str, weights: str = "ema") -> str:
+    """A training stage of this run ("pretrain", "finetune") -> its saved model folder; else `spec` as given
+    (a diffusers folder, a hub id or an original DiT checkpoint)."""
+    if spec in TRAINING_STAGES:
+        folder = stage_dir(run_dir, spec) / weights
+        if not folder.is_dir():
+            raise StageError(f"{folder} does not exist: run `diffdistill {spec}` with this config first")
+        return str(folder)
+    return spec
+
+
+def run_order(cfg: Config) -> list[str]:
+    """The stages `diffdistill run` chains for this config, in order."""
+    training = [s for s in TRAINING_STAGES if getattr(cfg, s).steps > 0]
+    prepare = ["prepare"] if any(getattr(cfg, s).latents == "cache" for s in training) else []
+    return prepare + training + ["sample", "evaluate"]
+
