@@ -23,7 +23,7 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
 def test_finetune_and_sample_under_torchrun(tmp_path):
     common = ["configs/demo-digits.yaml", f"out_dir={tmp_path}", "finetune.init=null", "finetune.steps=6",
               "finetune.batch_size=16", "finetune.log_every=1", "sample.ipc=[3]", "sample.steps=4",
-              "sample.batch_size=4", "threads=1"]
+              "sample.batch_size=4", "threads=1", "device=cpu"]
     torchrun("finetune", *common)
     run = tmp_path / "demo-digits"
     info = json.loads((run / "finetune" / "run_info.json").read_text())
@@ -59,7 +59,7 @@ def test_finetune_and_sample_under_torchrun(tmp_path):
 @pytest.mark.slow
 def test_allgather_memories_are_the_same_on_every_rank(tmp_path):
     common = ["configs/demo-digits.yaml", f"out_dir={tmp_path}", "finetune.init=null", "finetune.steps=4",
-              "finetune.batch_size=16", "finetune.memory.sync=allgather", "threads=1"]
+              "finetune.batch_size=16", "finetune.memory.sync=allgather", "threads=1", "device=cpu"]
     torchrun("finetune", *common)
     out = tmp_path / "demo-digits" / "finetune"
     assert (out / "memory.safetensors").is_file() and not (out / "memory-rank1.safetensors").exists()

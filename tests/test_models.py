@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from diffdistill.autoencoders import IdentityAutoencoder, build_autoencoder
+from diffdistill.autoencoders import IdentityAutoencoder, build_autoencoder, sample_latent
 from diffdistill.config import AutoencoderConfig
 from diffdistill.errors import StageError
 from diffdistill.models.adapters import make_trainable
@@ -88,7 +88,7 @@ def test_difffit_xl2_parameter_count():
 def test_identity_autoencoder_roundtrip():
     ae = IdentityAutoencoder(unshuffle=2)
     x = torch.rand(2, 1, 16, 16) * 2 - 1
-    z = ae.encode(x)
+    z = sample_latent(*ae.moments(x), ae.scaling_factor)
     assert z.shape == (2, 4, 8, 8) and ae.latent_shape(1, 16) == (4, 8, 8)
     assert torch.equal(ae.decode(z), x)
     with pytest.raises(StageError, match="not divisible"):
@@ -104,7 +104,7 @@ def test_kl_autoencoder_from_a_hub_layout_folder(tmp_path):
     vae.save_pretrained(tmp_path / "hub" / "vae")
     ae = build_autoencoder(AutoencoderConfig(kind="kl", pretrained=str(tmp_path / "hub")))
     assert ae.scaling_factor == 0.5 and ae.latent_shape(3, 16) == (4, 8, 8)
-    z = ae.encode(torch.zeros(1, 3, 16, 16), torch.Generator().manual_seed(0))
+    z = sample_latent(*ae.moments(torch.zeros(1, 3, 16, 16)), ae.scaling_factor, torch.Generator().manual_seed(0))
     assert z.shape == (1, 4, 8, 8) and ae.decode(z).shape == (1, 3, 16, 16)
     override = build_autoencoder(AutoencoderConfig(kind="kl", pretrained=str(tmp_path / "hub"), scaling_factor=0.18215))
     assert override.scaling_factor == 0.18215

@@ -49,8 +49,8 @@ def color_jitter(x: Tensor, strength: float, generator: torch.Generator) -> Tens
     x = (x * _factors(b, strength, generator, x)).clamp_(0, 1)  # brightness (a new tensor: x is not modified)
     luma = _luma(x)
     mean = (x.mean((2, 3), keepdim=True) * luma).sum(1, keepdim=True)  # [B, 1, 1, 1] mean gray level
-    c = _factors(b, strength, generator, x)
-    x.mul_(c).add_(mean * (1 - c)).clamp_(0, 1)  # contrast: (x − m)·c + m
+    contrast = _factors(b, strength, generator, x)
+    x.mul_(contrast).add_(mean * (1 - contrast)).clamp_(0, 1)  # (x − m)·contrast + m
     if x.shape[1] == 3:
         gray = (x * luma).sum(1, keepdim=True)  # [B, 1, H, W]
         s = _factors(b, strength, generator, x)

@@ -41,9 +41,6 @@ class IdentityAutoencoder:
     def moments(self, x: Tensor) -> tuple[Tensor, None]:
         return (F.pixel_unshuffle(x, self.factor) if self.factor > 1 else x), None
 
-    def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return sample_latent(*self.moments(x), self.scaling_factor, generator)
-
     def decode(self, z: Tensor) -> Tensor:
         z = z / self.scaling_factor
         return F.pixel_shuffle(z, self.factor) if self.factor > 1 else z
@@ -89,9 +86,6 @@ class KLAutoencoder:
     def moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
         dist = self.vae.encode(x.to(self.vae.dtype)).latent_dist
         return dist.mean.float(), dist.std.float()
-
-    def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return sample_latent(*self.moments(x), self.scaling_factor, generator)
 
     @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from diffdistill.errors import StageError
+
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -39,6 +41,10 @@ def init(device: torch.device) -> torch.device:
     if not enabled():
         return device
     if device.type == "cuda":
+        if local_rank() >= torch.cuda.device_count():
+            raise StageError(f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', world_size())} processes on "
+                             f"this machine but it has {torch.cuda.device_count()} GPU(s): one process per GPU "
+                             f"(--nproc_per_node), or device=cpu")
         device = torch.device("cuda", local_rank())
         torch.cuda.set_device(device)
     if not dist.is_initialized():

@@ -48,9 +48,9 @@ def _cells(images: list[np.ndarray], count: int, size: int) -> np.ndarray:
     return np.concatenate([np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=255) for im in imgs], 1)
 
 
-def _enlarged(rows: list[np.ndarray], scale: int) -> bytes:
-    """The rows stacked into one picture, enlarged `scale` times (nearest) so that small images can be seen."""
-    grid = Image.fromarray(np.concatenate(rows, 0))
+def _enlarged(strips: list[np.ndarray], scale: int) -> bytes:
+    """Strips of cells stacked into one picture, enlarged `scale` times (nearest) so small images can be seen."""
+    grid = Image.fromarray(np.concatenate(strips, 0))
     if scale > 1:
         grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
     return image_png(grid)
@@ -64,12 +64,12 @@ def sample_grid(per_class: list[list[np.ndarray]], size: int, columns: int = GRI
 def real_vs_distilled(real: dict[str, list[np.ndarray]], distilled: dict[str, list[np.ndarray]], size: int,
                       per_side: int = EXAMPLES_PER_CLASS) -> bytes:
     """PNG: one row per class, `per_side` real images | `per_side` distilled images."""
-    rows = []
+    strips = []
     for c in distilled:
         gap = np.full((size + 2, max(4, size // 2), 3), 160, np.uint8)
-        rows.append(np.concatenate([_cells(real.get(c, []), per_side, size), gap,
-                                    _cells(distilled[c], per_side, size)], 1))
-    return _enlarged(rows, max(1, 96 // size))
+        strips.append(np.concatenate([_cells(real.get(c, []), per_side, size), gap,
+                                      _cells(distilled[c], per_side, size)], 1))
+    return _enlarged(strips, max(1, 96 // size))
 
 
 def loss_plot(logs: dict[str, list[dict]]) -> bytes:

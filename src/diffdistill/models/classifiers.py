@@ -30,11 +30,11 @@ class ConvNet(nn.Module):
         if image_size >> depth < 1:
             raise ValueError(f"ConvNet-{depth} needs images of at least {2 ** depth} px, got {image_size}")
         layers: list[nn.Module] = []
-        c = in_channels
+        channels = in_channels
         for _ in range(depth):
-            layers += [nn.Conv2d(c, width, 3, padding=1), NORMS[norm](width), nn.ReLU(inplace=True),
+            layers += [nn.Conv2d(channels, width, 3, padding=1), NORMS[norm](width), nn.ReLU(inplace=True),
                        nn.AvgPool2d(2)]
-            c = width
+            channels = width
         self.features = nn.Sequential(*layers, nn.Flatten())  # [B, width · (size / 2^depth)^2]
         self.classifier = nn.Linear(width * (image_size >> depth) ** 2, num_classes)
 
@@ -79,14 +79,14 @@ class ResNet(nn.Module):
                     nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)]
         else:
             stem = [nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), NORMS[norm](width), nn.ReLU(inplace=True)]
-        layers, c = [], width
+        layers, channels = [], width
         for i, n in enumerate(blocks):
             out = width * 2**i
             for j in range(n):
-                layers.append(BasicBlock(c, out, 2 if i > 0 and j == 0 else 1, norm, avg_pool))
-                c = out
+                layers.append(BasicBlock(channels, out, 2 if i > 0 and j == 0 else 1, norm, avg_pool))
+                channels = out
         self.features = nn.Sequential(*stem, *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())  # [B, 8 · width]
-        self.classifier = nn.Linear(c, num_classes)
+        self.classifier = nn.Linear(channels, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:  # [B, C, H, W] -> [B, classes]
         return self.classifier(self.features(x))

@@ -208,11 +208,11 @@ def drop_labels(labels: Tensor, null_id: int, p: float, generator: torch.Generat
 
 
 def check_compatible(model, latent_shape: tuple[int, int, int], num_embeds: int, source: str) -> None:
-    c, h, _ = latent_shape
+    channels, h, _ = latent_shape
     cfg = model.config
     problems = []
-    if cfg.in_channels != c:
-        problems.append(f"{cfg.in_channels} input channels, the autoencoder gives {c}")
+    if cfg.in_channels != channels:
+        problems.append(f"{cfg.in_channels} input channels, the autoencoder gives {channels}")
     if cfg.sample_size != h:
         problems.append(f"sample size {cfg.sample_size}, the latents are {h}×{h}")
     if cfg.num_embeds_ada_norm < num_embeds:
