@@ -161,6 +161,8 @@ def test_every_model_runs_with_the_conventions_its_folder_records(tmp_path):
     assert conventions_of(load_dit(str(tmp_path / "m"))) == ORIGINAL_DIT
     (tmp_path / "m" / CONVENTIONS_FILE).unlink()  # a hub folder records nothing: the original DiT trained it
     assert conventions_of(load_dit(str(tmp_path / "m"))) == ORIGINAL_DIT
+    (tmp_path / "run_info.json").write_text("{}")  # a stage output of an earlier version: diffusers' numbers
+    assert conventions_of(load_dit(str(tmp_path / "m"))) == {"time_freq_shift": 1, "mlp_norm_eps": 1e-5}
     other = {"time_freq_shift": 1, "mlp_norm_eps": 1e-5}  # diffusers' own numbers, as recorded by a folder
     (tmp_path / "m" / CONVENTIONS_FILE).write_text(json.dumps(other))
     loaded = load_dit(str(tmp_path / "m")).eval()

@@ -94,6 +94,10 @@ def test_resume_refuses_a_different_config_or_world_size(tmp_path, capsys):
     state_file.write_text(json.dumps({**state, "world_size": 2}))
     assert main(["finetune", *common, "--resume"]) == 2
     assert "written by 2 processes, this run has 1" in capsys.readouterr().err
+    state_file.write_text(json.dumps({**state, "config": {k: v for k, v in state["config"].items()
+                                                          if k != "format"}}))
+    assert main(["finetune", *common, "--resume"]) == 2  # a checkpoint of an earlier version
+    assert "written by an earlier version of diffdistill" in capsys.readouterr().err
     state_file.write_text(json.dumps(state))
     (state_file.parent / "optimizer.pt").write_bytes(b"garbage")
     assert main(["finetune", *common, "--resume"]) == 2

@@ -29,6 +29,9 @@ from diffdistill.files import atomic_torch_save, atomic_write_json, atomic_write
 
 # keys that may change between a checkpoint and its resumption (they do not change the result)
 RESUME_FREE = {"steps", "checkpoint_every", "keep_checkpoints", "log_every"}
+# what a checkpoint holds and how the loop uses it; bump when a resumed run would no longer repeat the original
+# (2: the DiT runs with the original DiT's timestep spacing; ranks share one data order per epoch)
+FORMAT = 2
 
 
 @dataclass
@@ -43,8 +46,8 @@ class Checkpoint:
 def resume_spec(cfg: Config, stage: str) -> dict:
     """The part of the config a checkpoint must match to be resumed bit-identically."""
     d = to_dict(cfg)
-    return {"seed": cfg.seed, "precision": cfg.precision, "data": d["data"], "autoencoder": d["autoencoder"],
-            "model": d["model"], "diffusion": d["diffusion"], "prepare": d["prepare"],
+    return {"format": FORMAT, "seed": cfg.seed, "precision": cfg.precision, "data": d["data"],
+            "autoencoder": d["autoencoder"], "model": d["model"], "diffusion": d["diffusion"], "prepare": d["prepare"],
             stage: {k: v for k, v in d[stage].items() if k not in RESUME_FREE}}
 
 
@@ -83,6 +86,9 @@ def load_checkpoint(folder: Path, spec: dict) -> Checkpoint:
     if state["world_size"] != dist.world_size():
         raise StageError(f"{folder} was written by {state['world_size']} processes, this run has "
                          f"{dist.world_size()}: resume with the same number (torchrun --nproc_per_node)")
+    if state["config"].get("format") != spec["format"]:
+        raise StageError(f"{folder} was written by an earlier version of diffdistill and cannot be resumed "
+                         f"exactly; pass --force to start over")
     if state["config"] != spec:
         old, new = _flat(state["config"]), _flat(spec)
         keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))

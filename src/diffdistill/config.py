@@ -222,7 +222,7 @@ class Config:
 
 # checks that relate two keys: (key named in the error, test of the whole config, what is expected)
 _RELATIONS: tuple[tuple[str, typing.Callable[[Config], bool], str], ...] = (
-    ("diffusion.beta_end", lambda c: c.diffusion.beta_start < c.diffusion.beta_end,
+    ("diffusion.beta_end", lambda c: c.diffusion.schedule != "linear" or c.diffusion.beta_start < c.diffusion.beta_end,
      "a number larger than diffusion.beta_start"),
     ("sample.steps", lambda c: c.sample.steps <= c.diffusion.train_steps, "at most diffusion.train_steps"),
 )

@@ -181,8 +181,11 @@ def dd_ranking_section(run_dir: Path, results: dict) -> list[str]:
 def classes_section(run_dir: Path, results: dict) -> list[str]:
     samples = Path(results["data"]["distilled_set"])
     examples = stage_dir(run_dir, "evaluate") / REAL_EXAMPLES
-    if not (samples.is_dir() and examples.is_file()):
+    if not samples.is_dir():
         return []
+    if not examples.is_file():  # an evaluation by an earlier version, which did not keep real examples
+        return ["## Real vs distilled", "", f"(No picture: {examples} is missing. `diffdistill evaluate CONFIG "
+                "--force` writes it; it reuses the saved classifier results, so it takes seconds.)", ""]
     classes = results["data"]["classes"]
     shown = classes[:EXAMPLE_CLASSES]
     saved = load_file(str(examples))

@@ -3,8 +3,9 @@
 Per step: z0 = s·encode(x) (or from the latent cache); t ~ U{0..T-1}; z_t = q(z0, t, ε);
 ε̂ = DiT(z_t, t, y with label dropout); L = MSE(ε̂, ε) [+ the variational bound for learned-sigma models]
 + Σ_c a_c(x̂0); then the real memory takes z0 and the generated memory takes x̂0 (detached).
-All randomness of a process comes from one CPU generator seeded from (seed, stage[, rank]), so a run is
-reproducible and a checkpoint can restore it exactly (checkpoint.py).
+All randomness of a process comes from one CPU generator seeded from (seed, stage[, rank]) — under torchrun
+the data order from a second one seeded alike on every rank — so a run is reproducible and a checkpoint
+can restore it exactly (checkpoint.py).
 """
 
 from __future__ import annotations
@@ -190,13 +191,15 @@ class TrainLoop:
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def save(self, root: Path) -> None:
-        """A resumable checkpoint of this step under `root` (see checkpoint.py)."""
-        tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(self.trainable.params)}
-        tensors.update({f"ema.{i}": v.cpu().contiguous() for i, v in enumerate(self.ema.shadow)})
+        """A resumable checkpoint of this step under `root` (see checkpoint.py). Every rank calls it."""
+        tensors, optimizer = {}, {}
+        if dist.is_main():  # the shared part: only rank 0 writes it, so only rank 0 copies it to the host
+            tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(self.trainable.params)}
+            tensors.update({f"ema.{i}": v.cpu().contiguous() for i, v in enumerate(self.ema.shadow)})
+            optimizer = {"optimizer": self.opt.state_dict(), "lr_scheduler": self.lr_sched.state_dict(),
+                         "scaler": self.scaler.state_dict()}
         rank_state = {"generator": self.generator.get_state(), "order": self.order.state_dict(), "sums": self.sums,
                       "banks": {k: {n: v.cpu() for n, v in b.state_dict().items()} for k, b in self.banks.items()}}
-        optimizer = {"optimizer": self.opt.state_dict(), "lr_scheduler": self.lr_sched.state_dict(),
-                     "scaler": self.scaler.state_dict()}
         save_checkpoint(root, Checkpoint(self.step, tensors, optimizer, rank_state, self.log_rows),
                         resume_spec(self.cfg, self.stage), self.tcfg.keep_checkpoints)
 

@@ -11,13 +11,15 @@ folders included — in two numbers: its timestep embedding spaces the sinusoid 
 instead of half (`downscale_freq_shift` 1, not 0: 34 % off at t = 250, ~100 % at t = 999), and the
 LayerNorm before each MLP uses eps 1e-5 instead of 1e-6. One rule for every model here, pretrained or
 trained from scratch: the original DiT's numbers (ORIGINAL_DIT). Each saved model folder records the numbers
-it was trained with in CONVENTIONS_FILE, and loading applies what the folder records (the original DiT's
-where it records nothing: hub folders and original checkpoints).
+it was trained with in CONVENTIONS_FILE, and loading applies what the folder records. A folder that records
+nothing is a hub folder (the original DiT's numbers), or a model that an earlier version of this tool
+trained with diffusers' numbers (DIFFUSERS_DIT; recognized by the run_info.json of its stage folder).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -30,6 +32,7 @@ WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # diffusers' file name: fo
 CONVENTIONS_FILE = "diffdistill.json"
 # time_freq_shift: frequencies exp(−ln(10⁴)·i / (half − shift)); mlp_norm_eps: eps of the LayerNorm before the MLP
 ORIGINAL_DIT = {"time_freq_shift": 0, "mlp_norm_eps": 1e-6}
+DIFFUSERS_DIT = {"time_freq_shift": 1, "mlp_norm_eps": 1e-5}
 
 # DiT paper sizes: name -> (num_layers, num_attention_heads, attention_head_dim); hidden = heads × head_dim
 _BODIES = {"DiT-S": (12, 6, 64), "DiT-B": (12, 12, 64), "DiT-L": (24, 16, 64), "DiT-XL": (28, 16, 72)}
@@ -81,9 +84,19 @@ def load_dit(source: str, revision: str | None = None, key: str = "finetune.init
                                                       low_cpu_mem_usage=False),
         source, key, revision,
     )
-    record = Path(source, subfolder or "", CONVENTIONS_FILE)
-    conventions = {**ORIGINAL_DIT, **json.loads(record.read_text())} if record.is_file() else ORIGINAL_DIT
-    return use_conventions(share_block_embeddings(model, source), conventions)
+    return use_conventions(share_block_embeddings(model, source), _recorded_conventions(Path(source, subfolder or "")))
+
+
+def _recorded_conventions(folder: Path) -> dict:
+    """The numbers a model folder was trained with (see the module doc)."""
+    record = folder / CONVENTIONS_FILE
+    if record.is_file():
+        return {**ORIGINAL_DIT, **json.loads(record.read_text())}
+    if (folder.parent / "run_info.json").is_file():  # a pretrain/finetune output of an earlier version
+        print(f"diffdistill: note: {folder} was trained by an earlier version of diffdistill with diffusers' "
+              f"timestep spacing; it runs with that spacing (retrain it to use the original DiT's)", file=sys.stderr)
+        return DIFFUSERS_DIT
+    return ORIGINAL_DIT
 
 
 def save_dit(folder: Path, model, state: dict[str, Tensor]) -> None:
