@@ -161,7 +161,7 @@ def test_bf16_autocast_tracks_fp32_on_cpu(paper_setup):
     assert losses["bf16"].shape == (4, 2) and np.isfinite(losses["bf16"]).all()
     assert not np.array_equal(losses["bf16"], losses["fp32"])  # autocast really ran in bfloat16
     # the same batches, noise and steps: bfloat16's ~3 significant digits stay close to the fp32 losses
-    assert np.allclose(losses["bf16"], losses["fp32"], rtol=0.05), losses
+    assert np.allclose(losses["bf16"], losses["fp32"], rtol=0.01), losses  # measured: within 6e-4
 
 
 def test_missing_hub_weights_say_what_to_download(tmp_path, capsys):

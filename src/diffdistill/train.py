@@ -284,8 +284,8 @@ class TrainLoop:
         if dist.any_rank(not torch.isfinite(loss).item(), self.device):
             last = valid_checkpoints(checkpoint_root(self.cfg.run_dir, self.stage))
             keep = f"; the last good checkpoint is {last[0]} (--resume)" if last else ""
-            raise StageError(f"{self.stage}: the loss is not finite at step {self.step} ({float(loss)} on rank "
-                             f"{dist.rank()}); lower {self.stage}.lr or check the data{keep}")
+            raise StageError(f"{self.stage}: the loss is not finite at step {self.step} ({loss.item()} on "
+                             f"rank {dist.rank()}); lower {self.stage}.lr or check the data{keep}")
         self._update(loss)
         if self.banks:
             self._remember(batch, x0_hat)
