@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -67,3 +68,33 @@ def test_allgather_memories_are_the_same_on_every_rank(tmp_path):
 
     banks = load_file(str(out / "memory.safetensors"))
     assert int(banks["real.counts"].sum()) == 4 * 16  # every rank pushed both ranks' rows (capacity not reached)
+
+
+@pytest.mark.slow
+def test_torchrun_finetune_killed_and_resumed_repeats_the_uninterrupted_run(tmp_path):
+    import time
+
+    from safetensors.torch import load_file
+
+    common = ["configs/demo-digits.yaml", f"out_dir={tmp_path}", "finetune.init=null", "finetune.steps=40",
+              "finetune.batch_size=16", "finetune.log_every=5", "finetune.checkpoint_every=2", "threads=1",
+              "device=cpu", "data.classes=[0,1,2]"]  # 3 classes: an epoch is 27 steps, so the resume crosses one
+    torchrun("finetune", *common, "name=ref")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "diffdistill",
+           "finetune", *common, "name=killed"]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "killed" / "checkpoints" / "finetune"
+    start = time.time()
+    while not any((p / "state.json").is_file() for p in ckpts.glob("step-*")):
+        assert proc.poll() is None and time.time() - start < 300
+        time.sleep(0.05)
+    # the launcher and both ranks (torchrun puts its workers in sessions of their own)
+    subprocess.run(["pkill", "-KILL", "-f", f"out_dir={tmp_path} .*name=killed"], check=False)
+    proc.wait()
+    time.sleep(1)
+    assert subprocess.run(["pgrep", "-f", f"out_dir={tmp_path} .*name=killed"]).returncode == 1  # none left
+    assert not (tmp_path / "killed" / "finetune").exists()
+    torchrun("finetune", *common, "name=killed", "--resume")
+    for name in ("raw/diffusion_pytorch_model.safetensors", "memory.safetensors", "memory-rank1.safetensors"):
+        ref, got = (load_file(str(tmp_path / run / "finetune" / name)) for run in ("ref", "killed"))
+        assert all(torch.equal(ref[k], got[k]) for k in ref), name  # weights and both ranks' banks, bit for bit
