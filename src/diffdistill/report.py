@@ -59,6 +59,51 @@ def accuracy_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+# what the report calls a good generator, and samples "too alike": diversity or coverage below this share of
+# the random-real subsets' at the same IPC
+FIDELITY_GOAL = 97.0
+TOO_ALIKE = 0.75
+
+
+def verdicts(results: dict) -> list[str]:
+    """One line per IPC at which the distilled set scores below random real images (the first net): the
+    gap, the likely cause read from fidelity and the diversity metrics, and what to try."""
+    cfg, fid = results["config"], results.get("fidelity")
+    metrics = (results.get("metrics") or {}).get("ipc", {})
+    lines = []
+    for ipc, e in results["ipc"].items():
+        d, r = e["distilled"], e["random_real"]
+        if d["mean"] >= r["mean"]:
+            continue
+        gap = d["mean"] - r["mean"]
+        noise = " — within the seed-to-seed spread" if abs(gap) <= (d["std"] ** 2 + r["std"] ** 2) ** 0.5 else ""
+        line = f"IPC {ipc}: distilled {d['mean']:.1f} % < random real {r['mean']:.1f} % ({gap:+.1f}{noise}). "
+        m = metrics.get(ipc, {})
+        dm, rm = (m.get(k, {}).get("overall", {}) for k in ("distilled", "random_real"))
+        alike = [f"{k} {dm[k]:.3f} vs {rm[k]:.3f}" for k in ("diversity", "coverage")
+                 if dm.get(k) is not None and rm.get(k) and dm[k] < TOO_ALIKE * rm[k]]
+        if fid and fid["mean"] < FIDELITY_GOAL:
+            stage = "pretrain" if cfg["pretrain"]["steps"] > 0 else "finetune"
+            line += (f"Likely cause: the generator is not good enough yet — {fid['mean']:.1f} % of the distilled "
+                     f"images are classified as their class (goal ≥ {FIDELITY_GOAL:.0f} %). Try: train longer "
+                     f"({stage}.steps, now {cfg[stage]['steps']}) or a larger model (model.size, now "
+                     f"{cfg['model']['size']}).")
+        elif alike:
+            fine = f"; fidelity {fid['mean']:.1f} % is fine" if fid else ""
+            line += (f"Likely cause: the samples are too alike ({' and '.join(alike)} for random real images"
+                     f"{fine}). Try: lower guidance (sample.guidance, now {cfg['sample']['guidance']}), a stronger "
+                     f"diversity term (finetune.memory.lambda_gen, now {cfg['finetune']['memory']['lambda_gen']}).")
+        elif fid is None:
+            line += ("No cause can be read: fidelity and the diversity metrics need the full-data classifiers "
+                     "(evaluate.full=true).")
+        else:
+            line += (f"No single cause in the measurements (fidelity {fid['mean']:.1f} %, diversity and coverage "
+                     f"near random real's). Try: more seeds (evaluate.seeds) to see whether the gap is real, or "
+                     f"more fine-tuning (finetune.steps, now {cfg['finetune']['steps']}).")
+        lines.append(line)
+    return lines
+
+
 def accuracy_tables(results: dict) -> str:
     """One accuracy table per net (headed by the net when there are several)."""
     by_net = results.get("by_net") or {results["net"]: results}
@@ -129,7 +174,10 @@ def accuracy_section(run_dir: Path, results: dict) -> list[str]:
     by_net = results.get("by_net") or {results["net"]: results}
     nets_text = " / ".join(f"{net} ({entry['norm']} norm)" for net, entry in by_net.items())
     protocol = results["protocol"]
-    lines = [f"# {run_dir.name}", "",
+    losses_to_random = verdicts(results)
+    warning = ["**The distilled set scores below random real images:**", "",
+               *[f"- {line}" for line in losses_to_random], ""] if losses_to_random else []
+    lines = [f"# {run_dir.name}", "", *warning,
              f"Top-1 accuracy (%) on {results['data']['num_val']} real validation images of a "
              f"{nets_text} trained from scratch on each set; "
              f"mean ± std over {protocol['seeds']} seeds, **final epoch** (epochs by IPC: "
@@ -230,8 +278,8 @@ SECTIONS: tuple[Callable[[Path, dict], list[str]], ...] = (
 
 
 def write_report(run_dir: Path) -> str:
-    """results.json, report.md and its PNGs at the top of the run folder; returns the accuracy table(s) and
-    the fidelity line for the terminal."""
+    """results.json, report.md and its PNGs at the top of the run folder; returns the accuracy table(s), the
+    fidelity line and a line per IPC where distilled loses to random real, for the terminal."""
     res_file = results_file(run_dir)
     if not res_file.is_file():
         raise StageError(f"{res_file} does not exist: run `diffdistill evaluate` first")
@@ -242,4 +290,6 @@ def write_report(run_dir: Path) -> str:
     table = accuracy_tables(results)
     if results.get("fidelity"):
         table += f"\nfidelity: {fidelity_line(results['fidelity'])}"
+    for line in verdicts(results):
+        table += f"\nbelow random real at {line}"
     return table

@@ -1,0 +1,73 @@
+"""The report says plainly where the distilled set loses to random real images, and why it likely does."""
+
+import json
+
+import pytest
+
+from diffdistill.report import verdicts, write_report
+
+
+def summary(mean: float, std: float = 0.5) -> dict:
+    return {"mean": mean, "std": std, "runs": [mean], "best_epoch": {"mean": mean, "std": std, "runs": [mean]}}
+
+
+def overall(diversity: float, coverage: float) -> dict:
+    return {"overall": {"diversity": diversity, "precision": 1.0, "recall": 1.0, "density": 1.0,
+                        "coverage": coverage, "mean_distance": 1.0}}
+
+
+def results(distilled: dict[str, float], random_real: dict[str, float], fidelity: float | None = 100.0,
+            metrics: dict | None = None) -> dict:
+    ipc = {k: {"distilled": summary(distilled[k]), "random_real": summary(random_real[k]),
+               "gap_over_random_real": distilled[k] - random_real[k]} for k in distilled}
+    return {
+        "net": "convnet3", "norm": "instance", "ipc": ipc, "full": summary(99.0),
+        "fidelity": None if fidelity is None else {"mean": fidelity, "std": 0.0, "num_images": 100,
+                                                   "classifier": "convnet3 trained on the full real train set"},
+        "metrics": metrics,
+        "config": {"pretrain": {"steps": 4800}, "finetune": {"steps": 600, "memory": {"lambda_gen": 0.008}},
+                   "model": {"size": "tiny"}, "sample": {"guidance": 2.0}, "data": {"image_size": 16}},
+        "protocol": {"seeds": 3, "epochs": {k: 300 for k in distilled}, "full_epochs": 30,
+                     "augmentation": {"crop_scale": [1.0, 1.0], "hflip": False, "color_jitter": 0, "lighting": 0,
+                                      "cutmix_prob": 0, "cutmix_beta": 1.0}},
+        "data": {"num_val": 360, "num_train": 1437, "classes": ["0", "1"], "distilled_set": "/nonexistent",
+                 "train_sha256": "a" * 64, "val_sha256": "b" * 64, "distilled_sha256": "c" * 64,
+                 "ipc_handling": "the first IPC images per class of the set"},
+    }
+
+
+def test_no_line_where_distilled_wins():
+    assert verdicts(results({"1": 85.0, "10": 95.0}, {"1": 65.0, "10": 94.4})) == []
+
+
+def test_a_weak_generator_is_named_as_the_cause():
+    (line,) = verdicts(results({"1": 50.0}, {"1": 60.0}, fidelity=72.5))
+    assert line.startswith("IPC 1: distilled 50.0 % < random real 60.0 % (-10.0)")
+    assert "generator is not good enough" in line and "72.5 %" in line and "pretrain.steps, now 4800" in line
+
+
+def test_samples_too_alike_are_named_when_fidelity_is_fine():
+    metrics = {"ipc": {"10": {"distilled": overall(0.049, 0.25), "random_real": overall(0.103, 0.34)}}}
+    (line,) = verdicts(results({"10": 92.5}, {"10": 94.4}, metrics=metrics))
+    assert "too alike (diversity 0.049 vs 0.103 and coverage 0.250 vs 0.340" in line
+    assert "sample.guidance, now 2.0" in line and "lambda_gen, now 0.008" in line
+    close = {"ipc": {"10": {"distilled": overall(0.1, 0.33), "random_real": overall(0.103, 0.34)}}}
+    (line,) = verdicts(results({"10": 94.0}, {"10": 94.4}, metrics=close))
+    assert "No single cause" in line and "within the seed-to-seed spread" in line
+
+
+def test_without_fidelity_the_line_says_what_is_missing():
+    (line,) = verdicts(results({"1": 50.0}, {"1": 60.0}, fidelity=None))
+    assert "evaluate.full=true" in line
+
+
+@pytest.mark.parametrize("loses", [True, False])
+def test_report_and_terminal_lead_with_the_loss(tmp_path, loses):
+    res = results({"1": 85.0, "10": 92.5 if loses else 95.0}, {"1": 65.0, "10": 94.4}, fidelity=90.0)
+    (tmp_path / "evaluate").mkdir()
+    (tmp_path / "evaluate" / "results.json").write_text(json.dumps(res))
+    printed = write_report(tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert ("scores below random real" in report.split("Top-1 accuracy")[0]) == loses  # above the tables
+    assert ("below random real at IPC 10: distilled 92.5 %" in printed) == loses
+    assert "IPC 1:" not in printed  # distilled wins at IPC 1
