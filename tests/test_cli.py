@@ -58,6 +58,9 @@ def test_run_writes_results_report_grid_and_manifest(digits_run):
     assert (digits_run / "finetune" / "memory.safetensors").is_file()
     log = [json.loads(x) for x in (digits_run / "finetune" / "log.jsonl").read_text().splitlines()]
     assert {"diffusion", "representativeness", "diversity", "gen_bank_similarity"} <= set(log[-1])
+    check = json.loads((digits_run / "pretrain" / "check.json").read_text())  # run checked the generator
+    assert check["num_images"] == 100 and check["images_per_class"] == 10 and 0 <= check["fidelity"] <= 100
+    assert f"Generator check right after pretraining (before fine-tuning): {check['fidelity']:.1f} %" in report
 
 
 @pytest.mark.slow
@@ -189,3 +192,21 @@ def test_training_is_reproducible_from_the_seed(tmp_path):
         weights.append(load_file(str(tmp_path / name / "pretrain" / "raw" / "diffusion_pytorch_model.safetensors")))
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # same seed: bit-identical
     assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+
+
+@pytest.mark.slow
+def test_the_generator_check_changes_nothing_that_follows(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    quick = [*TINY, "evaluate.full=false", "evaluate.seeds=1", "evaluate.epochs=1", f"out_dir={tmp_path}"]
+    assert run("run", "configs/demo-digits.yaml", *quick, "name=checked", "pretrain.check_images=2") == 0
+    assert "generator check: " in capsys.readouterr().out
+    assert run("run", "configs/demo-digits.yaml", *quick, "name=plain", "pretrain.check_images=0") == 0
+    assert not (tmp_path / "plain" / "pretrain" / "check.json").exists()
+    weights = [load_file(str(tmp_path / name / "finetune" / "raw" / "diffusion_pytorch_model.safetensors"))
+               for name in ("checked", "plain")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    plain, checked = tmp_path / "plain" / "samples", tmp_path / "checked" / "samples"
+    images = sorted(p.relative_to(plain) for p in plain.rglob("*.png"))
+    assert images and all((checked / f).read_bytes() == (plain / f).read_bytes() for f in images)
+    assert main(["check", "configs/demo-digits.yaml", f"out_dir={tmp_path}", "name=none"]) == 2  # no pretrain yet

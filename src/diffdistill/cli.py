@@ -12,18 +12,27 @@ from diffdistill.config import Config, ConfigError, load_config
 from diffdistill.distributed import is_main
 from diffdistill.errors import StageError
 from diffdistill.files import check_output_free
-from diffdistill.runs import STAGE_FOLDERS, TRAINING_STAGES, checkpoint_root, run_order, stage_dir
+from diffdistill.runs import (
+    STAGE_FOLDERS,
+    TRAINING_STAGES,
+    checkpoint_root,
+    generator_check_file,
+    run_order,
+    stage_dir,
+)
 
 STAGE_HELP = {
     "prepare": "encode the train images once into the latent cache (read by finetune.latents=cache)",
     "pretrain": "train a class-conditional DiT from scratch on data.train",
+    "check": "fidelity estimate of the pretrained DiT: a classifier trained on the real data scores "
+             "pretrain.check_images samples per class (run does this right after pretrain)",
     "finetune": "fine-tune the DiT with the memory losses (finetune.init: pretrain, a folder or a hub id)",
     "sample": "generate max(sample.ipc) images per class into <run>/samples",
     "evaluate": "train small classifiers on the distilled set, random-real subsets and the full data",
     "report": "write results.json, report.md and PNGs at the top of the run folder (CONFIG or the run folder)",
     "sweep": "many runs over config values × seeds (a sweep file, or CONFIG --vary KEY=V1,V2): one CSV and a plot",
     "run": "every stage in order: prepare (if a training stage reads the cache), pretrain (if steps > 0), "
-           "finetune (if steps > 0), sample, evaluate, report",
+           "check (after pretrain, if pretrain.check_images > 0), finetune (if steps > 0), sample, evaluate, report",
 }
 
 
@@ -37,6 +46,7 @@ def _report(run_dir: Path) -> None:
 
 
 def _actions() -> dict[str, Callable[[Config, argparse.Namespace], object]]:
+    from diffdistill.check import generator_check
     from diffdistill.evaluate import evaluate_stage
     from diffdistill.prepare import prepare_stage
     from diffdistill.sample import sample_stage
@@ -46,6 +56,7 @@ def _actions() -> dict[str, Callable[[Config, argparse.Namespace], object]]:
         # `run --force` redoes the run's stages, never the (shared, expensive) cache
         "prepare": lambda cfg, a: print(f"latent cache: {prepare_stage(cfg, a.force and a.stage == 'prepare')}"),
         "pretrain": lambda cfg, a: train_stage(cfg, "pretrain", a.force, a.resume),
+        "check": lambda cfg, a: generator_check(cfg),
         "finetune": lambda cfg, a: train_stage(cfg, "finetune", a.force, a.resume),
         "sample": lambda cfg, a: sample_stage(cfg, a.force),
         "evaluate": lambda cfg, a: (evaluate_stage(cfg, a.force, a.distilled), _report(cfg.run_dir)),
@@ -110,9 +121,11 @@ def main(argv: list[str] | None = None) -> int:
                     check_output_free(stage_dir(cfg.run_dir, name), False)
         start = time.perf_counter()
         for name in order:
-            if args.resume and name in STAGE_FOLDERS and stage_dir(cfg.run_dir, name).exists() and not (
+            output = generator_check_file(cfg.run_dir) if name == "check" else \
+                stage_dir(cfg.run_dir, name) if name in STAGE_FOLDERS else None
+            if args.resume and output is not None and output.exists() and not (
                     name in TRAINING_STAGES and checkpoint_root(cfg.run_dir, name).is_dir()):
-                say(f"== {name} == done before: {stage_dir(cfg.run_dir, name)}")
+                say(f"== {name} == done before: {output}")
                 continue
             say(f"== {name} ==")
             actions[name](cfg, args)

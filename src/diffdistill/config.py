@@ -130,6 +130,9 @@ class TrainConfig:
     # "images": encode each batch with the autoencoder every step; "cache": read the latents that
     # `diffdistill prepare` wrote (the VAE never runs during training)
     latents: Literal["images", "cache"] = "images"
+    # pretrain only, in `run`: sample this many images per class from the new model and score them with a
+    # classifier trained on the real train set (a fidelity estimate before fine-tuning); 0: no check
+    check_images: int = _num(0, NON_NEGATIVE)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 
@@ -209,7 +212,7 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     pretrain: TrainConfig = field(
-        default_factory=lambda: TrainConfig(lr=5e-4, batch_size=64, memory=MemoryConfig(policy="none"))
+        default_factory=lambda: TrainConfig(lr=5e-4, batch_size=64, check_images=10, memory=MemoryConfig(policy="none"))
     )
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(init="pretrain"))
     sample: SampleConfig = field(default_factory=SampleConfig)

@@ -160,6 +160,18 @@ def _resize(x: Tensor, size: int) -> Tensor:
     return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
 
 
+def on_device(s: ImageSet, size: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """uint8 pixels at the classifier size and labels, on the device."""
+    x = s.images if s.images.shape[-1] == size else to_uint8(_resize(s.as_float(), size))
+    return x.to(device), s.labels.to(device)
+
+
+def channel_stats(s: ImageSet, size: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Per-channel (mean, std) [1, C, 1, 1] of a set's pixels in [0, 1] at the classifier size."""
+    x01 = _resize(s.as_float() / 2 + 0.5, size)
+    return (x01.mean((0, 2, 3), keepdim=True).to(device), x01.std((0, 2, 3), keepdim=True).clamp_min(1e-3).to(device))
+
+
 Job = tuple[str, str, "int | None", int]  # (net, kind: distilled | random_real | full, IPC, seed index)
 
 
@@ -182,9 +194,7 @@ class Plan:
     key_parts: dict  # everything besides the job itself that determines a job's result
 
     def prepare(self, s: ImageSet) -> tuple[Tensor, Tensor]:
-        """uint8 pixels at the classifier size and labels, on the device."""
-        x = s.images if s.images.shape[-1] == self.size else to_uint8(_resize(s.as_float(), self.size))
-        return x.to(self.device), s.labels.to(self.device)
+        return on_device(s, self.size, self.device)
 
     def job_file(self, job: Job) -> Path:
         net, kind, ipc, s = job
@@ -246,10 +256,7 @@ def plan_evaluation(cfg: Config, syn_dir: Path, device: torch.device) -> Plan:
         stats, stats_from = train, "the whole train set"
     syn = load_image_folder(syn_dir, names, cfg.data.image_size, val.channels, "distilled set")
     size = ecfg.image_size or cfg.data.image_size
-    # every set is normalized with the real train set's per-channel statistics
-    real01 = _resize(stats.as_float() / 2 + 0.5, size)
-    norm = (real01.mean((0, 2, 3), keepdim=True).to(device),
-            real01.std((0, 2, 3), keepdim=True).clamp_min(1e-3).to(device))
+    norm = channel_stats(stats, size, device)  # every set is normalized with the real train set's statistics
     ipcs = sorted(set(ecfg.ipc or cfg.sample.ipc))
     for labels, where in ((syn.labels, "distilled set"), (train.labels, "random-real baseline (real train set)")):
         per_class_indices(labels, names, max(ipcs), None, where)  # too few images: say so before any training

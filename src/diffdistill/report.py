@@ -26,7 +26,14 @@ from diffdistill.plots import (
     real_vs_distilled,
     sample_grid,
 )
-from diffdistill.runs import REAL_EXAMPLES, TRAINING_STAGES, results_file, stage_dir, training_log
+from diffdistill.runs import (
+    REAL_EXAMPLES,
+    TRAINING_STAGES,
+    generator_check_file,
+    results_file,
+    stage_dir,
+    training_log,
+)
 
 
 def _fmt(r: dict | None) -> str:
@@ -188,6 +195,11 @@ def accuracy_section(run_dir: Path, results: dict) -> list[str]:
              "shown only for comparison with papers that report it.", ""]
     if results.get("fidelity"):
         lines += [f"**Fidelity**: {fidelity_line(results['fidelity'])}", ""]
+    check = generator_check_file(run_dir)
+    if check.is_file():
+        c = json.loads(check.read_text())
+        lines += [f"Generator check right after pretraining (before fine-tuning): {c['fidelity']:.1f} % of "
+                  f"{c['num_images']} samples assigned their class by a {c['classifier']}.", ""]
     return lines
 
 

@@ -1,7 +1,8 @@
 """Where a run keeps its stages, checkpoints and models: the one home of the run folder's layout.
 
     <out_dir>/<name>/            the run folder (Config.run_dir)
-      pretrain/ finetune/        training stages: {raw,ema}/ diffusers model folders, log.jsonl, run_info.json
+      pretrain/ finetune/        training stages: {raw,ema}/ diffusers model folders, log.jsonl, run_info.json;
+                                 pretrain/check.json: the generator check after pretraining
       checkpoints/<stage>/       resumable checkpoints of an unfinished training stage
       .samples.partial/          images of an unfinished sample stage
       samples/                   the distilled set: <class>/<i>.png + manifest.json
@@ -43,6 +44,11 @@ def results_file(run_dir: Path) -> Path:
     return stage_dir(run_dir, "evaluate") / "results.json"
 
 
+def generator_check_file(run_dir: Path) -> Path:
+    """The fidelity estimate made right after pretraining (`diffdistill check`)."""
+    return stage_dir(run_dir, "pretrain") / "check.json"
+
+
 def training_log(run_dir: Path, stage: str) -> Path:
     return stage_dir(run_dir, stage) / "log.jsonl"
 
@@ -62,5 +68,6 @@ def run_order(cfg: Config) -> list[str]:
     """The stages `diffdistill run` chains for this config, in order."""
     training = [s for s in TRAINING_STAGES if getattr(cfg, s).steps > 0]
     prepare = ["prepare"] if any(getattr(cfg, s).latents == "cache" for s in training) else []
-    return prepare + training + ["sample", "evaluate"]
+    check = ["check"] if "pretrain" in training and cfg.pretrain.check_images > 0 else []
+    return prepare + training[:1] + check + training[1:] + ["sample", "evaluate"]
 

@@ -1,0 +1,76 @@
+"""`diffdistill check`: is the pretrained generator good enough to distill from?
+
+Right after pretraining (before fine-tuning and sampling are spent on it), sample `pretrain.check_images`
+images per class from the pretrained EMA model with the run's sampler, train the first evaluation net on
+the real train set (the full-data recipe, `evaluate.full_epochs`), and report the share of generated images
+it assigns to their class: a fidelity estimate on a small sample. The result goes to
+<run>/pretrain/check.json and to the terminal, with a hint when it is below the report's fidelity goal.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from diffdistill.autoencoders import build_decoder
+from diffdistill.config import Config
+from diffdistill.data.classes import condition_ids
+from diffdistill.data.datasets import ImageSet, load_data, to_uint8
+from diffdistill.diffusion import NoiseSchedule
+from diffdistill.errors import StageError
+from diffdistill.evaluate import channel_stats, on_device, train_classifier
+from diffdistill.files import atomic_write_json
+from diffdistill.models.dit import load_dit
+from diffdistill.report import FIDELITY_GOAL
+from diffdistill.runs import generator_check_file, stage_dir
+from diffdistill.runtime import derive_seed, setup
+from diffdistill.sample import sample_latents
+
+
+@torch.no_grad()
+def _generate(cfg: Config, classes: list[str], per_class: int, device: torch.device) -> ImageSet:
+    """`per_class` images of each class from the pretrained EMA model, uint8 at data.image_size."""
+    model = load_dit(str(stage_dir(cfg.run_dir, "pretrain") / "ema"), key="pretrain").to(device).eval()
+    decoder = build_decoder(cfg.autoencoder).to(device)
+    cond, _ = condition_ids(classes, cfg.model.class_ids)
+    latent_shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
+    betas = NoiseSchedule.from_config(cfg.diffusion).betas
+    jobs = [(c, i) for c in range(len(classes)) for i in range(per_class)]
+    images = []
+    for lo in range(0, len(jobs), cfg.sample.batch_size):
+        batch = jobs[lo : lo + cfg.sample.batch_size]
+        generators = [torch.Generator().manual_seed(derive_seed(cfg.seed, "check", classes[c], i)) for c, i in batch]
+        labels = torch.tensor([cond[c] for c, _ in batch])
+        z = sample_latents(model, cfg.sample, betas, labels, generators, latent_shape, device, cfg.precision)
+        images.append(to_uint8(decoder.decode(z)).cpu())  # [B, C, H, W]
+    return ImageSet(torch.cat(images), torch.tensor([c for c, _ in jobs]), classes)
+
+
+def generator_check(cfg: Config) -> Path:
+    """Write <run>/pretrain/check.json (see the module doc) and print its line; returns the file."""
+    per_class = cfg.pretrain.check_images
+    if per_class <= 0:
+        raise StageError("pretrain.check_images is 0: nothing to check (set it to e.g. 10)")
+    device, ecfg, t0 = setup(cfg), cfg.evaluate, time.perf_counter()
+    with torch.random.fork_rng(devices=[]):  # the stages after this one see the random state they always saw
+        train, _ = load_data(cfg.data, need_val=False)
+        generated = _generate(cfg, train.classes, per_class, device)
+        size, net = ecfg.image_size or cfg.data.image_size, ecfg.nets[0]
+        res = train_classifier(net, *on_device(train, size, device), *on_device(generated, size, device),
+                               channel_stats(train, size, device), len(train.classes), ecfg.full_epochs,
+                               derive_seed(cfg.seed, "check", "classifier"), ecfg, cfg.data.hflip)
+    good = res.final >= FIDELITY_GOAL
+    hint = "" if good else (f"; below the {FIDELITY_GOAL:.0f} % goal: the generator underfits — raise pretrain.steps "
+                            f"(now {cfg.pretrain.steps}) or model.size (now {cfg.model.size}) before distilling")
+    line = (f"generator check: {res.final:.1f} % of {len(generated)} images sampled after pretraining are assigned "
+            f"their class by a {net} trained on the real train set{hint}")
+    out = generator_check_file(cfg.run_dir)
+    atomic_write_json(out, {"fidelity": res.final, "goal": FIDELITY_GOAL, "images_per_class": per_class,
+                            "num_images": len(generated), "classifier": f"{net}, {ecfg.full_epochs} epochs on the "
+                            f"real train set", "sampler": {"scheduler": cfg.sample.scheduler, "steps":
+                            cfg.sample.steps, "guidance": cfg.sample.guidance},
+                            "seconds": round(time.perf_counter() - t0, 1)})
+    print(line, flush=True)
+    return out
