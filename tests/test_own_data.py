@@ -1,0 +1,41 @@
+"""benchmarks/own_data.py: the folder sets it draws, and one tiny run through it."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import own_data  # noqa: E402
+
+
+@pytest.mark.parametrize("name, classes, size, mode", [("glyphs", 10, 28, "L"), ("textures", 10, 32, "RGB"),
+                                                       ("shapes30", 30, 32, "RGB")])
+def test_sets_are_class_folders_drawn_from_a_seed(tmp_path, name, classes, size, mode):
+    root = own_data.make_set(tmp_path / "a", name, 3, 2)
+    assert sorted(p.name for p in (root / "train").iterdir()) == [f"{c:02d}" for c in range(classes)]
+    assert len(list((root / "train").rglob("*.png"))) == 3 * classes
+    assert len(list((root / "val").rglob("*.png"))) == 2 * classes
+    with Image.open(root / "train" / "00" / "0000.png") as img:
+        assert img.size == (size, size) and img.mode == mode
+    again = own_data.make_set(tmp_path / "b", name, 3, 2)
+    files = sorted(p.relative_to(root) for p in root.rglob("*.png"))
+    assert all((root / f).read_bytes() == (again / f).read_bytes() for f in files)  # the same seed, the same set
+    first = {(root / "train" / f"{c:02d}" / "0000.png").read_bytes() for c in range(classes)}
+    assert len(first) == classes  # classes differ
+
+
+@pytest.mark.slow
+def test_one_tiny_run_gives_the_table(tmp_path, capsys):
+    tiny = ["pretrain.steps=10", "finetune.steps=2", "sample.steps=2", "sample.ipc=[1]", "evaluate.epochs=1",
+            "evaluate.full_epochs=1", "evaluate.seeds=1", "evaluate.width=8", "pretrain.check_images=0"]
+    own_data.main(["--sets", "glyphs", "--seeds", "0", "--train-per-class", "4", "--val-per-class", "2",
+                   "--out", str(tmp_path), *tiny])
+    out = capsys.readouterr().out
+    report = json.loads(out[out.index('{\n  "benchmark"'):])
+    (run,) = report["runs"]
+    assert run["set"] == "glyphs" and set(run["ipc"]) == {"1"} and 0 <= run["ipc"]["1"]["distilled"] <= 100
+    table = (tmp_path / "own-data.md").read_text().splitlines()
+    assert len(table) == 3 and table[2].startswith("| glyphs | 0 | 1 |")
