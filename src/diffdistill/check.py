@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from diffdistill import distributed as dist
 from diffdistill.autoencoders import build_decoder
 from diffdistill.config import Config
 from diffdistill.data.classes import condition_ids
@@ -53,6 +54,9 @@ def generator_check(cfg: Config) -> Path:
     per_class = cfg.pretrain.check_images
     if per_class <= 0:
         raise StageError("pretrain.check_images is 0: nothing to check (set it to e.g. 10)")
+    out = generator_check_file(cfg.run_dir)
+    if not dist.is_main():  # under torchrun one process checks; the others go on to the next stage
+        return out
     device, ecfg, t0 = setup(cfg), cfg.evaluate, time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # the stages after this one see the random state they always saw
         train, _ = load_data(cfg.data, need_val=False)
@@ -66,7 +70,6 @@ def generator_check(cfg: Config) -> Path:
                             f"(now {cfg.pretrain.steps}) or model.size (now {cfg.model.size}) before distilling")
     line = (f"generator check: {res.final:.1f} % of {len(generated)} images sampled after pretraining are assigned "
             f"their class by a {net} trained on the real train set{hint}")
-    out = generator_check_file(cfg.run_dir)
     atomic_write_json(out, {"fidelity": res.final, "goal": FIDELITY_GOAL, "images_per_class": per_class,
                             "num_images": len(generated), "classifier": f"{net}, {ecfg.full_epochs} epochs on the "
                             f"real train set", "sampler": {"scheduler": cfg.sample.scheduler, "steps":
