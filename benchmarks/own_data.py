@@ -10,7 +10,9 @@ The sets are drawn here from a seed (class subfolders of PNGs, train and val), s
 
     python benchmarks/own_data.py --config configs/demo-digits.yaml --seeds 0,1,2 data.image_size=32
 
-Not part of `make bench` (hours on 2 CPU cores; minutes on a GPU).
+Not part of `make bench` (hours on 2 CPU cores; minutes on a GPU). Neither glyphs nor textures are
+flip-invariant: run them with `data.hflip: false` (the demo config's). Glyphs need Pillow's scalable default
+font (Pillow >= 10.1 with FreeType).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -97,6 +100,7 @@ def make_set(root: Path, name: str, train_per_class: int, val_per_class: int, se
     done = out / ".complete"
     if done.is_file() and done.read_text() == f"{train_per_class} {val_per_class} {seed}":
         return out
+    shutil.rmtree(out, ignore_errors=True)  # another size or seed: no image of the old set stays
     rng = np.random.default_rng([seed, list(SETS).index(name)])
     for split, count in (("train", train_per_class), ("val", val_per_class)):
         for label in range(classes):

@@ -60,6 +60,7 @@ def test_run_writes_results_report_grid_and_manifest(digits_run):
     assert {"diffusion", "representativeness", "diversity", "gen_bank_similarity"} <= set(log[-1])
     check = json.loads((digits_run / "pretrain" / "check.json").read_text())  # run checked the generator
     assert check["num_images"] == 100 and check["images_per_class"] == 10 and 0 <= check["fidelity"] <= 100
+    assert 0 <= check["classifier_val_accuracy"] <= 100
     assert f"Generator check right after pretraining (before fine-tuning): {check['fidelity']:.1f} %" in report
 
 
@@ -198,7 +199,7 @@ def test_training_is_reproducible_from_the_seed(tmp_path):
 def test_the_generator_check_changes_nothing_that_follows(tmp_path, capsys):
     from safetensors.torch import load_file
 
-    quick = [*TINY, "evaluate.full=false", "evaluate.seeds=1", "evaluate.epochs=1", f"out_dir={tmp_path}"]
+    quick = [*TINY, "evaluate.seeds=1", "evaluate.epochs=1", "evaluate.metrics=false", f"out_dir={tmp_path}"]
     assert run("run", "configs/demo-digits.yaml", *quick, "name=checked", "pretrain.check_images=2") == 0
     assert "generator check: " in capsys.readouterr().out
     assert run("run", "configs/demo-digits.yaml", *quick, "name=plain", "pretrain.check_images=0") == 0
@@ -209,4 +210,6 @@ def test_the_generator_check_changes_nothing_that_follows(tmp_path, capsys):
     plain, checked = tmp_path / "plain" / "samples", tmp_path / "checked" / "samples"
     images = sorted(p.relative_to(plain) for p in plain.rglob("*.png"))
     assert images and all((checked / f).read_bytes() == (plain / f).read_bytes() for f in images)
+    capsys.readouterr()
     assert main(["check", "configs/demo-digits.yaml", f"out_dir={tmp_path}", "name=none"]) == 2  # no pretrain yet
+    assert "run `diffdistill pretrain` with this config first" in capsys.readouterr().err

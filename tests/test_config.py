@@ -151,3 +151,14 @@ def test_every_numeric_key_has_a_range_check_next_to_it():
         for part in key.split("."):
             value = getattr(value, part)
         assert f.metadata["check"][0](value), key
+
+
+def test_run_order_checks_the_generator_only_after_pretraining_with_full_evaluation():
+    from diffdistill.runs import run_order
+
+    demo = load_config("configs/demo-digits.yaml")
+    assert run_order(demo) == ["pretrain", "check", "finetune", "sample", "evaluate"]
+    assert "check" not in run_order(load_config("configs/demo-digits.yaml", ["evaluate.full=false"]))
+    assert "check" not in run_order(load_config("configs/demo-digits.yaml", ["pretrain.check_images=0"]))
+    assert run_order(load_config("configs/demo-digits.yaml", ["pretrain.steps=0", "finetune.init=x"])) == \
+        ["finetune", "sample", "evaluate"]

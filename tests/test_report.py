@@ -8,7 +8,8 @@ from diffdistill.report import verdicts, write_report
 
 
 def summary(mean: float, std: float = 0.5) -> dict:
-    return {"mean": mean, "std": std, "runs": [mean], "best_epoch": {"mean": mean, "std": std, "runs": [mean]}}
+    runs = [mean - std, mean, mean + std]
+    return {"mean": mean, "std": std, "runs": runs, "best_epoch": {"mean": mean, "std": std, "runs": runs}}
 
 
 def overall(diversity: float, coverage: float) -> dict:
@@ -25,12 +26,13 @@ def results(distilled: dict[str, float], random_real: dict[str, float], fidelity
         "fidelity": None if fidelity is None else {"mean": fidelity, "std": 0.0, "num_images": 100,
                                                    "classifier": "convnet3 trained on the full real train set"},
         "metrics": metrics,
-        "config": {"pretrain": {"steps": 4800}, "finetune": {"steps": 600, "memory": {"lambda_gen": 0.008}},
+        "config": {"out_dir": "runs", "name": "r",
+                   "pretrain": {"steps": 4800}, "finetune": {"steps": 600, "memory": {"lambda_gen": 0.008}},
                    "model": {"size": "tiny"}, "sample": {"guidance": 2.0}, "data": {"image_size": 16}},
         "protocol": {"seeds": 3, "epochs": {k: 300 for k in distilled}, "full_epochs": 30,
                      "augmentation": {"crop_scale": [1.0, 1.0], "hflip": False, "color_jitter": 0, "lighting": 0,
                                       "cutmix_prob": 0, "cutmix_beta": 1.0}},
-        "data": {"num_val": 360, "num_train": 1437, "classes": ["0", "1"], "distilled_set": "/nonexistent",
+        "data": {"num_val": 360, "num_train": 1437, "classes": ["0", "1"], "distilled_set": "runs/r/samples",
                  "train_sha256": "a" * 64, "val_sha256": "b" * 64, "distilled_sha256": "c" * 64,
                  "ipc_handling": "the first IPC images per class of the set"},
     }
@@ -59,6 +61,18 @@ def test_samples_too_alike_are_named_when_fidelity_is_fine():
 def test_without_fidelity_the_line_says_what_is_missing():
     (line,) = verdicts(results({"1": 50.0}, {"1": 60.0}, fidelity=None))
     assert "evaluate.full=true" in line
+    (line,) = verdicts(results({"1": 59.8}, {"1": 60.0}))  # fidelity fine, no metrics: not claimed as measured
+    assert "diversity and coverage not measured" in line
+
+
+def test_one_seed_and_a_set_made_elsewhere_are_said():
+    res = results({"1": 50.0}, {"1": 60.0}, fidelity=72.5)
+    for kind in ("distilled", "random_real"):
+        res["ipc"]["1"][kind]["runs"] = [res["ipc"]["1"][kind]["mean"]]
+    res["data"]["distilled_set"] = "/elsewhere/set"
+    (line,) = verdicts(res)
+    assert "one seed: the spread is unknown" in line and "made elsewhere (--distilled)" in line
+    assert "pretrain.steps" not in line  # this run's generator is not what made the set
 
 
 @pytest.mark.parametrize("loses", [True, False])
@@ -69,5 +83,5 @@ def test_report_and_terminal_lead_with_the_loss(tmp_path, loses):
     printed = write_report(tmp_path)
     report = (tmp_path / "report.md").read_text()
     assert ("scores below random real" in report.split("Top-1 accuracy")[0]) == loses  # above the tables
-    assert ("below random real at IPC 10: distilled 92.5 %" in printed) == loses
+    assert ("below random real (convnet3): IPC 10: distilled 92.5 %" in printed) == loses
     assert "IPC 1:" not in printed  # distilled wins at IPC 1

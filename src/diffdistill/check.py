@@ -21,19 +21,19 @@ from diffdistill.data.classes import condition_ids
 from diffdistill.data.datasets import ImageSet, load_data, to_uint8
 from diffdistill.diffusion import NoiseSchedule
 from diffdistill.errors import StageError
-from diffdistill.evaluate import channel_stats, on_device, train_classifier
+from diffdistill.evaluate import accuracy, channel_stats, on_device, train_classifier
 from diffdistill.files import atomic_write_json
 from diffdistill.models.dit import load_dit
 from diffdistill.report import FIDELITY_GOAL
-from diffdistill.runs import generator_check_file, stage_dir
+from diffdistill.runs import generator_check_file, model_source
 from diffdistill.runtime import derive_seed, setup
 from diffdistill.sample import sample_latents
 
 
 @torch.no_grad()
-def _generate(cfg: Config, classes: list[str], per_class: int, device: torch.device) -> ImageSet:
-    """`per_class` images of each class from the pretrained EMA model, uint8 at data.image_size."""
-    model = load_dit(str(stage_dir(cfg.run_dir, "pretrain") / "ema"), key="pretrain").to(device).eval()
+def _generate(cfg: Config, source: str, classes: list[str], per_class: int, device: torch.device) -> ImageSet:
+    """`per_class` images of each class from the model folder `source`, uint8 at data.image_size."""
+    model = load_dit(source, key="pretrain").to(device).eval()
     decoder = build_decoder(cfg.autoencoder).to(device)
     cond, _ = condition_ids(classes, cfg.model.class_ids)
     latent_shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
@@ -55,25 +55,30 @@ def generator_check(cfg: Config) -> Path:
     if per_class <= 0:
         raise StageError("pretrain.check_images is 0: nothing to check (set it to e.g. 10)")
     out = generator_check_file(cfg.run_dir)
+    model = model_source(cfg.run_dir, "pretrain")  # no pretrained model: say so before reading any data
     if not dist.is_main():  # under torchrun one process checks; the others go on to the next stage
         return out
     device, ecfg, t0 = setup(cfg), cfg.evaluate, time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # the stages after this one see the random state they always saw
-        train, _ = load_data(cfg.data, need_val=False)
-        generated = _generate(cfg, train.classes, per_class, device)
+        train, val = load_data(cfg.data, need_val=True)
+        generated = _generate(cfg, model, train.classes, per_class, device)
         size, net = ecfg.image_size or cfg.data.image_size, ecfg.nets[0]
-        res = train_classifier(net, *on_device(train, size, device), *on_device(generated, size, device),
-                               channel_stats(train, size, device), len(train.classes), ecfg.full_epochs,
-                               derive_seed(cfg.seed, "check", "classifier"), ecfg, cfg.data.hflip)
+        norm = channel_stats(train, size, device)
+        res = train_classifier(net, *on_device(train, size, device), *on_device(generated, size, device), norm,
+                               len(train.classes), ecfg.full_epochs, derive_seed(cfg.seed, "check", "classifier"),
+                               ecfg, cfg.data.hflip)
+        real = accuracy(res.model, *on_device(val, size, device), norm)  # how far the judge itself can be trusted
     good = res.final >= FIDELITY_GOAL
     hint = "" if good else (f"; below the {FIDELITY_GOAL:.0f} % goal: the generator underfits — raise pretrain.steps "
                             f"(now {cfg.pretrain.steps}) or model.size (now {cfg.model.size}) before distilling")
     line = (f"generator check: {res.final:.1f} % of {len(generated)} images sampled after pretraining are assigned "
-            f"their class by a {net} trained on the real train set{hint}")
-    atomic_write_json(out, {"fidelity": res.final, "goal": FIDELITY_GOAL, "images_per_class": per_class,
-                            "num_images": len(generated), "classifier": f"{net}, {ecfg.full_epochs} epochs on the "
-                            f"real train set", "sampler": {"scheduler": cfg.sample.scheduler, "steps":
-                            cfg.sample.steps, "guidance": cfg.sample.guidance},
-                            "seconds": round(time.perf_counter() - t0, 1)})
+            f"their class by a {net} trained on the real train set (which scores {real:.1f} % on real val "
+            f"images){hint}")
+    atomic_write_json(out, {
+        "fidelity": res.final, "classifier_val_accuracy": real, "goal": FIDELITY_GOAL,
+        "images_per_class": per_class, "num_images": len(generated),
+        "classifier": f"{net}, {ecfg.full_epochs} epochs on the real train set",
+        "sampler": {"scheduler": cfg.sample.scheduler, "steps": cfg.sample.steps, "guidance": cfg.sample.guidance},
+        "seconds": round(time.perf_counter() - t0, 1)})
     print(line, flush=True)
     return out

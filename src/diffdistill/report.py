@@ -83,13 +83,19 @@ def verdicts(results: dict) -> list[str]:
         if d["mean"] >= r["mean"]:
             continue
         gap = d["mean"] - r["mean"]
-        noise = " — within the seed-to-seed spread" if abs(gap) <= (d["std"] ** 2 + r["std"] ** 2) ** 0.5 else ""
+        if len(d.get("runs", [])) < 2:
+            noise = " — one seed: the spread is unknown"
+        else:
+            noise = " — within the seed-to-seed spread" if abs(gap) <= (d["std"] ** 2 + r["std"] ** 2) ** 0.5 else ""
         line = f"IPC {ipc}: distilled {d['mean']:.1f} % < random real {r['mean']:.1f} % ({gap:+.1f}{noise}). "
         m = metrics.get(ipc, {})
         dm, rm = (m.get(k, {}).get("overall", {}) for k in ("distilled", "random_real"))
         alike = [f"{k} {dm[k]:.3f} vs {rm[k]:.3f}" for k in ("diversity", "coverage")
                  if dm.get(k) is not None and rm.get(k) and dm[k] < TOO_ALIKE * rm[k]]
-        if fid and fid["mean"] < FIDELITY_GOAL:
+        own = Path(results["data"]["distilled_set"]) == Path(cfg["out_dir"], cfg["name"], "samples")
+        if not own:
+            line += "The set was made elsewhere (--distilled): this run's generator settings do not apply to it."
+        elif fid and fid["mean"] < FIDELITY_GOAL:
             stage = "pretrain" if cfg["pretrain"]["steps"] > 0 else "finetune"
             line += (f"Likely cause: the generator is not good enough yet — {fid['mean']:.1f} % of the distilled "
                      f"images are classified as their class (goal ≥ {FIDELITY_GOAL:.0f} %). Try: train longer "
@@ -104,9 +110,10 @@ def verdicts(results: dict) -> list[str]:
             line += ("No cause can be read: fidelity and the diversity metrics need the full-data classifiers "
                      "(evaluate.full=true).")
         else:
-            line += (f"No single cause in the measurements (fidelity {fid['mean']:.1f} %, diversity and coverage "
-                     f"near random real's). Try: more seeds (evaluate.seeds) to see whether the gap is real, or "
-                     f"more fine-tuning (finetune.steps, now {cfg['finetune']['steps']}).")
+            measured = "diversity and coverage near random real's" if dm else "diversity and coverage not measured"
+            line += (f"No single cause in the measurements (fidelity {fid['mean']:.1f} %, {measured}). "
+                     f"Try: more seeds (evaluate.seeds) to see whether the gap is real, or more fine-tuning "
+                     f"(finetune.steps, now {cfg['finetune']['steps']}).")
         lines.append(line)
     return lines
 
@@ -182,7 +189,7 @@ def accuracy_section(run_dir: Path, results: dict) -> list[str]:
     nets_text = " / ".join(f"{net} ({entry['norm']} norm)" for net, entry in by_net.items())
     protocol = results["protocol"]
     losses_to_random = verdicts(results)
-    warning = ["**The distilled set scores below random real images:**", "",
+    warning = [f"**The distilled set scores below random real images ({results['net']}):**", "",
                *[f"- {line}" for line in losses_to_random], ""] if losses_to_random else []
     lines = [f"# {run_dir.name}", "", *warning,
              f"Top-1 accuracy (%) on {results['data']['num_val']} real validation images of a "
@@ -303,5 +310,5 @@ def write_report(run_dir: Path) -> str:
     if results.get("fidelity"):
         table += f"\nfidelity: {fidelity_line(results['fidelity'])}"
     for line in verdicts(results):
-        table += f"\nbelow random real at {line}"
+        table += f"\nbelow random real ({results['net']}): {line}"
     return table

@@ -68,6 +68,7 @@ def run_order(cfg: Config) -> list[str]:
     """The stages `diffdistill run` chains for this config, in order."""
     training = [s for s in TRAINING_STAGES if getattr(cfg, s).steps > 0]
     prepare = ["prepare"] if any(getattr(cfg, s).latents == "cache" for s in training) else []
-    check = ["check"] if "pretrain" in training and cfg.pretrain.check_images > 0 else []
+    # the check trains a classifier on the whole train set: only where evaluation does so anyway
+    check = ["check"] if "pretrain" in training and cfg.pretrain.check_images > 0 and cfg.evaluate.full else []
     return prepare + training[:1] + check + training[1:] + ["sample", "evaluate"]
 
