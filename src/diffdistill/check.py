@@ -18,8 +18,7 @@ from diffdistill import distributed as dist
 from diffdistill.autoencoders import build_decoder
 from diffdistill.config import Config
 from diffdistill.data.classes import condition_ids
-from diffdistill.data.datasets import ImageSet, load_data, to_uint8
-from diffdistill.diffusion import NoiseSchedule
+from diffdistill.data.datasets import ImageSet, load_data
 from diffdistill.errors import StageError
 from diffdistill.evaluate import accuracy, channel_stats, on_device, train_classifier
 from diffdistill.files import atomic_write_json
@@ -27,7 +26,7 @@ from diffdistill.models.dit import load_dit
 from diffdistill.report import FIDELITY_GOAL
 from diffdistill.runs import generator_check_file, model_source
 from diffdistill.runtime import derive_seed, setup
-from diffdistill.sample import sample_latents
+from diffdistill.sample import sample_images
 
 
 @torch.no_grad()
@@ -36,16 +35,13 @@ def _generate(cfg: Config, source: str, classes: list[str], per_class: int, devi
     model = load_dit(source, key="pretrain").to(device).eval()
     decoder = build_decoder(cfg.autoencoder).to(device)
     cond, _ = condition_ids(classes, cfg.model.class_ids)
-    latent_shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
-    betas = NoiseSchedule.from_config(cfg.diffusion).betas
     jobs = [(c, i) for c in range(len(classes)) for i in range(per_class)]
     images = []
     for lo in range(0, len(jobs), cfg.sample.batch_size):
         batch = jobs[lo : lo + cfg.sample.batch_size]
         generators = [torch.Generator().manual_seed(derive_seed(cfg.seed, "check", classes[c], i)) for c, i in batch]
-        labels = torch.tensor([cond[c] for c, _ in batch])
-        z = sample_latents(model, cfg.sample, betas, labels, generators, latent_shape, device, cfg.precision)
-        images.append(to_uint8(decoder.decode(z)).cpu())  # [B, C, H, W]
+        images.append(sample_images(model, decoder, cfg, torch.tensor([cond[c] for c, _ in batch]), generators,
+                                    device))
     return ImageSet(torch.cat(images), torch.tensor([c for c, _ in jobs]), classes)
 
 

@@ -118,9 +118,14 @@ def verdicts(results: dict) -> list[str]:
     return lines
 
 
+def _by_net(results: dict) -> dict:
+    """{net: its results}; results.json files older than the per-net tables hold one net at the top level."""
+    return results.get("by_net") or {results["net"]: results}
+
+
 def accuracy_tables(results: dict) -> str:
     """One accuracy table per net (headed by the net when there are several)."""
-    by_net = results.get("by_net") or {results["net"]: results}
+    by_net = _by_net(results)
     return "\n\n".join((f"{net} ({entry['norm']} norm)\n\n" if len(by_net) > 1 else "") + accuracy_table(entry)
                        for net, entry in by_net.items())
 
@@ -185,7 +190,7 @@ def _read_log(run_dir: Path, stage: str) -> list[dict]:
 
 # -- sections: (run folder, results) -> markdown lines (empty when the run has nothing for it) --------------
 def accuracy_section(run_dir: Path, results: dict) -> list[str]:
-    by_net = results.get("by_net") or {results["net"]: results}
+    by_net = _by_net(results)
     nets_text = " / ".join(f"{net} ({entry['norm']} norm)" for net, entry in by_net.items())
     protocol = results["protocol"]
     losses_to_random = verdicts(results)
@@ -235,7 +240,7 @@ def metrics_section(run_dir: Path, results: dict) -> list[str]:
 
 
 def dd_ranking_section(run_dir: Path, results: dict) -> list[str]:
-    by_net = results.get("by_net") or {results["net"]: results}
+    by_net = _by_net(results)
     if not any(e.get("dd_ranking") for entry in by_net.values() for e in entry["ipc"].values()):
         return []
     return ["## DD-Ranking scores", "",

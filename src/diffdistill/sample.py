@@ -71,6 +71,15 @@ def sample_latents(model, scfg: SampleConfig, betas: Tensor, labels: Tensor, gen
     return x
 
 
+def sample_images(model, decoder, cfg: Config, labels: Tensor, generators: list[torch.Generator],
+                  device: torch.device) -> Tensor:
+    """uint8 images [B, C, H, W] on the CPU for model labels `labels` [B] with the run's sampler, decoded."""
+    latent_shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
+    betas = NoiseSchedule.from_config(cfg.diffusion).betas
+    z = sample_latents(model, cfg.sample, betas, labels, generators, latent_shape, device, cfg.precision)
+    return to_uint8(decoder.decode(z)).cpu()
+
+
 def sample_stage(cfg: Config, force: bool = False) -> Path:
     """Write max(sample.ipc) PNGs per class under <run>/samples/<class>/ plus manifest.json.
 
@@ -96,8 +105,6 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
     dist.barrier()
     model = load_dit(source, key="sample.checkpoint").to(device).eval()
     ae = build_decoder(cfg.autoencoder).to(device)
-    latent_shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
-    betas = NoiseSchedule.from_config(cfg.diffusion).betas
     jobs = [(c, i) for c in range(len(classes)) for i in range(ipc)]
     seeds = {job: derive_seed(cfg.seed, "sample", classes[job[0]], job[1]) for job in jobs}
     batches = [jobs[k : k + scfg.batch_size] for k in range(0, len(jobs), scfg.batch_size)]
@@ -106,9 +113,7 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
     bar = tqdm(total=sum(map(len, mine)), desc="sample", unit="img", dynamic_ncols=True, disable=not dist.is_main())
     for batch in mine:
         generators = [torch.Generator().manual_seed(seeds[job]) for job in batch]
-        labels = torch.tensor([cond[c] for c, _ in batch])
-        z = sample_latents(model, scfg, betas, labels, generators, latent_shape, device, cfg.precision)
-        images = to_uint8(ae.decode(z)).cpu()  # [B, C, H, W]
+        images = sample_images(model, ae, cfg, torch.tensor([cond[c] for c, _ in batch]), generators, device)
         for (c, i), img in zip(batch, images):
             arr = img.permute(1, 2, 0).numpy()
             _save_png(arr[..., 0] if arr.shape[-1] == 1 else arr, work / image_file(classes[c], i))
