@@ -8,11 +8,11 @@ The sets are drawn here from a seed (class subfolders of PNGs, train and val), s
             palette depend on the class, with noise.
 - shapes30: 30 classes (5 shapes × 6 hues) of RGB 32 px drawings on cluttered backgrounds.
 
-    python benchmarks/own_data.py --config configs/demo-digits.yaml --seeds 0,1,2 data.image_size=32
+    python benchmarks/own_data.py --seeds 0,1,2        # configs/own-data.yaml, as a user would run it
 
 Not part of `make bench` (hours on 2 CPU cores; minutes on a GPU). Neither glyphs nor textures are
-flip-invariant: run them with `data.hflip: false` (the demo config's). Glyphs need Pillow's scalable default
-font (Pillow >= 10.1 with FreeType).
+flip-invariant: own-data.yaml has `data.hflip: false`. Glyphs need Pillow's scalable default font
+(Pillow >= 10.1 with FreeType).
 """
 
 from __future__ import annotations
@@ -112,21 +112,47 @@ def make_set(root: Path, name: str, train_per_class: int, val_per_class: int, se
     return out
 
 
+def _mean_std(values: list[float]) -> str:
+    return f"{np.mean(values):.1f} ± {np.std(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+
+
 def _write_table(path: Path, rows: list[dict]) -> None:
-    table = ["| set | seed | IPC | distilled | random real | gap | fidelity | minutes |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    """own-data.md: per set and IPC over its seeds (mean ± std), then every run with the choices it made."""
+    table = ["| set | IPC | seeds | distilled | random real | gap | fidelity | check | minutes |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in dict.fromkeys(r["set"] for r in rows):
+        runs = [r for r in rows if r["set"] == name]
+        for ipc in runs[0]["ipc"]:
+            d, rr = ([r["ipc"][ipc][k] for r in runs] for k in ("distilled", "random_real"))
+            fid, chk = [r["fidelity"] for r in runs if r["fidelity"] is not None], \
+                [r["check"] for r in runs if r["check"] is not None]
+            table.append(f"| {name} | {ipc} | {len(runs)} | {_mean_std(d)} | {_mean_std(rr)} | "
+                         f"{np.mean(d) - np.mean(rr):+.1f} | {_mean_std(fid) if fid else '—'} | "
+                         f"{_mean_std(chk) if chk else '—'} | {_mean_std([r['minutes'] for r in runs])} |")
+    table += ["", "| set | seed | IPC | distilled | random real | gap | fidelity | check | minutes | auto |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         for ipc, e in r["ipc"].items():
             table.append(f"| {r['set']} | {r['seed']} | {ipc} | {e['distilled']:.1f} | {e['random_real']:.1f} | "
-                         f"{e['distilled'] - e['random_real']:+.1f} | {r['fidelity']} | {r['minutes']} |")
+                         f"{e['distilled'] - e['random_real']:+.1f} | {r['fidelity']} | {r['check']} | "
+                         f"{r['minutes']} | {'; '.join(f'{k} = {v}' for k, v in r['auto'].items())} |")
     path.write_text("\n".join(table) + "\n")
+
+
+def _auto_choices(run_dir: Path) -> dict[str, str]:
+    """The value each auto key got (from the first stage folder that recorded it)."""
+    for stage in ("pretrain", "finetune", "samples", "evaluate"):
+        info = run_dir / stage / "run_info.json"
+        if info.is_file():
+            return {k: v.split(":")[0] for k, v in (json.loads(info.read_text()).get("auto") or {}).items()}
+    return {}
 
 
 def main(argv: list[str] | None = None) -> None:
     from diffdistill.cli import main as cli
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/demo-digits.yaml")
+    parser.add_argument("--config", default="configs/own-data.yaml")
     parser.add_argument("--sets", default=",".join(SETS))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--train-per-class", type=int, default=250)
@@ -146,8 +172,11 @@ def main(argv: list[str] | None = None) -> None:
             if code:
                 sys.exit(f"own_data: the run {run} failed (exit {code})")
             res = json.loads((root / run / "results.json").read_text())
+            check = root / run / "pretrain" / "check.json"
             rows.append({"set": name, "seed": seed, "minutes": round((time.perf_counter() - t0) / 60, 1),
                          "fidelity": (res.get("fidelity") or {}).get("mean"),
+                         "check": json.loads(check.read_text())["fidelity"] if check.is_file() else None,
+                         "auto": _auto_choices(root / run),
                          "ipc": {ipc: {"distilled": e["distilled"]["mean"], "random_real": e["random_real"]["mean"]}
                                  for ipc, e in res["ipc"].items()}})
             _write_table(root / "own-data.md", rows)  # after every run: an interrupted sweep keeps what it has

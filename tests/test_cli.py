@@ -158,6 +158,9 @@ def test_folder_dataset_that_is_not_digits(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["run", "configs/demo-digits.yaml", "finetune.memory.polcy=fifo"], "unknown config key 'finetune.memory.polcy'"),
     (["run", "configs/demo-digits.yaml", "finetune.steps=many"], "'finetune.steps': expected int"),
+    # KEY=VALUE after a flag is an override too
+    (["run", "configs/demo-digits.yaml", "--resume", "finetune.memory.polcy=fifo"],
+     "unknown config key 'finetune.memory.polcy'"),
     (["run", "configs/missing.yaml"], "config file configs/missing.yaml does not exist"),
     (["run", "configs/demo-digits.yaml", "data.train=/nonexistent/train", "data.val=/nonexistent/val"],
      "data.train: folder /nonexistent/train does not exist"),

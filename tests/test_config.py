@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from diffdistill.config import ConfigError, build_config, load_config, to_dict
@@ -25,8 +27,8 @@ def test_unknown_key_names_the_key_and_the_valid_ones():
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("finetune.steps=abc", "config key 'finetune.steps': expected int, got 'abc'"),
-    ("finetune.steps=1.5", "expected int, got 1.5"),
+    ("finetune.steps=abc", "config key 'finetune.steps': expected int or 'auto', got 'abc'"),
+    ("finetune.steps=1.5", "expected int or 'auto', got 1.5"),
     ("finetune.lr=fast", "config key 'finetune.lr': expected float, got 'fast'"),
     ("finetune.memory.policy=lru", "expected one of 'adaptive', 'fifo', 'none', got 'lru'"),
     ("data.hflip=1", "expected bool"),
@@ -162,3 +164,25 @@ def test_run_order_checks_the_generator_only_after_pretraining_with_full_evaluat
     assert "check" not in run_order(load_config("configs/demo-digits.yaml", ["pretrain.check_images=0"]))
     assert run_order(load_config("configs/demo-digits.yaml", ["pretrain.steps=0", "finetune.init=x"])) == \
         ["finetune", "sample", "evaluate"]
+
+
+NEEDS_CLIP = "'sample.clip_denoised': expected true (or sample.timestep_spacing=leading)"
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["diffusion.schedule=cosine", "sample.scheduler=ddpm"], NEEDS_CLIP),  # DiT's spacing ends at t = 999
+    (["diffusion.schedule=cosine", "sample.scheduler=ddim", "sample.timestep_spacing=trailing"], NEEDS_CLIP),
+    (["diffusion.schedule=cosine", "sample.scheduler=dpm"], NEEDS_CLIP),
+    (["sample.clip_denoised=true", "autoencoder.kind=kl"], "expected false with a VAE's latents"),
+    (["sample.clip_denoised=true", "sample.scheduler=dpm"], "or the dpm sampler"),
+    (["diffusion.schedule=cosine", "sample.scheduler=ddpm", "sample.clip_denoised=true"], None),
+    (["diffusion.schedule=cosine", "sample.scheduler=ddpm", "sample.timestep_spacing=leading"], None),
+    (["diffusion.schedule=cosine", "sample.scheduler=ddim"], None),  # diffusers' DDIM starts at 980
+    (["sample.scheduler=ddpm"], None),  # linear: ᾱ at t = 999 is 4e-5, as DiT samples it
+])
+def test_samplers_that_would_return_noise_are_refused(overrides, expected):
+    if expected is None:
+        build_config({}, overrides)
+        return
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        build_config({}, overrides)

@@ -149,3 +149,21 @@ def test_learned_sigma_ddpm_step_against_the_formula():
     z = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
     out = sched.step(torch.cat([eps, v], 1), t, x, generator=torch.Generator().manual_seed(5)).prev_sample
     assert torch.allclose(out, mean + torch.exp(0.5 * log_var) * z, atol=1e-5)
+
+
+def test_cosine_sampling_from_the_last_training_step_needs_clipping():
+    """The cosine schedule's ᾱ at t = 999 is 2.4e-9: x̂0 = x / sqrt(ᾱ) magnifies any error of ε̂ 20,000×.
+    A fresh DiT predicts ε̂ = 0 (zero-initialised output), so that error is the whole noise."""
+    from diffdistill.config import SampleConfig
+    from diffdistill.models.dit import build_dit
+    from diffdistill.sample import sample_latents
+
+    model = build_dit("tiny", 4, 8, 3).eval()
+    labels, betas = torch.tensor([0, 1]), cosine_betas(1000)
+    out = {}
+    for clip in (False, True):
+        scfg = SampleConfig(scheduler="ddpm", steps=5, guidance=1.0, clip_denoised=clip)
+        gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+        out[clip] = sample_latents(model, scfg, betas, labels, gens, (4, 8, 8), torch.device("cpu"), data_range=1.0)
+    assert out[False].abs().max() > 100  # what sample.clip_denoised=false would hand to the decoder
+    assert out[True].abs().max() <= 1.05  # x̂0 in [-1, 1]; the last step adds almost nothing else

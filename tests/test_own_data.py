@@ -37,5 +37,9 @@ def test_one_tiny_run_gives_the_table(tmp_path, capsys):
     report = json.loads(out[out.index('{\n  "benchmark"'):])
     (run,) = report["runs"]
     assert run["set"] == "glyphs" and set(run["ipc"]) == {"1"} and 0 <= run["ipc"]["1"]["distilled"] <= 100
+    # configs/own-data.yaml sized the rest: 16 px gray -> unshuffle 2 and the tiny DiT; steps were given
+    assert run["auto"] == {"autoencoder.unshuffle": "2", "model.size": "tiny"} and run["check"] is None
     table = (tmp_path / "own-data.md").read_text().splitlines()
-    assert len(table) == 3 and table[2].startswith("| glyphs | 0 | 1 |")
+    assert len(table) == 7 and table[2].startswith("| glyphs | 1 | 1 |")
+    assert table[6].startswith("| glyphs | 0 | 1 |")
+    assert table[6].endswith("autoencoder.unshuffle = 2; model.size = tiny |")

@@ -74,7 +74,8 @@ def generator_check(cfg: Config) -> Path:
         "fidelity": res.final, "classifier_val_accuracy": real, "goal": FIDELITY_GOAL,
         "images_per_class": per_class, "num_images": len(generated),
         "classifier": f"{net}, {ecfg.full_epochs} epochs on the real train set",
-        "sampler": {"scheduler": cfg.sample.scheduler, "steps": cfg.sample.steps, "guidance": cfg.sample.guidance},
+        "sampler": {"scheduler": cfg.sample.scheduler, "steps": cfg.sample.steps, "guidance": cfg.sample.guidance,
+                    "clip_denoised": cfg.sample.clip_denoised},
         "seconds": round(time.perf_counter() - t0, 1)})
     print(line, flush=True)
     return out

@@ -12,6 +12,7 @@ from diffdistill.config import Config, ConfigError, load_config
 from diffdistill.distributed import is_main
 from diffdistill.errors import StageError
 from diffdistill.files import check_output_free
+from diffdistill.recipe import describe, resolve_config
 from diffdistill.runs import (
     STAGE_FOLDERS,
     TRAINING_STAGES,
@@ -96,7 +97,12 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--distilled", metavar="DIR",
                            help="score this folder of class subfolders instead of <run>/samples")
     parser.set_defaults(distilled=None, resume=False)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE may also come after a flag (`run CONFIG --resume name=x`): argparse leaves those over
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = [*args.overrides, *extra]
     try:
         if args.stage == "sweep":
             from diffdistill.sweep import load_sweep, parse_seeds, run_sweep
@@ -109,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
             _report(Path(args.config))
             return 0
         overrides = args.overrides + (["evaluate.pool=true"] if getattr(args, "pool", False) else [])
-        cfg = load_config(args.config, overrides)
+        cfg = resolve_config(load_config(args.config, overrides))
+        for line in describe(cfg):
+            say(line)
         actions = _actions()
         if args.stage != "run":
             actions[args.stage](cfg, args)

@@ -32,6 +32,7 @@ NON_NEGATIVE_OR_NULL = _check(lambda v: v is None or v >= 0, "a number >= 0 or n
 PROBABILITY = _check(lambda v: 0 <= v <= 1, "a number in [0, 1]")
 BELOW_ONE = _check(lambda v: 0 <= v < 1, "a number in [0, 1)")
 IPC_LIST = _check(lambda v: len(v) > 0 and all(i > 0 for i in v), "a non-empty list of positive integers")
+AUTO = "auto"  # keys that accept it are sized from the data by diffdistill.recipe before any stage runs
 
 
 def _num(default: Any, check: dict) -> Any:
@@ -59,7 +60,8 @@ class DataConfig:
 class AutoencoderConfig:
     kind: Literal["identity", "kl"] = "identity"
     # identity only: pixel-unshuffle factor (16 px gray, 2 -> 4x8x8 latent)
-    unshuffle: int = _num(1, _check(lambda v: v >= 1, "an integer >= 1"))
+    # auto: the factor that makes the latent about 8×8 (diffdistill.recipe)
+    unshuffle: int | Literal["auto"] = _num(1, _check(lambda v: v == AUTO or v >= 1, "an integer >= 1 or auto"))
     pretrained: str | None = None  # kl only: hub id or local folder (diffusers layout)
     subfolder: str | None = "vae"
     revision: str | None = None
@@ -73,7 +75,7 @@ class AutoencoderConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    size: str = "tiny"  # a key of diffdistill.models.dit.SIZES
+    size: str = "tiny"  # a key of diffdistill.models.dit.SIZES, or auto (by resolution and channels)
     class_ids: Literal["local", "imagenet"] = "local"  # condition on 0..C-1 or on ImageNet-1K ids
     class_dropout: float = _num(0.1, BELOW_ONE)  # label dropout for classifier-free guidance, once per sample
     # new models only (a loaded model keeps its own): also predict the variance (DiT's 2C output channels),
@@ -111,7 +113,8 @@ class MemoryConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = _num(0, NON_NEGATIVE)  # 0 skips the stage in `run`
+    # 0 skips the stage in `run`; pretrain only: auto (by the number of images and classes)
+    steps: int | Literal["auto"] = _num(0, _check(lambda v: v == AUTO or v >= 0, "a number >= 0 or auto"))
     batch_size: int = _num(32, POSITIVE)  # global: split evenly over the processes of a torchrun launch
     lr: float = _num(1e-4, POSITIVE)
     weight_decay: float = _num(0.0, NON_NEGATIVE)
@@ -136,6 +139,11 @@ class TrainConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 
+# each sampler's timestep spacing when sample.timestep_spacing is null: DiT's respacing for ddpm ("linspace":
+# 0, 20, 41, ..., 999 for 50 steps), diffusers' defaults for the others
+DEFAULT_SPACING = {"ddpm": "linspace", "ddim": "leading", "dpm": "linspace"}
+
+
 @dataclass(frozen=True)
 class SampleConfig:
     ipc: tuple[int, ...] = _num((10,), IPC_LIST)  # the largest is generated; smaller IPCs are its per-class prefixes
@@ -149,6 +157,9 @@ class SampleConfig:
     timestep_spacing: Literal["linspace", "leading", "trailing"] | None = None
     # DDPM without learned sigma: "fixed_large" = β_t, as DiT's sampler; "fixed_small" = the posterior variance
     ddpm_variance: Literal["fixed_large", "fixed_small"] = "fixed_large"
+    # ddpm / ddim: clip each step's x̂0 to the data range (pixel space only, improved-DDPM's default); the
+    # cosine schedule needs it where sampling starts at t = T − 1, whose ᾱ ≈ 2e-9 magnifies ε̂'s error 20,000×
+    clip_denoised: bool = False
     batch_size: int = _num(64, POSITIVE)
 
 
@@ -217,6 +228,8 @@ class Config:
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(init="pretrain"))
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    # set by diffdistill.recipe, never by a file: (key, why) for each key that was auto (run_info.json)
+    auto: tuple[tuple[str, str], ...] = field(default=(), metadata={"internal": True})
 
     @property
     def run_dir(self) -> Path:
@@ -228,13 +241,21 @@ _RELATIONS: tuple[tuple[str, typing.Callable[[Config], bool], str], ...] = (
     ("diffusion.beta_end", lambda c: c.diffusion.schedule != "linear" or c.diffusion.beta_start < c.diffusion.beta_end,
      "a number larger than diffusion.beta_start"),
     ("sample.steps", lambda c: c.sample.steps <= c.diffusion.train_steps, "at most diffusion.train_steps"),
+    ("sample.clip_denoised", lambda c: not c.sample.clip_denoised or (
+        c.autoencoder.kind == "identity" and c.sample.scheduler != "dpm"),
+     "false with a VAE's latents (unbounded) or the dpm sampler"),
+    ("sample.clip_denoised", lambda c: c.sample.clip_denoised or c.diffusion.schedule != "cosine" or (
+        c.sample.timestep_spacing or DEFAULT_SPACING[c.sample.scheduler])
+     == "leading", "true (or sample.timestep_spacing=leading): with the cosine schedule a sampler that starts at "
+                   "t = T − 1 (ᾱ ≈ 2e-9) returns noise unless x̂0 is clipped"),
 )
 
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+        args = typing.get_args(tp)
+        return repr(args[0]) if len(args) == 1 else "one of " + ", ".join(repr(a) for a in args)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is tuple:
@@ -298,7 +319,7 @@ def _merge(base: Any, raw: dict, prefix: str) -> Any:
         where = f"'{prefix[:-1]}'" if prefix else "the top level"
         raise ConfigError(f"config {where}: expected a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(type(base))
-    names = [f.name for f in dataclasses.fields(base)]
+    names = [f.name for f in dataclasses.fields(base) if not f.metadata.get("internal")]
     changes = {}
     for name, value in raw.items():
         key = f"{prefix}{name}"
@@ -410,4 +431,6 @@ def to_dict(cfg: Config) -> dict:
             return [plain(x) for x in v]
         return v
 
-    return plain(dataclasses.asdict(cfg))
+    out = plain(dataclasses.asdict(cfg))
+    out.pop("auto", None)  # recorded in run_info.json; config.yaml holds the chosen values themselves
+    return out

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from diffdistill.config import DiffusionConfig
+from diffdistill.config import DEFAULT_SPACING, DiffusionConfig
 
 
 def linear_betas(steps: int, beta_start: float, beta_end: float) -> Tensor:
@@ -112,13 +112,11 @@ def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tens
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
-# timestep spacing per sampler when the config leaves it open: DDPM respaced like DiT (0, 20, 41, ..., 999)
-DEFAULT_SPACING = {"ddpm": "linspace", "ddim": "leading", "dpm": "linspace"}
-
 
 def make_scheduler(name: str, betas: Tensor, learned_sigma: bool = False, spacing: str | None = None,
-                   ddpm_variance: str = "fixed_large"):
-    """A diffusers sampler over the training betas (epsilon prediction, no clipping). With `learned_sigma`
+                   ddpm_variance: str = "fixed_large", clip: float | None = None):
+    """A diffusers sampler over the training betas (epsilon prediction; x̂0 clipped to [−clip, clip] by ddpm and
+    ddim if `clip` is given, never by dpm). With `learned_sigma`
     DDPM takes the model's variance channels (DiT's learned range); the other samplers ignore them.
     Without, DDPM's variance is `ddpm_variance`: "fixed_large" = β_t (DiT's sampler for models without
     learned sigma) or "fixed_small" = the posterior variance β̃_t, both of the respaced schedule."""
@@ -131,9 +129,10 @@ def make_scheduler(name: str, betas: Tensor, learned_sigma: bool = False, spacin
     if ddpm_variance not in ("fixed_large", "fixed_small"):
         raise ValueError(f"DDPM variance {ddpm_variance!r}: expected 'fixed_large' or 'fixed_small'")
     variance = "learned_range" if learned_sigma else ddpm_variance
+    clipping = dict(clip_sample=clip is not None, clip_sample_range=clip or 1.0)
     builders = {
-        "ddpm": lambda: DDPMScheduler(**common, variance_type=variance, clip_sample=False),
-        "ddim": lambda: DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False),
+        "ddpm": lambda: DDPMScheduler(**common, variance_type=variance, **clipping),
+        "ddim": lambda: DDIMScheduler(**common, set_alpha_to_one=False, **clipping),
         "dpm": lambda: DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++"),
     }
     return builders[name]()

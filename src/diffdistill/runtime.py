@@ -92,5 +92,6 @@ def write_run_info(folder: Path, cfg: Config, stage: str, extra: dict[str, Any])
         "device": cfg.device,
         "versions": package_versions(),
         "git_commit": git_commit(),
+        "auto": dict(cfg.auto),  # keys set to auto and the values chosen for this data (diffdistill.recipe)
         **extra,
     })

@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 
 from diffdistill import distributed as dist
 from diffdistill.autoencoders import build_decoder
-from diffdistill.config import Config, SampleConfig, to_dict
+from diffdistill.config import DEFAULT_SPACING, Config, SampleConfig, to_dict
 from diffdistill.data.classes import condition_ids
 from diffdistill.data.datasets import data_classes, to_uint8
-from diffdistill.diffusion import DEFAULT_SPACING, NoiseSchedule, make_scheduler
+from diffdistill.diffusion import NoiseSchedule, make_scheduler
 from diffdistill.errors import StageError
 from diffdistill.files import atomic_write_bytes, atomic_write_json, check_output_free, replace_dir
 from diffdistill.models.dit import eps_prediction, learns_sigma, load_dit, null_class
@@ -44,14 +44,17 @@ def guided_eps(eps_cond: Tensor, eps_uncond: Tensor, scale: float, channels: int
 
 @torch.no_grad()
 def sample_latents(model, scfg: SampleConfig, betas: Tensor, labels: Tensor, generators: list[torch.Generator],
-                   latent_shape: tuple[int, int, int], device: torch.device, precision: str = "fp32") -> Tensor:
+                   latent_shape: tuple[int, int, int], device: torch.device, precision: str = "fp32",
+                   data_range: float = 1.0) -> Tensor:
     """Latents [B, C, H, W] for model labels `labels` [B], one generator per image. A learned-sigma model's
-    variance (of the conditional half, as in DiT) drives DDPM's noise; other samplers use ε̂ only."""
+    variance (of the conditional half, as in DiT) drives DDPM's noise; other samplers use ε̂ only.
+    `sample.clip_denoised` clips x̂0 to [−data_range, data_range]."""
     from diffusers.utils.torch_utils import randn_tensor
 
     channels = latent_shape[0]
     learned = learns_sigma(model) and scfg.scheduler == "ddpm"
-    scheduler = make_scheduler(scfg.scheduler, betas, learned, scfg.timestep_spacing, scfg.ddpm_variance)
+    scheduler = make_scheduler(scfg.scheduler, betas, learned, scfg.timestep_spacing, scfg.ddpm_variance,
+                               data_range if scfg.clip_denoised else None)
     scheduler.set_timesteps(scfg.steps)
     b = labels.shape[0]
     x = randn_tensor((b, *latent_shape), generator=generators, device=torch.device("cpu")).to(device)
@@ -76,7 +79,9 @@ def sample_images(model, decoder, cfg: Config, labels: Tensor, generators: list[
     """uint8 images [B, C, H, W] on the CPU for model labels `labels` [B] with the run's sampler, decoded."""
     latent_shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
     betas = NoiseSchedule.from_config(cfg.diffusion).betas
-    z = sample_latents(model, cfg.sample, betas, labels, generators, latent_shape, device, cfg.precision)
+    # pixel space: images in [−1, 1] times the identity autoencoder's scaling factor
+    z = sample_latents(model, cfg.sample, betas, labels, generators, latent_shape, device, cfg.precision,
+                       cfg.autoencoder.scaling_factor or 1.0)
     return to_uint8(decoder.decode(z)).cpu()
 
 
@@ -131,7 +136,7 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
             "sampler": {"scheduler": scfg.scheduler, "steps": scfg.steps, "guidance": scfg.guidance,
                         "guidance_channels": scfg.guidance_channels, "ddpm_variance": scfg.ddpm_variance,
                         "timestep_spacing": scfg.timestep_spacing or DEFAULT_SPACING[scfg.scheduler],
-                        "learned_sigma": learns_sigma(model)},
+                        "clip_denoised": scfg.clip_denoised, "learned_sigma": learns_sigma(model)},
             "images": records,
         })
         (work / SPEC_FILE).unlink()

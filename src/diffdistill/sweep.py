@@ -31,10 +31,11 @@ from pathlib import Path
 
 import yaml
 
-from diffdistill.config import ConfigError, build_config, read_yaml, to_dict
+from diffdistill.config import Config, ConfigError, build_config, read_yaml, to_dict
 from diffdistill.errors import StageError
 from diffdistill.files import atomic_write_bytes, atomic_write_text
 from diffdistill.plots import fig4_plot
+from diffdistill.recipe import describe, resolve_config
 from diffdistill.runs import results_file, stage_dir
 
 # keys a point may not change if the pretrained model is shared (they change what pretraining makes)
@@ -125,13 +126,13 @@ def run_sweep(sweep: Sweep, out_dir: str | None = None) -> Path:
     from diffdistill.sample import sample_stage
     from diffdistill.train import train_stage
 
-    base = build_config(sweep.base, sweep.common)
+    base = _build(sweep.base, sweep.common)
     root = Path(out_dir or base.out_dir) / sweep.name
     shared = base.pretrain.steps > 0 and not any(o.split("=")[0].startswith(PRETRAIN_KEYS)
                                                  for p in sweep.points for o in p.overrides)
     extra = []
     if shared:
-        pre_cfg = build_config(sweep.base, [*sweep.common, f"out_dir={root}", "name=shared"])
+        pre_cfg = _build(sweep.base, [*sweep.common, f"out_dir={root}", "name=shared"])
         if not stage_dir(pre_cfg.run_dir, "pretrain").is_dir():
             print(f"== sweep {sweep.name}: shared pretraining ==", flush=True)
             train_stage(pre_cfg, "pretrain", force=False, resume=True)
@@ -139,7 +140,7 @@ def run_sweep(sweep: Sweep, out_dir: str | None = None) -> Path:
     table = []
     total = len(sweep.points) * len(sweep.seeds)
     for n, (point, seed) in enumerate(((p, s) for p in sweep.points for s in sweep.seeds), start=1):
-        cfg = build_config(sweep.base, [*sweep.common, *point.overrides, *extra, f"seed={seed}",
+        cfg = _build(sweep.base, [*sweep.common, *point.overrides, *extra, f"seed={seed}",
                                         f"out_dir={root}", f"name={_safe(point.label)}-s{seed}"])
         results = results_file(cfg.run_dir)
         if not results.is_file():
@@ -153,6 +154,14 @@ def run_sweep(sweep: Sweep, out_dir: str | None = None) -> Path:
         table += _table_entries(point, seed, json.loads(results.read_text()), cfg.run_dir)
     _write_outputs(sweep, root, table)
     return root
+
+
+def _build(raw: dict, overrides: list[str]) -> Config:
+    """A point's config with its auto values sized to its data (and said, once per config)."""
+    cfg = resolve_config(build_config(raw, overrides))
+    for line in describe(cfg):
+        print(line, flush=True)
+    return cfg
 
 
 def _safe(label: str) -> str:

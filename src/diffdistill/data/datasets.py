@@ -112,6 +112,20 @@ def _read_image(path: Path, size: int) -> tuple[np.ndarray, bool]:
     return np.asarray(resize_center_crop(rgb, size)), gray
 
 
+def peek_channels(files: list[Path], count: int = 64) -> int:
+    """1 if `count` files spread over the list are all grayscale, else 3: the channel count without decoding
+    the whole set (a set that mixes them is read as RGB when all its images are decoded)."""
+    step = max(1, len(files) // count)
+    for path in files[::step][:count]:
+        try:
+            with Image.open(path) as img:
+                if img.mode not in _GRAY_MODES:
+                    return 3
+        except Exception as err:  # PIL raises many types for corrupt files
+            raise StageError(f"cannot read image {path}: {err}") from None
+    return 1
+
+
 def list_class_folders(root: Path, key: str) -> list[str]:
     if not root.is_dir():
         raise StageError(f"{key}: folder {root} does not exist")

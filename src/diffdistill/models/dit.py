@@ -38,6 +38,8 @@ DIFFUSERS_DIT = {"time_freq_shift": 1, "mlp_norm_eps": 1e-5}
 _BODIES = {"DiT-S": (12, 6, 64), "DiT-B": (12, 12, 64), "DiT-L": (24, 16, 64), "DiT-XL": (28, 16, 72)}
 SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(num_layers=4, num_attention_heads=4, attention_head_dim=32, patch_size=2),  # demo, 1.4 M params
+    # own data: wide enough for RGB tokens of 32 px images pixel-unshuffled 4× (192 values per token)
+    "small": dict(num_layers=6, num_attention_heads=6, attention_head_dim=32, patch_size=2),
     **{f"{name}/{patch}": dict(num_layers=layers, num_attention_heads=heads, attention_head_dim=dim, patch_size=patch)
        for name, (layers, heads, dim) in _BODIES.items() for patch in (2, 4, 8)},
 }

@@ -1,0 +1,117 @@
+"""The `auto` values: budgets that size themselves to the data (configs/own-data.yaml).
+
+`resolve` is pure (numbers in, a config with numbers and the reasons out); `data_facts` is the one place that
+looks at the data, and it only lists files (plus a peek at a few of them for the channel count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from diffdistill.config import AUTO, Config, ConfigError
+from diffdistill.data.datasets import data_classes, list_images, load_data, peek_channels
+
+# pretrain.steps: enough passes over the data and enough steps per class (the demo's 4,800 steps on 1,437
+# digits in 10 classes sit on both lines), within a floor and a ceiling that keep a CPU run bounded
+EPOCHS = 200
+STEPS_PER_CLASS = 480
+STEP_FLOOR, STEP_CEILING = 2000, 20000
+# model.size: the tiny DiT while a token carries few values; a wider one for RGB tokens
+TOKEN_VALUES_TINY = 64
+SIZE_SMALL, SIZE_WIDE = "tiny", "small"
+PATCH = 2  # both sizes above use patch 2
+MIN_LATENT_SIDE = 8  # pixel-unshuffle: the latent side stays >= max(8, image_size / 4)
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    images: int  # in the train set
+    classes: int
+    image_size: int
+    channels: int
+
+
+def has_auto(cfg: Config) -> bool:
+    return AUTO in (cfg.pretrain.steps, cfg.finetune.steps, cfg.model.size, cfg.autoencoder.unshuffle)
+
+
+def data_facts(cfg: Config) -> DataFacts:
+    """The numbers the auto rules read: listed, not decoded (channels: `data.channels`, else a peek)."""
+    data = cfg.data
+    if data.train is None:
+        train, _ = load_data(data, need_val=False)  # the built-in set is small: read it
+        images, classes, channels = len(train), len(train.classes), train.channels
+    else:
+        files, labels = list_images(data.train, data_classes(data))
+        images, classes = len(files), len(set(labels))
+        channels = data.channels or peek_channels(files)
+    return DataFacts(images, classes, data.image_size, channels)
+
+
+def unshuffle_factor(image_size: int) -> tuple[int, str]:
+    """The largest factor that keeps an even latent side of at least max(8, image_size / 4)."""
+    least = max(MIN_LATENT_SIDE, image_size // 4)
+    fits = [f for f in range(1, image_size + 1)
+            if image_size % f == 0 and image_size // f >= least and (image_size // f) % PATCH == 0]
+    if not fits:
+        raise ConfigError(f"autoencoder.unshuffle auto: data.image_size {image_size} has no pixel-unshuffle "
+                          f"factor that leaves an even latent side >= {least}; set data.image_size to a "
+                          "multiple of 16 (images are resized) or autoencoder.unshuffle to a number")
+    f = max(fits)
+    side = image_size // f
+    return f, f"{image_size} px -> {side}x{side} latent ({(side // PATCH) ** 2} tokens)"
+
+
+def model_size(latent_channels: int) -> tuple[str, str]:
+    values = latent_channels * PATCH * PATCH
+    size = SIZE_SMALL if values <= TOKEN_VALUES_TINY else SIZE_WIDE
+    return size, f"{latent_channels} latent channels x {PATCH}x{PATCH} patch = {values} values per token"
+
+
+def pretrain_steps(images: int, classes: int, batch_size: int) -> tuple[int, str]:
+    by_epochs = EPOCHS * images / batch_size
+    by_classes = STEPS_PER_CLASS * classes
+    steps = min(STEP_CEILING, max(STEP_FLOOR, 100 * math.ceil(max(by_epochs, by_classes) / 100)))
+    return steps, (f"max({EPOCHS} epochs of {images} images at batch {batch_size}, {STEPS_PER_CLASS} x "
+                   f"{classes} classes) within [{STEP_FLOOR}, {STEP_CEILING}]")
+
+
+def resolve(cfg: Config, facts: DataFacts) -> Config:
+    """`cfg` with every auto value replaced by the number the rules choose; `cfg.auto` says what and why."""
+    if cfg.finetune.steps == AUTO:
+        raise ConfigError("config key 'finetune.steps': auto is for pretrain.steps only; set a number")
+    chosen: list[tuple[str, str]] = []
+    ae = cfg.autoencoder
+    if ae.unshuffle == AUTO:
+        if ae.kind != "identity":
+            raise ConfigError("config key 'autoencoder.unshuffle': auto is for the identity autoencoder only")
+        factor, why = unshuffle_factor(facts.image_size)
+        ae = dataclasses.replace(ae, unshuffle=factor)
+        chosen.append(("autoencoder.unshuffle", f"{factor}: {why}"))
+    model = cfg.model
+    if model.size == AUTO:
+        if ae.kind != "identity":
+            raise ConfigError("config key 'model.size': auto is for the identity autoencoder (small images); "
+                              "choose a DiT size, e.g. DiT-XL/2")
+        size, why = model_size(facts.channels * ae.unshuffle ** 2)
+        model = dataclasses.replace(model, size=size)
+        chosen.append(("model.size", f"{size}: {why}"))
+    pretrain = cfg.pretrain
+    if pretrain.steps == AUTO:
+        steps, why = pretrain_steps(facts.images, facts.classes, pretrain.batch_size)
+        pretrain = dataclasses.replace(pretrain, steps=steps)
+        chosen.append(("pretrain.steps", f"{steps}: {why}"))
+    return dataclasses.replace(cfg, autoencoder=ae, model=model, pretrain=pretrain, auto=cfg.auto + tuple(chosen))
+
+
+def resolve_config(cfg: Config) -> Config:
+    """`resolve` against the config's own data; a config without auto values is returned as it is."""
+    return resolve(cfg, data_facts(cfg)) if has_auto(cfg) else cfg
+
+
+def describe(cfg: Config) -> list[str]:
+    """One line per auto value, for the terminal."""
+    return [f"auto: {key} = {why}" for key, why in cfg.auto]
+

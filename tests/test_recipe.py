@@ -1,0 +1,101 @@
+"""`auto` values: the rules on hand-computed cases, the data facts they read, and what a run records."""
+
+import json
+
+import pytest
+from helpers import make_shapes
+from PIL import Image
+
+from diffdistill import recipe
+from diffdistill.cli import main
+from diffdistill.config import ConfigError, build_config, to_dict
+
+
+@pytest.mark.parametrize("images, classes, batch, steps", [
+    (1437, 10, 64, 4800),  # the demo's digits: 200 epochs = 4490.6 steps, 480 × 10 classes = 4800
+    (2500, 10, 64, 7900),  # 200 × 2500 / 64 = 7812.5, rounded up to hundreds
+    (7500, 30, 64, 20000),  # 23437.5: the ceiling
+    (120, 2, 64, 2000),  # 375 and 960: the floor
+    (2500, 10, 32, 15700),  # half the batch, twice the steps
+])
+def test_pretrain_steps_follow_images_and_classes(images, classes, batch, steps):
+    assert recipe.pretrain_steps(images, classes, batch)[0] == steps
+
+
+@pytest.mark.parametrize("size, factor", [(16, 2), (32, 4), (28, 2), (64, 4), (48, 4), (8, 1), (256, 4)])
+def test_unshuffle_keeps_an_even_latent_of_at_least_a_quarter_of_the_side(size, factor):
+    assert recipe.unshuffle_factor(size)[0] == factor
+
+
+def test_unshuffle_says_what_to_do_when_no_factor_fits():
+    with pytest.raises(ConfigError, match=r"data.image_size 6 .*multiple of 16"):
+        recipe.unshuffle_factor(6)
+
+
+@pytest.mark.parametrize("latent_channels, size", [(4, "tiny"), (12, "tiny"), (16, "tiny"), (48, "small")])
+def test_model_size_by_values_per_token(latent_channels, size):
+    # × 2×2 patch: 16, 48 and 64 values per token fit the tiny DiT; RGB 32 px at 4× (192) gets the wider one
+    assert recipe.model_size(latent_channels)[0] == size
+
+
+def test_resolve_replaces_only_auto_keys_and_says_why():
+    facts = recipe.DataFacts(images=2500, classes=10, image_size=32, channels=1)
+    cfg = build_config({"pretrain": {"steps": "auto"}, "model": {"size": "auto"},
+                        "autoencoder": {"unshuffle": "auto"}, "data": {"image_size": 32}})
+    out = recipe.resolve(cfg, facts)
+    assert (out.pretrain.steps, out.model.size, out.autoencoder.unshuffle) == (7900, "tiny", 4)
+    assert [key for key, _ in out.auto] == ["autoencoder.unshuffle", "model.size", "pretrain.steps"]
+    assert dict(out.auto)["pretrain.steps"].startswith("7900: max(200 epochs of 2500 images")
+    assert "auto" not in to_dict(out)  # config.yaml holds the values, run_info.json the reasons
+    fixed = build_config({"pretrain": {"steps": 300}})
+    assert recipe.resolve(fixed, facts) == fixed and not recipe.has_auto(fixed)
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"finetune": {"steps": "auto"}}, "finetune.steps"),
+    ({"autoencoder": {"kind": "kl", "unshuffle": "auto"}}, "autoencoder.unshuffle"),
+    ({"autoencoder": {"kind": "kl"}, "model": {"size": "auto"}}, "model.size"),
+])
+def test_auto_where_no_rule_exists_is_refused(raw, key):
+    with pytest.raises(ConfigError, match=key):
+        recipe.resolve(build_config(raw), recipe.DataFacts(100, 2, 32, 3))
+
+
+def test_auto_is_not_a_number_anywhere_else():
+    with pytest.raises(ConfigError, match="finetune.lr"):
+        build_config({"finetune": {"lr": "auto"}})
+    with pytest.raises(ConfigError, match="unknown config key 'auto'"):
+        build_config({"auto": []})  # the record is written by the recipe, never read from a file
+
+
+def test_data_facts_list_a_folder_and_peek_at_channels(tmp_path):
+    make_shapes(tmp_path / "rgb", 3)
+    gray = tmp_path / "gray"
+    for c in ("a", "b"):
+        (gray / c).mkdir(parents=True)
+        for i in range(4):
+            Image.new("L", (20, 20), 40 * i).save(gray / c / f"{i}.png")
+    rgb = recipe.data_facts(build_config({"data": {"train": str(tmp_path / "rgb"), "image_size": 24}}))
+    assert rgb == recipe.DataFacts(images=9, classes=3, image_size=24, channels=3)
+    one = recipe.data_facts(build_config({"data": {"train": str(gray), "classes": ["b"]}}))
+    assert one == recipe.DataFacts(images=4, classes=1, image_size=16, channels=1)
+    forced = recipe.data_facts(build_config({"data": {"train": str(gray), "channels": 3}}))
+    assert forced.channels == 3
+    digits = recipe.data_facts(build_config({}))
+    assert digits == recipe.DataFacts(images=1437, classes=10, image_size=16, channels=1)
+
+
+@pytest.mark.slow
+def test_a_stage_prints_and_records_the_chosen_values(tmp_path, capsys):
+    make_shapes(tmp_path / "train", 4, size=16)
+    code = main(["pretrain", "configs/demo-digits.yaml", f"out_dir={tmp_path}", "name=r",
+                 f"data.train={tmp_path / 'train'}", "data.image_size=32", "pretrain.steps=2",
+                 "autoencoder.unshuffle=auto", "model.size=auto"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "auto: autoencoder.unshuffle = 4: 32 px -> 8x8 latent (16 tokens)" in out
+    assert "auto: model.size = small: 48 latent channels x 2x2 patch = 192 values per token" in out
+    info = json.loads((tmp_path / "r" / "pretrain" / "run_info.json").read_text())
+    assert set(info["auto"]) == {"autoencoder.unshuffle", "model.size"}
+    saved = (tmp_path / "r" / "pretrain" / "config.yaml").read_text()
+    assert "size: small" in saved and "unshuffle: 4" in saved and "auto" not in saved
