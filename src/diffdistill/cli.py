@@ -12,6 +12,7 @@ from diffdistill.config import Config, ConfigError, load_config
 from diffdistill.distributed import is_main
 from diffdistill.errors import StageError
 from diffdistill.files import check_output_free
+from diffdistill.preflight import check_plan
 from diffdistill.recipe import describe, resolve_config
 from diffdistill.runs import (
     STAGE_FOLDERS,
@@ -93,10 +94,13 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
                            help="sweep KEY over these values, the other keys at the config's (repeatable)")
             p.add_argument("--seeds", metavar="S1,S2", help="the run seeds of every point (default: the file's, or 0)")
+        if name not in ("report", "sweep"):
+            p.add_argument("--dry-run", action="store_true",
+                           help="check the whole plan (data, IPC, models, outputs) and print it; train nothing")
         if name == "evaluate":
             p.add_argument("--distilled", metavar="DIR",
                            help="score this folder of class subfolders instead of <run>/samples")
-    parser.set_defaults(distilled=None, resume=False)
+    parser.set_defaults(distilled=None, resume=False, dry_run=False)
     args, extra = parser.parse_known_args(argv)
     # KEY=VALUE may also come after a flag (`run CONFIG --resume name=x`): argparse leaves those over
     stray = [a for a in extra if a.startswith("-") or "=" not in a]
@@ -118,15 +122,19 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config(load_config(args.config, overrides))
         for line in describe(cfg):
             say(line)
-        actions = _actions()
-        if args.stage != "run":
-            actions[args.stage](cfg, args)
-            return 0
-        order = run_order(cfg)
+        order = run_order(cfg) if args.stage == "run" else [args.stage]
+        plan = check_plan(cfg, order, args.distilled) if args.stage != "report" else None
         if not (args.force or args.resume):  # fail before any work, not after an hour of training
             for name in order:
                 if name in STAGE_FOLDERS:
                     check_output_free(stage_dir(cfg.run_dir, name), False)
+        if args.dry_run:
+            say("\n".join([f"plan for {cfg.run_dir} (nothing was run):", *plan.lines]))
+            return 0
+        actions = _actions()
+        if args.stage != "run":
+            actions[args.stage](cfg, args)
+            return 0
         start = time.perf_counter()
         for name in order:
             output = generator_check_file(cfg.run_dir) if name == "check" else \

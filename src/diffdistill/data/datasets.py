@@ -148,7 +148,11 @@ def list_images(root: str | Path, classes: list[str], key: str = "data.train") -
     for label, name in enumerate(classes):
         folder = root / name
         if not folder.is_dir():
-            raise StageError(f"{key}: class folder {folder} does not exist")
+            found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+            there = f"{root} has {', '.join(found[:8])}{' ...' if len(found) > 8 else ''}" if found else \
+                f"{root} has no class subfolders" if root.is_dir() else f"{root} does not exist"
+            raise StageError(f"{key}: class folder {folder} does not exist ({there}; expected one subfolder per "
+                             f"class: {', '.join(classes[:8])}{' ...' if len(classes) > 8 else ''})")
         entries = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
         found = sorted(p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS)
         skipped += [p for p in entries if p.suffix.lower() not in IMAGE_EXTENSIONS]

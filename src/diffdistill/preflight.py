@@ -1,0 +1,154 @@
+"""Everything `run` can know before the first training step: checked up front, described for `--dry-run`.
+
+A mistake that would stop the run after hours of training (no val set, too few real images for an IPC,
+an init model that is not there, an output folder that cannot be written) fails here with one line, before
+any stage folder is created. Only listings are read: no image is decoded except the small built-in set.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from diffdistill.config import Config
+from diffdistill.data.datasets import data_classes, list_images, load_data
+from diffdistill.errors import StageError
+from diffdistill.runs import TRAINING_STAGES, stage_dir
+
+# how many classifier trainings evaluation runs per (net, seed): distilled and random real per IPC, + full
+SETS_PER_IPC = 2
+
+
+@dataclass
+class Preflight:
+    """What the checks found: the lines `--dry-run` prints."""
+
+    lines: list[str] = field(default_factory=list)
+
+    def say(self, text: str) -> None:
+        self.lines.append(text)
+
+
+def _counts(labels: list[int], names: list[str]) -> dict[str, int]:
+    per = Counter(labels)
+    return {name: per[c] for c, name in enumerate(names)}
+
+
+def _train_counts(cfg: Config, names: list[str]) -> dict[str, int]:
+    if cfg.data.train is None:
+        train, _ = load_data(cfg.data, need_val=False)
+        return _counts(train.labels.tolist(), names)
+    _, labels = list_images(cfg.data.train, names, "data.train")
+    return _counts(labels, names)
+
+
+def _val_count(cfg: Config, names: list[str]) -> int | None:
+    data = cfg.data
+    if data.train is None:
+        return None  # the built-in set's val split is made from it
+    if data.val is None:
+        raise StageError("data.val is not set: evaluation (and the generator check) scores on a folder of real "
+                         "validation images with the same class subfolders; set data.val=DIR")
+    if data.val_labels is not None:
+        return None  # ImageNet's flat val layout: checked when it is read
+    files, _ = list_images(data.val, names, "data.val")
+    return len(files)
+
+
+def _local_exists(spec: str | None, key: str) -> None:
+    """A model given as a local path must exist (a hub id, `owner/name`, is found when it is loaded)."""
+    if not spec or spec in TRAINING_STAGES:
+        return
+    if spec.startswith(("/", ".", "~")) or spec.endswith((".pt", ".pth")):
+        if not Path(spec).expanduser().exists():
+            raise StageError(f"{key}: {spec} does not exist (expected a diffusers model folder, an original DiT "
+                             ".pt file, or a hub id such as facebook/DiT-XL-2-256)")
+
+
+def _writable(folder: Path) -> None:
+    """The nearest existing folder above the run folder must be writable (nothing is created here)."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise StageError(f"cannot write the output folder {folder}: {probe} is not a writable folder; "
+                         "set out_dir to another place")
+
+
+def eval_ipcs(cfg: Config) -> list[int]:
+    return sorted(cfg.evaluate.ipc or cfg.sample.ipc)
+
+
+def check_plan(cfg: Config, order: list[str], distilled: str | None = None) -> Preflight:
+    """Check `order` (stage names, as `runs.run_order` gives them) for `cfg`; one-line StageError on the first
+    problem, else the plan described."""
+    out = Preflight()
+    _writable(cfg.run_dir)
+    if cfg.autoencoder.kind == "kl":
+        _local_exists(cfg.autoencoder.pretrained, "autoencoder.pretrained")
+        _local_exists(cfg.autoencoder.decoder, "autoencoder.decoder")
+    names = data_classes(cfg.data)
+    counts = _train_counts(cfg, names)
+    total = sum(counts.values())
+    where = cfg.data.train or f"the built-in {cfg.data.builtin} set"
+    lo, hi = min(counts.values()), max(counts.values())
+    out.say(f"data: {where}: {total} train images in {len(names)} classes "
+            f"({lo if lo == hi else f'{lo}–{hi}'} per class), {cfg.data.image_size} px")
+    if {"check", "evaluate"} & set(order):
+        val = _val_count(cfg, names)
+        if val is not None:
+            out.say(f"      {cfg.data.val}: {val} val images")
+    for stage in order:
+        if stage in TRAINING_STAGES:
+            _check_training(cfg, stage, order, total, out)
+        elif stage == "check":
+            out.say(f"check: {cfg.pretrain.check_images} images per class, one {cfg.evaluate.nets[0]} trained on "
+                    "the train set")
+        elif stage == "sample":
+            _check_sampling(cfg, len(names), order, out)
+        elif stage == "evaluate":
+            _check_evaluation(cfg, counts, order, distilled, out)
+    return out
+
+
+def _check_training(cfg: Config, stage: str, order: list[str], total: int, out: Preflight) -> None:
+    tcfg = getattr(cfg, stage)
+    _local_exists(tcfg.init, f"{stage}.init")
+    if tcfg.init in TRAINING_STAGES and tcfg.init not in order and not stage_dir(cfg.run_dir, tcfg.init).is_dir():
+        raise StageError(f"{stage}.init is {tcfg.init}, but {stage_dir(cfg.run_dir, tcfg.init)} does not exist and "
+                         f"this command does not make it: run `diffdistill {tcfg.init}` with this config first")
+    out.say(f"{stage}: {tcfg.steps} steps of batch {tcfg.batch_size} "
+            f"({tcfg.steps * min(tcfg.batch_size, total) / total:.0f} epochs)")
+
+
+def _check_sampling(cfg: Config, classes: int, order: list[str], out: Preflight) -> None:
+    source = cfg.sample.checkpoint
+    if source in TRAINING_STAGES and source not in order and not stage_dir(cfg.run_dir, source).is_dir():
+        raise StageError(f"sample.checkpoint is {source}, but {stage_dir(cfg.run_dir, source)} does not exist "
+                         f"and this command does not make it: run `diffdistill {source}` with this config first")
+    per = max(cfg.sample.ipc)
+    out.say(f"sample: {per * classes} images ({per} per class), {cfg.sample.scheduler} {cfg.sample.steps} steps, "
+            f"guidance {cfg.sample.guidance}")
+
+
+def _check_evaluation(cfg: Config, counts: dict[str, int], order: list[str], distilled: str | None,
+                      out: Preflight) -> None:
+    ecfg, ipcs = cfg.evaluate, eval_ipcs(cfg)
+    small = min(counts, key=counts.get)
+    if counts[small] < ipcs[-1]:  # the random-real baseline draws IPC real images per class
+        raise StageError(f"data.train: class {small} has {counts[small]} images, IPC {ipcs[-1]} needs at least "
+                         f"{ipcs[-1]} (the random-real baseline draws IPC real images per class); lower "
+                         f"evaluate.ipc / sample.ipc or add images")
+    if distilled is None and "sample" in order and max(cfg.sample.ipc) < ipcs[-1]:
+        raise StageError(f"evaluate.ipc {ipcs[-1]} is larger than the {max(cfg.sample.ipc)} images per class that "
+                         f"sample makes (sample.ipc); raise sample.ipc or lower evaluate.ipc")
+    if distilled is not None and not Path(distilled).is_dir():
+        raise StageError(f"--distilled {distilled}: no such folder (expected a folder of class subfolders)")
+    if distilled is None and "sample" not in order and not stage_dir(cfg.run_dir, "sample").is_dir():
+        raise StageError(f"distilled set {stage_dir(cfg.run_dir, 'sample')} does not exist: run `diffdistill sample` "
+                         "with this config first, or score another folder with --distilled DIR")
+    jobs = len(ecfg.nets) * ecfg.seeds * (SETS_PER_IPC * len(ipcs) + int(ecfg.full))
+    out.say(f"evaluate: {jobs} classifier trainings ({', '.join(ecfg.nets)} × {ecfg.seeds} seeds × "
+            f"IPC {', '.join(map(str, ipcs))} × distilled / random real{' + full data' if ecfg.full else ''})")

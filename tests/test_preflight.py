@@ -1,0 +1,69 @@
+"""Mistakes that would stop a run after its training are found before the first step; --dry-run plans only."""
+
+import time
+
+import pytest
+from helpers import make_shapes
+
+from diffdistill.cli import main
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_shapes(root / "train", 6)
+    make_shapes(root / "val", 2)
+    make_shapes(root / "val-misnamed", 2, classes=("circle", "square", "triangl"))
+    return root
+
+
+def _fails_fast(args, message, tmp_path, capsys):
+    t0 = time.perf_counter()
+    assert main([*args, f"out_dir={tmp_path / 'runs'}"]) == 2
+    assert time.perf_counter() - t0 < 5  # before any training
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("diffdistill: error: ") and "\n" not in err and message in err, err
+    assert not (tmp_path / "runs").exists()  # no stage folder, no run folder
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "data.val is not set"),  # found by evaluation, after all the training, before this check
+    (["data.val={root}/val"], "class circle has 6 images, IPC 10 needs at least 10"),
+    (["data.val={root}/val-misnamed", "sample.ipc=[1,5]"],
+     "data.val: class folder {root}/val-misnamed/triangle does not exist ({root}/val-misnamed has circle, "
+     "square, triangl; expected one subfolder per class: circle, square, triangle)"),
+    (["data.val={root}/val", "sample.ipc=[1,5]", "evaluate.ipc=[1,6]"],
+     "evaluate.ipc 6 is larger than the 5 images per class that sample makes"),
+    (["data.val={root}/val", "sample.ipc=[1,5]", "finetune.init=./no-such-model"],
+     "finetune.init: ./no-such-model does not exist"),
+    (["data.val={root}/val", "sample.ipc=[1,5]", "pretrain.steps=0"],
+     "finetune.init is pretrain, but"),
+])
+def test_run_checks_its_whole_plan_before_training(folders, tmp_path, capsys, extra, message):
+    args = ["run", "configs/demo-digits.yaml", f"data.train={folders}/train",
+            *(e.format(root=folders) for e in extra)]
+    _fails_fast(args, message.format(root=folders), tmp_path, capsys)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["evaluate", "configs/demo-digits.yaml", "--distilled", "/no/such/set"],
+     "--distilled /no/such/set: no such folder"),
+    (["evaluate", "configs/demo-digits.yaml"], "run `diffdistill sample` with this config first, or score"),
+    (["sample", "configs/demo-digits.yaml"], "run `diffdistill finetune` with this config first"),
+])
+def test_a_single_stage_checks_what_it_needs(tmp_path, capsys, args, message):
+    _fails_fast(args, message, tmp_path, capsys)
+
+
+def test_dry_run_prints_the_plan_and_makes_nothing(folders, tmp_path, capsys):
+    assert main(["run", "configs/own-data.yaml", "--dry-run", f"data.train={folders}/train",
+                 f"data.val={folders}/val", "sample.ipc=[1,5]", f"out_dir={tmp_path / 'runs'}"]) == 0
+    out = capsys.readouterr().out
+    assert "auto: pretrain.steps = 2000" in out
+    assert f"data: {folders}/train: 18 train images in 3 classes (6 per class), 16 px" in out
+    assert "pretrain: 2000 steps of batch 64 (2000 epochs)" in out  # a batch larger than the set takes it all
+    assert "sample: 15 images (5 per class), ddpm 50 steps, guidance 4.0" in out
+    assert "evaluate: 15 classifier trainings (convnet3 × 3 seeds × IPC 1, 5" in out
+    stages = [line.split(":")[0] for line in out.splitlines() if not line.startswith(("auto", "plan", " "))]
+    assert stages == ["data", "pretrain", "check", "finetune", "sample", "evaluate"]  # in the order they run
+    assert not (tmp_path / "runs").exists()
