@@ -177,6 +177,14 @@ def test_bad_input_is_one_line_and_nonzero_exit(tmp_path, args, message):
     assert not any(tmp_path.iterdir()) or not any((tmp_path / "demo-digits").glob("*/*.safetensors"))
 
 
+def test_version(capsys):
+    from diffdistill import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"diffdistill {__version__}"
+
+
 def test_unwritable_output_folder_is_one_line(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the run folder should go")

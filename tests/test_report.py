@@ -75,6 +75,14 @@ def test_one_seed_and_a_set_made_elsewhere_are_said():
     assert "pretrain.steps" not in line  # this run's generator is not what made the set
 
 
+def test_one_seed_shows_no_spread_rather_than_zero():
+    from diffdistill.report import _fmt
+
+    assert _fmt({"mean": 85.25, "std": 0.0, "runs": [85.25]}) == "85.2 ± n/a"
+    assert _fmt({"mean": 85.25, "std": 0.0, "runs": [85.25, 85.25]}) == "85.2 ± 0.0"  # two equal seeds: measured
+    assert _fmt(None) == "—"
+
+
 @pytest.mark.parametrize("loses", [True, False])
 def test_report_and_terminal_lead_with_the_loss(tmp_path, loses):
     res = results({"1": 85.0, "10": 92.5 if loses else 95.0}, {"1": 65.0, "10": 94.4}, fidelity=90.0)

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from diffdistill import __version__
 from diffdistill.config import Config, ConfigError, load_config
 from diffdistill.distributed import is_main
 from diffdistill.errors import StageError
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Generative dataset distillation: DiT + self-adaptive memory.",
         epilog="Overrides use dotted keys, e.g. finetune.memory.policy=fifo data.train=DIR sample.ipc=[1,10]",
     )
+    parser.add_argument("--version", action="version", version=f"diffdistill {__version__}")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, text in STAGE_HELP.items():
         p = sub.add_parser(name, help=text, description=text)
@@ -136,25 +138,33 @@ def main(argv: list[str] | None = None) -> int:
             actions[args.stage](cfg, args)
             return 0
         start = time.perf_counter()
-        for name in order:
+        for number, name in enumerate(order, start=1):
             output = generator_check_file(cfg.run_dir) if name == "check" else \
                 stage_dir(cfg.run_dir, name) if name in STAGE_FOLDERS else None
             if args.resume and output is not None and output.exists() and not (
                     name in TRAINING_STAGES and checkpoint_root(cfg.run_dir, name).is_dir()):
-                say(f"== {name} == done before: {output}")
+                say(f"== {name} ({number}/{len(order)}) == done before: {output}")
                 continue
-            say(f"== {name} ==")
+            say(f"== {name} ({number}/{len(order)}) ==")
+            t0 = time.perf_counter()
             actions[name](cfg, args)
-        say(f"done in {time.perf_counter() - start:.0f} s: {cfg.run_dir}")
+            say(f"{name} took {_clock(time.perf_counter() - t0)} ({_clock(time.perf_counter() - start)} so far)")
+        say(f"done in {_clock(time.perf_counter() - start)}: {cfg.run_dir}")
     except (ConfigError, StageError) as err:
         print(f"diffdistill: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("diffdistill: interrupted", file=sys.stderr)
+        again = "the same command" + (" with --resume" if args.stage in ("run", *TRAINING_STAGES) else "")
+        print(f"diffdistill: interrupted; {again} continues where it stopped", file=sys.stderr)
         return 130
     finally:
         _leave_process_group()
     return 0
+
+
+def _clock(seconds: float) -> str:
+    minutes, sec = divmod(round(seconds), 60)
+    return f"{minutes} min {sec} s" if minutes else f"{sec} s"
 
 
 def _leave_process_group() -> None:

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from diffdistill import distributed as dist
 from diffdistill.augment import color_jitter, cutmix, lighting, random_resized_crop
@@ -43,6 +42,7 @@ from diffdistill.files import atomic_write_bytes, atomic_write_json, check_outpu
 from diffdistill.metrics import dd_ranking, per_class_metrics
 from diffdistill.models.classifiers import DEFAULT_NORM, build_classifier
 from diffdistill.plots import EXAMPLE_CLASSES, EXAMPLES_PER_CLASS
+from diffdistill.progress import progress
 from diffdistill.runs import REAL_EXAMPLES, evaluate_jobs, stage_dir
 from diffdistill.runtime import derive_seed, setup, write_run_info
 
@@ -275,7 +275,7 @@ def run_jobs(plan: Plan) -> None:
     mine = [job for n, job in enumerate(plan.jobs) if n % dist.world_size() == dist.rank()]
     val_xy = plan.prepare(plan.val)
     syn_xy = plan.prepare(plan.syn) if plan.cfg.evaluate.full else None  # fidelity: full-data nets score it
-    bar = tqdm(mine, desc="evaluate", unit="model", dynamic_ncols=True, disable=not dist.is_main())
+    bar = progress(mine, desc="evaluate", unit="model", disable=not dist.is_main())
     for job in bar:
         bar.set_postfix_str("{} {} ipc={} seed={}".format(*job))
         if plan.record(job) is not None:

@@ -51,7 +51,8 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 def check_output_free(path: Path, force: bool) -> None:
     if path.exists() and not force:
-        raise StageError(f"output folder {path} exists; pass --force to overwrite it or set name=... for a new run")
+        raise StageError(f"output folder {path} exists; pass --resume to continue an interrupted run, --force to "
+                         "redo it, or set name=... for a new run")
 
 
 @contextmanager

@@ -12,7 +12,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from diffdistill.autoencoders import build_autoencoder
 from diffdistill.config import Config
@@ -20,6 +19,7 @@ from diffdistill.data.datasets import ImageSet, data_classes, list_images, read_
 from diffdistill.errors import StageError
 from diffdistill.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from diffdistill.latents import CACHE_VERSION, DTYPES, MANIFEST, builtin_train, cache_key, cache_root
+from diffdistill.progress import progress
 from diffdistill.runtime import setup, write_run_info
 
 
@@ -58,7 +58,7 @@ def prepare_stage(cfg: Config, force: bool = False) -> Path:
     n, dtype = len(labels), DTYPES[p.dtype]
     shards = math.ceil(n / p.shard_size)
     data_hash, t0 = hashlib.sha256(), time.perf_counter()
-    bar = tqdm(total=n, desc="prepare", unit="img", dynamic_ncols=True)
+    bar = progress(total=n, desc="prepare", unit="img")
     for s in range(shards):
         lo, hi = s * p.shard_size, min(n, (s + 1) * p.shard_size)
         path = folder / f"shard-{s:05d}.safetensors"

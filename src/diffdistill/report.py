@@ -37,7 +37,10 @@ from diffdistill.runs import (
 
 
 def _fmt(r: dict | None) -> str:
-    return "—" if not r else f"{r['mean']:.1f} ± {r['std']:.1f}"
+    """mean ± std; with one seed there is no spread to show (n/a, not 0.0)."""
+    if not r:
+        return "—"
+    return f"{r['mean']:.1f} ± " + ("n/a" if len(r.get("runs", [])) == 1 else f"{r['std']:.1f}")
 
 
 def _augmentation(protocol: dict) -> str:
@@ -131,7 +134,7 @@ def accuracy_tables(results: dict) -> str:
 
 
 def fidelity_line(fid: dict) -> str:
-    return (f"{fid['mean']:.1f} ± {fid['std']:.1f} % of the {fid['num_images']} distilled images are assigned "
+    return (f"{_fmt(fid)} % of the {fid['num_images']} distilled images are assigned "
             f"their intended class by a {fid['classifier']}.")
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from diffdistill import distributed as dist
 from diffdistill.autoencoders import build_decoder
@@ -26,6 +25,7 @@ from diffdistill.diffusion import NoiseSchedule, make_scheduler
 from diffdistill.errors import StageError
 from diffdistill.files import atomic_write_bytes, atomic_write_json, check_output_free, replace_dir
 from diffdistill.models.dit import eps_prediction, learns_sigma, load_dit, null_class
+from diffdistill.progress import progress
 from diffdistill.runs import model_source, samples_partial, stage_dir
 from diffdistill.runtime import autocast, derive_seed, setup, write_run_info
 
@@ -115,7 +115,7 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
     batches = [jobs[k : k + scfg.batch_size] for k in range(0, len(jobs), scfg.batch_size)]
     mine = [b for n, b in enumerate(batches) if n % dist.world_size() == dist.rank()
             and not all((work / image_file(classes[c], i)).is_file() for c, i in b)]
-    bar = tqdm(total=sum(map(len, mine)), desc="sample", unit="img", dynamic_ncols=True, disable=not dist.is_main())
+    bar = progress(total=sum(map(len, mine)), desc="sample", unit="img", disable=not dist.is_main())
     for batch in mine:
         generators = [torch.Generator().manual_seed(seeds[job]) for job in batch]
         images = sample_images(model, ae, cfg, torch.tensor([cond[c] for c, _ in batch]), generators, device)

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from diffdistill import distributed as dist
 from diffdistill.checkpoint import (
@@ -52,6 +51,7 @@ from diffdistill.models.dit import (
     null_class,
     save_dit,
 )
+from diffdistill.progress import progress
 from diffdistill.runs import checkpoint_root, model_source, stage_dir
 from diffdistill.runtime import autocast, derive_seed, setup, write_run_info
 
@@ -235,8 +235,8 @@ class TrainLoop:
         if log_file:  # the log of the steps before a resumed checkpoint
             log_file.writelines(json.dumps(r) + "\n" for r in self.log_rows)
         t_start, self.mem_seconds = time.perf_counter(), 0.0  # this session's share
-        bar = tqdm(range(self.step + 1, tcfg.steps + 1), desc=self.stage, unit="step", dynamic_ncols=True,
-                   initial=self.step, total=tcfg.steps, disable=not dist.is_main())
+        bar = progress(range(self.step + 1, tcfg.steps + 1), desc=self.stage, unit="step",
+                       initial=self.step, total=tcfg.steps, disable=not dist.is_main())
         row: dict = self.log_rows[-1] if self.log_rows else {}
         try:
             for step in bar:

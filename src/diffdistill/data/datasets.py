@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from diffdistill.config import DataConfig
 from diffdistill.data.classes import resolve_classes
 from diffdistill.errors import StageError
+from diffdistill.progress import progress
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
@@ -218,8 +218,8 @@ def load_flat_folder(root: str | Path, labels_file: str | Path, classes: list[st
 def _read_images(files: list[Path], size: int, root: Path) -> list[tuple[np.ndarray, bool]]:
     """Decode in threads (PIL releases the GIL); a progress bar for large folders."""
     with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(tqdm(pool.map(lambda p: _read_image(p, size), files), total=len(files),
-                         desc=f"reading {root}", unit="img", disable=len(files) < 2000, leave=False))
+        return list(progress(pool.map(lambda p: _read_image(p, size), files), total=len(files),
+                             desc=f"reading {root}", unit="img", disable=len(files) < 2000, leave=False))
 
 
 def _stack(results: list[tuple[np.ndarray, bool]], labels: list[int], classes: list[str], files: list[Path],
