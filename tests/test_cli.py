@@ -144,12 +144,17 @@ def test_folder_dataset_that_is_not_digits(tmp_path):
     assert res["data"]["classes"] == ["circle", "square", "triangle"]
     img = Image.open(tmp_path / "runs" / "shapes" / "samples" / "circle" / "00000.png")
     assert img.size == (16, 16) and img.mode == "RGB"
-    # scoring a set made elsewhere: the real val images themselves, as a "distilled" set
-    rc = run("evaluate", "configs/demo-digits.yaml", f"out_dir={tmp_path / 'runs'}", "name=shapes",
-             f"data.train={tmp_path / 'train'}", f"data.val={tmp_path / 'val'}", *TINY, "--force",
+    # scoring a set made elsewhere (the real val images themselves, as a "distilled" set) without name=:
+    # a run named after the set; the run that was scored before stays byte-identical
+    before = {p: p.read_bytes() for p in (tmp_path / "runs" / "shapes").rglob("*") if p.is_file()}
+    rc = run("evaluate", "configs/demo-digits.yaml", f"out_dir={tmp_path / 'runs'}",
+             f"data.train={tmp_path / 'train'}", f"data.val={tmp_path / 'val'}", *TINY,
              "--distilled", str(tmp_path / "val"))
     assert rc == 0
-    scored = json.loads((tmp_path / "runs" / "shapes" / "evaluate" / "results.json").read_text())
+    assert {p: p.read_bytes() for p in (tmp_path / "runs" / "shapes").rglob("*") if p.is_file()} == before
+    report = (tmp_path / "runs" / "val" / "report.md").read_text()
+    assert report.startswith("# val") and "losses.png" not in report  # no generator of its own
+    scored = json.loads((tmp_path / "runs" / "val" / "evaluate" / "results.json").read_text())
     assert scored["data"]["distilled_set"] == str(tmp_path / "val")
     assert scored["data"]["distilled_sha256"] != res["data"]["distilled_sha256"]
     assert scored["fidelity"]["num_images"] == 12  # the 4 val images of each of the 3 classes

@@ -164,16 +164,16 @@ def test_three_nets_full_recipe_and_resume(tmp_path, monkeypatch):
             "evaluate.full=false", "evaluate.seeds=2", "evaluate.width=16", "evaluate.color_jitter=0.4",
             "evaluate.cutmix_prob=1.0"]
     where = ["--distilled", str(real)]
-    assert main(args + ["evaluate.lighting=0.1", "--pool"] + where) == 0
-    res = json.loads((tmp_path / "demo-digits" / "results.json").read_text())
+    assert main(args + ["evaluate.lighting=0.1", "--pool"] + where) == 0  # a run named after the set
+    res = json.loads((tmp_path / "set" / "results.json").read_text())
     assert set(res["by_net"]) == {"convnet3", "resnetap10", "resnet18"}
     assert res["by_net"]["resnet18"]["norm"] == "batch" and res["norm"] == "instance"
-    report = (tmp_path / "demo-digits" / "report.md").read_text()
+    report = (tmp_path / "set" / "report.md").read_text()
     assert "resnet18 (batch norm)" in report and report.count("| IPC | distilled |") == 3
     assert res["protocol"]["epochs"] == {"2": 2}
     assert res["data"]["ipc_handling"].startswith("IPC per class drawn at random")
     assert len(res["ipc"]["2"]["distilled"]["indices"]) == 2
-    jobs = sorted((tmp_path / "demo-digits" / "evaluate-jobs").glob("*.json"))
+    jobs = sorted((tmp_path / "set" / "evaluate-jobs").glob("*.json"))
     assert len(jobs) == 3 * 2 * 2
     # an interrupted evaluation: one job missing; only that one is trained again
     jobs[0].unlink()
@@ -182,7 +182,7 @@ def test_three_nets_full_recipe_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "_run_job", lambda *a, **k: calls.append(a[1:5]) or original(*a, **k))
     assert main(args + ["evaluate.lighting=0.1", "--pool", "--force"] + where) == 0
     assert len(calls) == 1
-    again = json.loads((tmp_path / "demo-digits" / "results.json").read_text())
+    again = json.loads((tmp_path / "set" / "results.json").read_text())
     assert again["by_net"]["resnet18"]["ipc"] == res["by_net"]["resnet18"]["ipc"]
     assert again["ipc"] == res["ipc"]  # the retrained job reproduces its result exactly (CPU)
     # a changed recipe is a different job: nothing is reused

@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             _report(Path(args.config))
             return 0
         overrides = args.overrides + (["evaluate.pool=true"] if getattr(args, "pool", False) else [])
+        if args.distilled and not any(o.startswith("name=") for o in overrides):
+            # a set made elsewhere gets its own run folder: scoring it never touches another run's outputs
+            overrides.append(f"name={_set_name(args.distilled)}")
         cfg = resolve_config(load_config(args.config, overrides))
         for line in describe(cfg):
             say(line)
@@ -160,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         _leave_process_group()
     return 0
+
+
+def _set_name(folder: str) -> str:
+    """The run name for scoring `folder`: its own name (its run's name for a run's `samples` folder)."""
+    path = Path(folder).resolve()
+    return f"{path.parent.name}-{path.name}" if path.name == STAGE_FOLDERS["sample"] else path.name
 
 
 def _clock(seconds: float) -> str:
