@@ -15,7 +15,7 @@ import torch
 from diffdistill.config import build_config
 from diffdistill.memory import select_adaptive, similarity_matrix
 from diffdistill.runtime import package_versions
-from diffdistill.train import train_stage
+from diffdistill.stages.train import train_stage
 
 
 def best_of(fn, repeats: int) -> float:

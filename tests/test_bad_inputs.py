@@ -1,6 +1,7 @@
 """Bad input across all stages: each case gives its documented result — a one-line error naming the file or
 key and exit code 2, or a logged skip and success — and never leaves a half-written output."""
 
+import importlib
 import json
 import os
 import select
@@ -17,7 +18,6 @@ import pytest
 from helpers import make_shapes
 from PIL import Image
 
-import diffdistill.cli
 from diffdistill.cli import main
 from diffdistill.config import DataConfig
 from diffdistill.data.datasets import load_data
@@ -116,7 +116,7 @@ CASES = [
      "unknown config key 'finetune.memory.polcy'"),
     ("config file missing", None, [], lambda r: [], 2, "does not exist"),
     ("output folder exists", "finetune", [], lambda r: (r / "demo-digits" / "finetune").mkdir(parents=True) or [],
-     2, "exists; pass --force"),
+     2, "exists; pass --resume to continue an interrupted run, --force"),
     ("model of another size", "finetune", [], lambda r: [f"finetune.init={tiny_model(r / 'm3', 12)}"], 2,
      "does not fit this run: 12 input channels, the autoencoder gives 4"),
     ("corrupted model weights", "finetune", [],
@@ -219,7 +219,8 @@ def test_read_only_output_folder(capsys):
 
 def _main_as_nobody(args: list[str], cwd: Path, timeout: float = 60) -> tuple[int, str]:
     """(exit code, stderr) of `main(args)` in a forked child running as nobody (uid/gid 65534)."""
-    diffdistill.cli._actions()  # import every stage now: the child may not be able to read the package's files
+    for stage in ("check", "evaluate", "prepare", "report", "sample", "train"):  # the child may not be able to
+        importlib.import_module(f"diffdistill.stages.{stage}")  # read the package's files: import them now
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest

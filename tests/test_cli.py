@@ -11,7 +11,7 @@ from PIL import Image
 
 from diffdistill.cli import main
 from diffdistill.config import build_config
-from diffdistill.sample import sample_latents
+from diffdistill.stages.sample import sample_latents
 
 TINY = ["pretrain.steps=30", "pretrain.log_every=10", "finetune.steps=8", "finetune.log_every=4",
         "sample.steps=4", "sample.ipc=[1,3]", "evaluate.epochs=4", "evaluate.full_epochs=1", "evaluate.seeds=2",
@@ -94,7 +94,7 @@ def test_existing_output_needs_force(digits_run, capsys):
     out = str(digits_run.parent)
     assert run("sample", "configs/demo-digits.yaml", f"out_dir={out}", *TINY) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "samples exists; pass --force" in err
+    assert err.count("\n") == 0 and "samples exists; pass --resume to continue an interrupted run, --force" in err
     before = sorted(p.name for p in (digits_run / "samples").iterdir())
     assert run("run", "configs/demo-digits.yaml", f"out_dir={out}", *TINY) == 2  # refused before any work
     assert sorted(p.name for p in (digits_run / "samples").iterdir()) == before

@@ -73,7 +73,7 @@ def test_config_is_frozen():
 def test_shipped_configs_load():
     from pathlib import Path
 
-    from diffdistill.sweep import load_sweep
+    from diffdistill.stages.sweep import load_sweep
 
     for path in Path("configs").glob("*.yaml"):
         if "points" in path.read_text():

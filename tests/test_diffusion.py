@@ -95,7 +95,7 @@ def test_vb_term_vanishes_for_the_true_noise_and_posterior_variance():
 
 
 def test_guidance_on_all_channels_or_only_the_first_ones():
-    from diffdistill.sample import guided_eps
+    from diffdistill.stages.sample import guided_eps
 
     cond, uncond = torch.full((2, 4, 3, 3), 2.0), torch.full((2, 4, 3, 3), 0.5)
     assert torch.equal(guided_eps(cond, uncond, 4.0, None), torch.full((2, 4, 3, 3), 0.5 + 4.0 * 1.5))
@@ -156,7 +156,7 @@ def test_cosine_sampling_from_the_last_training_step_needs_clipping():
     A fresh DiT predicts ε̂ = 0 (zero-initialised output), so that error is the whole noise."""
     from diffdistill.config import SampleConfig
     from diffdistill.models.dit import build_dit
-    from diffdistill.sample import sample_latents
+    from diffdistill.stages.sample import sample_latents
 
     model = build_dit("tiny", 4, 8, 3).eval()
     labels, betas = torch.tensor([0, 1]), cosine_betas(1000)

@@ -9,8 +9,8 @@ from diffdistill.augment import color_jitter, cutmix, lighting, random_resized_c
 from diffdistill.config import DataConfig, EvalConfig
 from diffdistill.data.datasets import load_data
 from diffdistill.errors import StageError
-from diffdistill.evaluate import epochs_for_ipc, lr_milestones, per_class_indices, train_classifier
 from diffdistill.models.classifiers import build_classifier
+from diffdistill.stages.evaluate import epochs_for_ipc, lr_milestones, per_class_indices, train_classifier
 
 
 # Expected parameter counts, from the architecture descriptions (not from the modules).
@@ -150,8 +150,8 @@ def test_imagenet_val_layout(tmp_path):
 
 @pytest.mark.slow
 def test_three_nets_full_recipe_and_resume(tmp_path, monkeypatch):
-    from diffdistill import evaluate
     from diffdistill.cli import main
+    from diffdistill.stages import evaluate
 
     real = tmp_path / "set"  # a "distilled" set made elsewhere: 3 real digits per class, as PNG folders
     train, _ = load_data(DataConfig())

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from diffdistill.report import verdicts, write_report
+from diffdistill.stages.report import verdicts, write_report
 
 
 def summary(mean: float, std: float = 0.5) -> dict:
@@ -76,7 +76,7 @@ def test_one_seed_and_a_set_made_elsewhere_are_said():
 
 
 def test_one_seed_shows_no_spread_rather_than_zero():
-    from diffdistill.report import _fmt
+    from diffdistill.stages.report import _fmt
 
     assert _fmt({"mean": 85.25, "std": 0.0, "runs": [85.25]}) == "85.2 ± n/a"
     assert _fmt({"mean": 85.25, "std": 0.0, "runs": [85.25, 85.25]}) == "85.2 ± 0.0"  # two equal seeds: measured

@@ -69,7 +69,7 @@ def test_killed_finetune_resumes_bit_identically(tmp_path):
 def test_resume_refuses_a_different_config_or_world_size(tmp_path, capsys):
     common = ["configs/demo-digits.yaml", f"out_dir={tmp_path}", "finetune.init=null", "finetune.steps=4",
               "finetune.batch_size=8", "finetune.checkpoint_every=2", "threads=1"]
-    from diffdistill.train import TrainLoop
+    from diffdistill.stages.train import TrainLoop
 
     original = TrainLoop.save
     calls = []

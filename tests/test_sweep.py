@@ -7,7 +7,7 @@ from PIL import Image
 
 from diffdistill.cli import main
 from diffdistill.config import ConfigError
-from diffdistill.sweep import load_sweep, summarize
+from diffdistill.stages.sweep import load_sweep, summarize
 
 TINY = ["pretrain.steps=20", "pretrain.log_every=10", "finetune.steps=4", "finetune.log_every=2", "sample.steps=3",
         "sample.ipc=[2]", "evaluate.epochs=2", "evaluate.full_epochs=1", "evaluate.seeds=1", "evaluate.width=8",

@@ -8,7 +8,7 @@ from diffdistill.config import load_config
 from diffdistill.latents import BatchOrder, latent_source
 from diffdistill.models.adapters import make_trainable
 from diffdistill.models.dit import build_dit
-from diffdistill.train import TrainLoop
+from diffdistill.stages.train import TrainLoop
 
 CPU = torch.device("cpu")
 

@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-from diffdistill import __version__
-from diffdistill.config import Config, ConfigError, load_config
-from diffdistill.distributed import is_main
+from diffdistill import __version__, api
+from diffdistill.api import say
+from diffdistill.config import ConfigError
 from diffdistill.errors import StageError
-from diffdistill.files import check_output_free
-from diffdistill.preflight import check_plan
-from diffdistill.recipe import describe, resolve_config
-from diffdistill.runs import (
-    STAGE_FOLDERS,
-    TRAINING_STAGES,
-    checkpoint_root,
-    generator_check_file,
-    run_order,
-    stage_dir,
-)
+from diffdistill.runs import TRAINING_STAGES
 
 STAGE_HELP = {
     "prepare": "encode the train images once into the latent cache (read by finetune.latents=cache)",
@@ -37,39 +26,6 @@ STAGE_HELP = {
     "run": "every stage in order: prepare (if a training stage reads the cache), pretrain (if steps > 0), "
            "check (after pretrain, if pretrain.check_images > 0), finetune (if steps > 0), sample, evaluate, report",
 }
-
-
-def _report(run_dir: Path) -> None:
-    """Write the run's report and print its table (rank 0 only: the other ranks have nothing to write)."""
-    from diffdistill.report import write_report
-
-    if is_main():
-        print(write_report(run_dir))
-        print(f"\nreport: {run_dir / 'report.md'}")
-
-
-def _actions() -> dict[str, Callable[[Config, argparse.Namespace], object]]:
-    from diffdistill.check import generator_check
-    from diffdistill.evaluate import evaluate_stage
-    from diffdistill.prepare import prepare_stage
-    from diffdistill.sample import sample_stage
-    from diffdistill.train import train_stage
-
-    return {
-        # `run --force` redoes the run's stages, never the (shared, expensive) cache
-        "prepare": lambda cfg, a: print(f"latent cache: {prepare_stage(cfg, a.force and a.stage == 'prepare')}"),
-        "pretrain": lambda cfg, a: train_stage(cfg, "pretrain", a.force, a.resume),
-        "check": lambda cfg, a: generator_check(cfg),
-        "finetune": lambda cfg, a: train_stage(cfg, "finetune", a.force, a.resume),
-        "sample": lambda cfg, a: sample_stage(cfg, a.force),
-        "evaluate": lambda cfg, a: (evaluate_stage(cfg, a.force, a.distilled), _report(cfg.run_dir)),
-        "report": lambda cfg, a: _report(cfg.run_dir),
-    }
-
-
-def say(text: str) -> None:
-    if is_main():
-        print(text, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,48 +67,33 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = [*args.overrides, *extra]
     try:
         if args.stage == "sweep":
-            from diffdistill.sweep import load_sweep, parse_seeds, run_sweep
+            from diffdistill.stages.sweep import parse_seeds
 
-            root = run_sweep(load_sweep(args.config, args.overrides, args.vary, parse_seeds(args.seeds)))
+            root = api.sweep(args.config, args.overrides, args.vary, parse_seeds(args.seeds))
             say((root / "summary.md").read_text())
             say(f"sweep: {root / 'sweep.csv'}, {root / 'sweep.png'}")
             return 0
         if args.stage == "report" and Path(args.config).is_dir():  # `diffdistill report RUN_DIR`
-            _report(Path(args.config))
+            api.report(args.config)
             return 0
         overrides = args.overrides + (["evaluate.pool=true"] if getattr(args, "pool", False) else [])
+        cfg = api.load_config(args.config, overrides)
         if args.distilled and not any(o.startswith("name=") for o in overrides):
-            # a set made elsewhere gets its own run folder: scoring it never touches another run's outputs
-            overrides.append(f"name={_set_name(args.distilled)}")
-        cfg = resolve_config(load_config(args.config, overrides))
-        for line in describe(cfg):
-            say(line)
-        order = run_order(cfg) if args.stage == "run" else [args.stage]
-        plan = check_plan(cfg, order, args.distilled) if args.stage != "report" else None
-        if not (args.force or args.resume):  # fail before any work, not after an hour of training
-            for name in order:
-                if name in STAGE_FOLDERS:
-                    check_output_free(stage_dir(cfg.run_dir, name), False)
+            cfg = api.scoring_config(cfg, args.distilled)
         if args.dry_run:
-            say("\n".join([f"plan for {cfg.run_dir} (nothing was run):", *plan.lines]))
+            say("\n".join(api.plan(cfg, None if args.stage == "run" else [args.stage], args.distilled)))
             return 0
-        actions = _actions()
-        if args.stage != "run":
-            actions[args.stage](cfg, args)
-            return 0
-        start = time.perf_counter()
-        for number, name in enumerate(order, start=1):
-            output = generator_check_file(cfg.run_dir) if name == "check" else \
-                stage_dir(cfg.run_dir, name) if name in STAGE_FOLDERS else None
-            if args.resume and output is not None and output.exists() and not (
-                    name in TRAINING_STAGES and checkpoint_root(cfg.run_dir, name).is_dir()):
-                say(f"== {name} ({number}/{len(order)}) == done before: {output}")
-                continue
-            say(f"== {name} ({number}/{len(order)}) ==")
-            t0 = time.perf_counter()
-            actions[name](cfg, args)
-            say(f"{name} took {_clock(time.perf_counter() - t0)} ({_clock(time.perf_counter() - start)} so far)")
-        say(f"done in {_clock(time.perf_counter() - start)}: {cfg.run_dir}")
+        actions: dict[str, Callable[[], object]] = {
+            "run": lambda: api.run(cfg, args.force, args.resume),
+            "prepare": lambda: say(f"latent cache: {api.prepare(cfg, args.force)}"),
+            "pretrain": lambda: api.pretrain(cfg, args.force, args.resume),
+            "check": lambda: api.check(cfg),
+            "finetune": lambda: api.finetune(cfg, args.force, args.resume),
+            "sample": lambda: api.sample(cfg, args.force),
+            "evaluate": lambda: api.evaluate(cfg, args.force, args.distilled),
+            "report": lambda: api.report(cfg.run_dir),
+        }
+        actions[args.stage]()
     except (ConfigError, StageError) as err:
         print(f"diffdistill: error: {err}", file=sys.stderr)
         return 2
@@ -163,17 +104,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         _leave_process_group()
     return 0
-
-
-def _set_name(folder: str) -> str:
-    """The run name for scoring `folder`: its own name (its run's name for a run's `samples` folder)."""
-    path = Path(folder).resolve()
-    return f"{path.parent.name}-{path.name}" if path.name == STAGE_FOLDERS["sample"] else path.name
-
-
-def _clock(seconds: float) -> str:
-    minutes, sec = divmod(round(seconds), 60)
-    return f"{minutes} min {sec} s" if minutes else f"{sec} s"
 
 
 def _leave_process_group() -> None:

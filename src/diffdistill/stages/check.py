@@ -20,13 +20,13 @@ from diffdistill.config import Config
 from diffdistill.data.classes import condition_ids
 from diffdistill.data.datasets import ImageSet, load_data
 from diffdistill.errors import StageError
-from diffdistill.evaluate import accuracy, channel_stats, on_device, train_classifier
 from diffdistill.files import atomic_write_json
 from diffdistill.models.dit import load_dit
-from diffdistill.report import FIDELITY_GOAL
 from diffdistill.runs import generator_check_file, model_source
 from diffdistill.runtime import derive_seed, setup
-from diffdistill.sample import sample_images
+from diffdistill.stages.evaluate import accuracy, channel_stats, on_device, train_classifier
+from diffdistill.stages.report import FIDELITY_GOAL
+from diffdistill.stages.sample import sample_images
 
 
 @torch.no_grad()

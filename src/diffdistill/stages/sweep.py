@@ -121,10 +121,10 @@ def _get(d: dict, dotted: str):
 
 def run_sweep(sweep: Sweep, out_dir: str | None = None) -> Path:
     """Run every (point, seed) not already finished; write sweep.csv, summary.md and sweep.png."""
-    from diffdistill.evaluate import evaluate_stage
-    from diffdistill.report import write_report
-    from diffdistill.sample import sample_stage
-    from diffdistill.train import train_stage
+    from diffdistill.stages.evaluate import evaluate_stage
+    from diffdistill.stages.report import write_report
+    from diffdistill.stages.sample import sample_stage
+    from diffdistill.stages.train import train_stage
 
     base = _build(sweep.base, sweep.common)
     root = Path(out_dir or base.out_dir) / sweep.name

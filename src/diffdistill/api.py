@@ -1,0 +1,218 @@
+"""The Python API — the command line's stages as functions, for notebooks and scripts:
+
+    import diffdistill as dd
+    cfg = dd.load_config("configs/demo-digits.yaml", ["pretrain.steps=300"])
+    print("\\n".join(dd.plan(cfg)))        # what `run` would do; checks everything first
+    result = dd.run(cfg)                   # every stage; result.table(): one row per net and IPC
+    other = dd.evaluate(cfg, distilled="path/to/set")   # score a set made elsewhere (its own run)
+
+Every function checks what it can before it starts (as the CLI does) and raises `ConfigError` / `StageError`
+with the same one-line messages. Each returns a `Result` (the run folder, its results.json as a dict).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from diffdistill.config import Config
+from diffdistill.config import load_config as _read_config
+from diffdistill.distributed import is_main
+from diffdistill.files import check_output_free
+from diffdistill.preflight import check_plan
+from diffdistill.recipe import describe, resolve_config
+from diffdistill.runs import (
+    STAGE_FOLDERS,
+    TRAINING_STAGES,
+    checkpoint_root,
+    generator_check_file,
+    results_file,
+    run_order,
+    stage_dir,
+)
+
+
+def say(text: str) -> None:
+    """Print on rank 0 only (under torchrun every rank runs the same code)."""
+    if is_main():
+        print(text, flush=True)
+
+
+@dataclass(frozen=True)
+class Result:
+    """A run folder and what it holds so far."""
+
+    run_dir: Path
+
+    @property
+    def results(self) -> dict | None:
+        """results.json of the evaluation (None before `evaluate`)."""
+        path = results_file(self.run_dir)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    @property
+    def report(self) -> Path | None:
+        path = self.run_dir / "report.md"
+        return path if path.is_file() else None
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per (net, IPC): final-epoch accuracy (mean over seeds) of the distilled set and of random
+        real images, their gap, and the fidelity of the distilled set."""
+        res = self.results or {}
+        rows = []
+        for net, entry in (res.get("by_net") or {}).items():
+            fidelity = (entry.get("fidelity") or {}).get("mean")
+            for ipc, e in entry["ipc"].items():
+                rows.append({"net": net, "ipc": int(ipc), "distilled": e["distilled"]["mean"],
+                             "random_real": e["random_real"]["mean"], "gap": e["gap_over_random_real"],
+                             "fidelity": fidelity})
+        return rows
+
+    def __repr__(self) -> str:
+        rows = self.table()
+        shown = "; ".join(f"{r['net']} IPC {r['ipc']}: {r['distilled']:.1f} vs {r['random_real']:.1f} random"
+                          for r in rows)
+        return f"Result({str(self.run_dir)!r}{', ' + shown if rows else ''})"
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """A config file plus dotted `key=value` overrides, its `auto` values sized to its data (and said)."""
+    cfg = resolve_config(_read_config(path, overrides))
+    for line in describe(cfg):
+        say(line)
+    return cfg
+
+
+def plan(cfg: Config, stages: Sequence[str] | None = None, distilled: str | None = None) -> list[str]:
+    """Check `stages` (default: what `run` does) without running anything; the plan, one line per item."""
+    order = list(stages) if stages is not None else run_order(cfg)
+    return [f"plan for {cfg.run_dir} (nothing was run):", *check_plan(cfg, order, distilled).lines]
+
+
+def _start(cfg: Config, order: list[str], force: bool, resume: bool, distilled: str | None = None) -> None:
+    check_plan(cfg, order, distilled)
+    if not (force or resume):  # fail before any work, not after an hour of training
+        for name in order:
+            if name in STAGE_FOLDERS:
+                check_output_free(stage_dir(cfg.run_dir, name), False)
+
+
+def prepare(cfg: Config, force: bool = False) -> Path:
+    """Encode the train images once into the latent cache; returns the cache folder."""
+    from diffdistill.stages.prepare import prepare_stage
+
+    _start(cfg, ["prepare"], force, False)
+    return prepare_stage(cfg, force)
+
+
+def pretrain(cfg: Config, force: bool = False, resume: bool = False) -> Result:
+    return _train(cfg, "pretrain", force, resume)
+
+
+def finetune(cfg: Config, force: bool = False, resume: bool = False) -> Result:
+    return _train(cfg, "finetune", force, resume)
+
+
+def _train(cfg: Config, stage: str, force: bool, resume: bool, checked: bool = False) -> Result:
+    from diffdistill.stages.train import train_stage
+
+    if not checked:
+        _start(cfg, [stage], force, resume)
+    train_stage(cfg, stage, force, resume)
+    return Result(cfg.run_dir)
+
+
+def check(cfg: Config) -> dict:
+    """The generator check after pretraining: check.json as a dict (its line is printed too)."""
+    from diffdistill.stages.check import generator_check
+
+    _start(cfg, ["check"], True, False)
+    return json.loads(generator_check(cfg).read_text())
+
+
+def sample(cfg: Config, force: bool = False, checked: bool = False) -> Result:
+    from diffdistill.stages.sample import sample_stage
+
+    if not checked:
+        _start(cfg, ["sample"], force, False)
+    sample_stage(cfg, force)
+    return Result(cfg.run_dir)
+
+
+def evaluate(cfg: Config, force: bool = False, distilled: str | None = None, checked: bool = False) -> Result:
+    """Score the run's samples, or the folder `distilled` (then in a run named after it unless the config's
+    name was set for it: see `scoring_config`), and write the report."""
+    from diffdistill.stages.evaluate import evaluate_stage
+
+    if not checked:
+        _start(cfg, ["evaluate"], force, False, distilled)
+    evaluate_stage(cfg, force, distilled)
+    return report(cfg.run_dir)
+
+
+def scoring_config(cfg: Config, distilled: str) -> Config:
+    """`cfg` renamed after the set `distilled`, so that scoring it never touches another run's outputs."""
+    path = Path(distilled).resolve()
+    name = f"{path.parent.name}-{path.name}" if path.name == STAGE_FOLDERS["sample"] else path.name
+    return replace(cfg, name=name)
+
+
+def report(run_dir: str | Path) -> Result:
+    """Write report.md, results.json and the PNGs at the top of the run folder; print the table."""
+    from diffdistill.stages.report import write_report
+
+    run_dir = Path(run_dir)
+    if is_main():
+        print(write_report(run_dir))
+        print(f"\nreport: {run_dir / 'report.md'}")
+    return Result(run_dir)
+
+
+def run(cfg: Config, force: bool = False, resume: bool = False) -> Result:
+    """Every stage in order (`runs.run_order`); `resume` skips finished stages and continues the interrupted
+    one; `force` redoes them (never the shared latent cache)."""
+    from diffdistill.stages.check import generator_check
+    from diffdistill.stages.prepare import prepare_stage
+
+    order = run_order(cfg)
+    _start(cfg, order, force, resume)
+    actions = {
+        "prepare": lambda: say(f"latent cache: {prepare_stage(cfg, False)}"),
+        "pretrain": lambda: _train(cfg, "pretrain", force, resume, checked=True),
+        "check": lambda: generator_check(cfg),
+        "finetune": lambda: _train(cfg, "finetune", force, resume, checked=True),
+        "sample": lambda: sample(cfg, force, checked=True),
+        "evaluate": lambda: evaluate(cfg, force, checked=True),
+    }
+    start = time.perf_counter()
+    for number, name in enumerate(order, start=1):
+        output = generator_check_file(cfg.run_dir) if name == "check" else \
+            stage_dir(cfg.run_dir, name) if name in STAGE_FOLDERS else None
+        if resume and output is not None and output.exists() and not (
+                name in TRAINING_STAGES and checkpoint_root(cfg.run_dir, name).is_dir()):
+            say(f"== {name} ({number}/{len(order)}) == done before: {output}")
+            continue
+        say(f"== {name} ({number}/{len(order)}) ==")
+        t0 = time.perf_counter()
+        actions[name]()
+        say(f"{name} took {clock(time.perf_counter() - t0)} ({clock(time.perf_counter() - start)} so far)")
+    say(f"done in {clock(time.perf_counter() - start)}: {cfg.run_dir}")
+    return Result(cfg.run_dir)
+
+
+def sweep(path: str | Path, overrides: Sequence[str] = (), vary: Sequence[str] = (),
+          seeds: Sequence[int] | None = None) -> Path:
+    """Runs over config values × seeds (a sweep file, or a config with `vary` = ["KEY=V1,V2"]); returns the
+    sweep folder (sweep.csv, summary.md, sweep.png)."""
+    from diffdistill.stages.sweep import load_sweep, run_sweep
+
+    return run_sweep(load_sweep(str(path), list(overrides), list(vary), list(seeds) if seeds else None))
+
+
+def clock(seconds: float) -> str:
+    minutes, sec = divmod(round(seconds), 60)
+    return f"{minutes} min {sec} s" if minutes else f"{sec} s"
