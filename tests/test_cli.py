@@ -82,8 +82,9 @@ def test_report_of_a_run_folder_has_pictures_metrics_and_dd_ranking(digits_run, 
     assert 0 <= dd["lrs_mean"] <= 100
     report = (digits_run / "report.md").read_text()
     for text in ("## Diversity and coverage", "## DD-Ranking scores", "classes.png", "memory.png", "losses.png",
-                 "Fidelity beside it", "| random real | 3 |"):
+                 "| random real | 3 |", "The framed first column is the IPC-1 set"):
         assert text in report, text
+    assert report.count("% of the 30 distilled images are assigned") == 1  # one fidelity line
     for png in ("classes.png", "memory.png", "losses.png", "samples.png"):
         with Image.open(digits_run / png) as img:
             img.verify()

@@ -1,8 +1,12 @@
-"""The report says plainly where the distilled set loses to random real images, and why it likely does."""
+"""The report says plainly where the distilled set loses to random real images, and why it likely does; its
+pictures can be read on their own."""
 
+import io
 import json
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from diffdistill.stages.report import verdicts, write_report
 
@@ -93,3 +97,53 @@ def test_report_and_terminal_lead_with_the_loss(tmp_path, loses):
     assert ("scores below random real" in report.split("Top-1 accuracy")[0]) == loses  # above the tables
     assert ("below random real (convnet3): IPC 10: distilled 92.5 %" in printed) == loses
     assert "IPC 1:" not in printed  # distilled wins at IPC 1
+
+
+def _png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_grids_name_their_rows_and_frame_the_ipc1_images():
+    from diffdistill.plots import MARK, real_vs_distilled, sample_grid
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (16, 16, 3), dtype=np.uint8) for _ in range(10)]
+    short, long = (_png(sample_grid({name: images, "b": images}, 16)) for name in ("a", "a-much-longer-name"))
+    assert short.shape[0] == long.shape[0] and long.shape[1] > short.shape[1]  # the name column fits the names
+    scale = 256 // 18
+    assert short.shape[1] - 10 * 18 * scale < 60  # ten cells of 16 px + borders, enlarged, and the name column
+    left = short.shape[1] - 10 * 18 * scale
+    assert (short[:, :left] < 128).any()  # the names are drawn (dark pixels left of the cells)
+    other = _png(sample_grid({"a": images, "c": images}, 16))
+    assert not np.array_equal(short[:, :left], other[:, :left])  # ... and they are these names
+    top = short.shape[0] - 2 * 18 * scale
+    assert top > 0 and (short[:top] < 128).any()  # the header line
+    assert (np.abs(short[top + 5, left].astype(int) - MARK) < 30).all()  # the IPC-1 column is framed
+    pair = _png(real_vs_distilled({"a": images[:8]}, {"a": images[:8]}, 16))
+    assert (pair[: pair.shape[0] - 18 * (96 // 16)] < 128).any()  # "real" / "distilled" above the cells
+
+
+def test_loss_plot_weights_the_memory_terms_and_continues_the_steps(monkeypatch):
+    from diffdistill import plots
+
+    drawn = []
+
+    class Axes:
+        def plot(self, xs, ys, label):
+            drawn.append((label, list(xs), list(ys)))
+
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    class Figure:
+        pass
+
+    monkeypatch.setattr(plots, "figure_png", lambda fig: b"")
+    monkeypatch.setattr(plots, "pyplot", lambda: type("plt", (), {"subplots": staticmethod(
+        lambda rows, cols, **k: (Figure(), [[Axes() for _ in range(cols)]]))}))
+    logs = {"pretrain": [{"step": 100, "diffusion": 0.5}, {"step": 200, "diffusion": 0.4}],
+            "finetune": [{"step": 10, "diffusion": 0.3, "representativeness": 0.5, "diversity": 0.9}]}
+    plots.loss_plot(logs, {"lambda_real": 0.002, "lambda_gen": 0.008}, {"finetune": 200})
+    assert ("finetune", [210], [0.3]) in drawn  # after pretraining's 200 steps
+    assert ("finetune", [210], [pytest.approx(0.001)]) in drawn  # 0.002 × 0.5, as it enters the loss
+    assert ("finetune", [210], [pytest.approx(0.0072)]) in drawn  # 0.008 × 0.9

@@ -8,13 +8,14 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from diffdistill.data.datasets import resize_center_crop
 
 GRID_COLUMNS = 10  # images per class in samples.png
 EXAMPLE_CLASSES = 20  # rows of the real-vs-distilled picture (classes.png)
 EXAMPLES_PER_CLASS = 8  # images per side and row in classes.png
+MARK = (220, 40, 40)  # the frame around the IPC-1 images
 
 
 def pyplot():
@@ -48,42 +49,88 @@ def _cells(images: list[np.ndarray], count: int, size: int) -> np.ndarray:
     return np.concatenate([np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=255) for im in imgs], 1)
 
 
-def _enlarged(strips: list[np.ndarray], scale: int) -> bytes:
-    """Strips of cells stacked into one picture, enlarged `scale` times (nearest) so small images can be seen."""
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)  # scalable (Pillow >= 10.1 with FreeType)
+    except TypeError:  # pragma: no cover - older Pillow: its fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _labelled(strips: list[np.ndarray], scale: int, rows: list[str], headers: list[tuple[int, str]],
+              marks: list[tuple[int, int]] = ()) -> bytes:
+    """Strips of cells stacked and enlarged `scale` times (nearest, so small images can be seen), with each
+    row's name on the left, `headers` (x in strip pixels, text) above, and `marks` (x0, x1 in strip pixels)
+    framed over all rows."""
     grid = Image.fromarray(np.concatenate(strips, 0))
-    if scale > 1:
-        grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
-    return image_png(grid)
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
+    row_h = strips[0].shape[0] * scale
+    font = _font(max(11, min(16, row_h // 2)))
+    probe = ImageDraw.Draw(grid)
+    left = int(max(probe.textlength(r, font=font) for r in rows)) + 10
+    top = int(font.size * 1.8) if hasattr(font, "size") else 20
+    canvas = Image.new("RGB", (left + grid.width, top + grid.height), "white")
+    canvas.paste(grid, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    for i, name in enumerate(rows):
+        draw.text((left - 5, top + i * row_h + row_h // 2), name, fill="black", font=font, anchor="rm")
+    for x, text in headers:
+        draw.text((left + x * scale + 2, top // 2), text, fill="black", font=font, anchor="lm")
+    for x0, x1 in marks:
+        draw.rectangle([left + x0 * scale, top, left + x1 * scale - 1, top + grid.height - 1], outline=MARK, width=2)
+    return image_png(canvas)
 
 
-def sample_grid(per_class: list[list[np.ndarray]], size: int, columns: int = GRID_COLUMNS) -> bytes:
-    """PNG: one row per class, the first `columns` images of each, as `size` px cells."""
-    return _enlarged([_cells(images, columns, size) for images in per_class if images], max(1, 256 // (size + 2)))
+def sample_grid(per_class: dict[str, list[np.ndarray]], size: int, columns: int = GRID_COLUMNS) -> bytes:
+    """PNG: one row per class (named on the left), its first `columns` images as `size` px cells; the first
+    column — the IPC-1 set — framed."""
+    shown = {name: images for name, images in per_class.items() if images}
+    cell = size + 2
+    return _labelled([_cells(images, columns, size) for images in shown.values()], max(1, 256 // cell),
+                     list(shown), [(0, "IPC 1"), (cell, "IPC k: the first k images of each row")],
+                     [(0, cell)])
 
 
 def real_vs_distilled(real: dict[str, list[np.ndarray]], distilled: dict[str, list[np.ndarray]], size: int,
                       per_side: int = EXAMPLES_PER_CLASS) -> bytes:
-    """PNG: one row per class, `per_side` real images | `per_side` distilled images."""
+    """PNG: one row per class (named on the left), `per_side` real images | `per_side` distilled images, with
+    "real" and "distilled" above; the first distilled image of each class (the IPC-1 set) framed."""
     strips = []
+    gap_w = max(4, size // 2)
     for c in distilled:
-        gap = np.full((size + 2, max(4, size // 2), 3), 160, np.uint8)
+        gap = np.full((size + 2, gap_w, 3), 160, np.uint8)
         strips.append(np.concatenate([_cells(real.get(c, []), per_side, size), gap,
                                       _cells(distilled[c], per_side, size)], 1))
-    return _enlarged(strips, max(1, 96 // size))
+    start = per_side * (size + 2) + gap_w
+    return _labelled(strips, max(1, 96 // size), list(distilled), [(0, "real"), (start, "distilled")],
+                     [(start, start + size + 2)])
 
 
-def loss_plot(logs: dict[str, list[dict]]) -> bytes:
-    """PNG of the training losses of each stage's log rows ({stage: rows})."""
+# how each logged term enters the loss: (log key, config weight or None, title, y label)
+LOSS_TERMS = (
+    ("diffusion", None, "diffusion loss (MSE of ε̂)", "loss (log scale), lower = better fit"),
+    ("representativeness", "lambda_real", "λ_R · representativeness\n(1 − min cos to the real memory)",
+     "weighted term, lower = closer to real"),
+    ("diversity", "lambda_gen", "λ_G · diversity\n(max cos to the generated memory)",
+     "weighted term, lower = less alike"),
+)
+
+
+def loss_plot(logs: dict[str, list[dict]], weights: dict[str, float], offsets: dict[str, int]) -> bytes:
+    """PNG of the training losses of each stage's log rows ({stage: rows}); memory terms multiplied by their
+    weights (`weights`: lambda_real, lambda_gen) as they enter the loss; a stage's steps shifted by
+    `offsets[stage]` so that fine-tuning continues after pretraining."""
     plt = pyplot()
-    keys = [k for k in ("diffusion", "representativeness", "diversity") if any(k in r[0] for r in logs.values() if r)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], keys):
+    terms = [t for t in LOSS_TERMS if any(t[0] in r[0] for r in logs.values() if r)]
+    fig, axes = plt.subplots(1, len(terms), figsize=(4.8 * len(terms), 3.4), squeeze=False)
+    for ax, (key, weight, title, ylabel) in zip(axes[0], terms):
+        factor = weights.get(weight, 1.0) if weight else 1.0
         for stage, entries in logs.items():
-            pts = [(r["step"], r[key]) for r in entries if key in r]
+            pts = [(r["step"] + offsets.get(stage, 0), factor * r[key]) for r in entries if key in r]
             if pts:
                 ax.plot(*zip(*pts), label=stage)
-        ax.set_title(key)
-        ax.set_xlabel("step")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step (fine-tuning continues after pretraining)" if len(logs) > 1 else "step")
+        ax.set_ylabel(ylabel, fontsize=9)
         if key == "diffusion":
             ax.set_yscale("log")  # the early drop would hide the fine-tuning curve
         ax.legend()

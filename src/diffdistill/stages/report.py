@@ -142,7 +142,7 @@ def _num(v: float | None, digits: int = 3) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
 
-def metrics_table(metrics: dict, fidelity: dict | None) -> str:
+def metrics_table(metrics: dict) -> str:
     """Markdown: per IPC, distilled vs random-real (and the real train set's own diversity)."""
     lines = ["| set | IPC | diversity ↑ | precision | recall | density | coverage | distance of means ↓ |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -153,10 +153,7 @@ def metrics_table(metrics: dict, fidelity: dict | None) -> str:
                          f"{_num(m['recall'])} | {_num(m['density'])} | {_num(m['coverage'])} | "
                          f"{_num(m['mean_distance'], 2)} |")
     lines.append(f"| real train set | all | {_num(metrics['real_train_diversity'])} | | | | | |")
-    text = "\n".join(lines)
-    if fidelity:
-        text += f"\n\nFidelity beside it: {fidelity_line(fidelity)}"
-    return text
+    return "\n".join(lines)
 
 
 def dd_ranking_table(by_net: dict) -> str:
@@ -222,11 +219,13 @@ def samples_section(run_dir: Path, results: dict) -> list[str]:
     samples = Path(results["data"]["distilled_set"])
     if not samples.is_dir():
         return []
-    per_class = [_first_images(samples / c, GRID_COLUMNS) for c in results["data"]["classes"]]
-    if not any(per_class):
+    per_class = {c: _first_images(samples / c, GRID_COLUMNS) for c in results["data"]["classes"]}
+    if not any(per_class.values()):
         raise StageError(f"no sample images under {samples}")
     atomic_write_bytes(run_dir / "samples.png", sample_grid(per_class, results["config"]["data"]["image_size"]))
-    return ["## Distilled images (one row per class)", "", "![samples](samples.png)", ""]
+    return ["## Distilled images (one row per class)", "",
+            "The framed first column is the IPC-1 set; IPC k uses the first k images of each row.", "",
+            "![samples](samples.png)", ""]
 
 
 def metrics_section(run_dir: Path, results: dict) -> list[str]:
@@ -239,7 +238,7 @@ def metrics_section(run_dir: Path, results: dict) -> list[str]:
             "precision / recall (Kynkäänniemi et al. 2019) and density / coverage (Naeem et al. 2020) by "
             "k-NN balls; distance of means = ‖mean(set) − mean(real)‖ (representativeness). A set can be "
             "more \"diverse\" than real data and still less accurate: read diversity beside precision and "
-            "fidelity.", "", metrics_table(m, results.get("fidelity")), ""]
+            "fidelity (above).", "", metrics_table(m), ""]
 
 
 def dd_ranking_section(run_dir: Path, results: dict) -> list[str]:
@@ -269,14 +268,20 @@ def classes_section(run_dir: Path, results: dict) -> list[str]:
     atomic_write_bytes(run_dir / "classes.png",
                        real_vs_distilled(real, distilled, results["config"]["data"]["image_size"]))
     more = f" (first {EXAMPLE_CLASSES} classes)" if len(classes) > EXAMPLE_CLASSES else ""
-    return [f"## Real (left) vs distilled (right), one row per class{more}", "", "![classes](classes.png)", ""]
+    return [f"## Real (left) vs distilled (right), one row per class{more}", "",
+            "The framed distilled image of each class is its IPC-1 set.", "", "![classes](classes.png)", ""]
 
 
 def losses_section(run_dir: Path, results: dict) -> list[str]:
     logs = {stage: entries for stage in TRAINING_STAGES if (entries := _read_log(run_dir, stage))}
     if not logs:
         return []
-    atomic_write_bytes(run_dir / "losses.png", loss_plot(logs))
+    finetune = results["config"].get("finetune", {})
+    weights = {k: v for k, v in finetune.get("memory", {}).items() if k in ("lambda_real", "lambda_gen")}
+    # fine-tuning this run's own pretrained model continues its step count
+    pre = logs.get("pretrain")
+    offsets = {"finetune": pre[-1]["step"]} if pre and finetune.get("init") == "pretrain" else {}
+    atomic_write_bytes(run_dir / "losses.png", loss_plot(logs, weights, offsets))
     return ["## Training losses", "", "![losses](losses.png)", ""]
 
 
