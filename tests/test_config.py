@@ -55,13 +55,19 @@ def test_config_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("data: [unclosed\n")
-    with pytest.raises(ConfigError, match="is not valid YAML"):
+    bad.write_text("name: x\ndata: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"is not valid YAML \(line 3, column 1\)"):
         load_config(bad)
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("finetune:\n  stpes: 3\n")
     with pytest.raises(ConfigError, match=r"wrong.yaml: unknown config key 'finetune.stpes'"):
         load_config(wrong)
+    with pytest.raises(ConfigError, match=r"wrong.yaml: unknown config key 'finetune.stpes'"):
+        load_config(wrong, ["seed=1"])  # the file's own mistake, whatever the command line adds
+    good = tmp_path / "good.yaml"
+    good.write_text("finetune:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match=r"^command line: unknown config key 'finetune.stpes'"):
+        load_config(good, ["finetune.stpes=4"])  # a typo typed on the command line is not the file's
 
 
 def test_config_is_frozen():

@@ -64,6 +64,7 @@ def test_killed_finetune_resumes_bit_identically(tmp_path):
     log = lambda run: (tmp_path / run / "finetune" / "log.jsonl").read_text().splitlines()  # noqa: E731
     assert log("ref") == log("killed")
     assert not (tmp_path / "killed" / "checkpoints").exists()  # removed once the stage finished
+    assert not list((tmp_path / "killed").glob(".*.tmp"))  # the killed run's temp folder went with it
 
 
 def test_resume_refuses_a_different_config_or_world_size(tmp_path, capsys):

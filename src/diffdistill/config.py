@@ -396,7 +396,10 @@ def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {what}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path}: expected a mapping of keys at the top level")
     base = raw.pop("base", None)
@@ -418,7 +421,11 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     try:
         return build_config(raw, overrides)
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+        try:  # blame the file only if the file alone has the problem
+            build_config(raw)
+        except ConfigError:
+            raise ConfigError(f"{path}: {err}") from None
+        raise ConfigError(f"command line: {err}") from None
 
 
 def to_dict(cfg: Config) -> dict:

@@ -70,6 +70,8 @@ def staged_dir(final: Path, force: bool) -> Iterator[Path]:
     try:
         yield tmp
         replace_dir(tmp, final)
+        for stale in final.parent.glob(f".{final.name}.*.tmp"):  # left by a run that was killed
+            shutil.rmtree(stale, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for folder in created:  # innermost first; only if nothing else was put there meanwhile
