@@ -158,14 +158,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-per-class", type=int, default=250)
     parser.add_argument("--val-per-class", type=int, default=50)
     parser.add_argument("--out", default="runs/own-data")
+    parser.add_argument("--keep", action="store_true", help="keep the runs that an earlier call with the same "
+                        "config and overrides finished (own-data.json)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     root = Path(args.out)
+    saved = root / "own-data.json"
+    setup = {"benchmark": "own data", "config": args.config, "overrides": args.overrides}
+    earlier = json.loads(saved.read_text()) if args.keep and saved.is_file() else {}
+    same = {k: earlier.get(k) for k in setup} == setup
+    done = {(r["set"], r["seed"]): r for r in earlier.get("runs", [])
+            if same and (root / f"{r['set']}-s{r['seed']}" / "results.json").is_file()}
     rows = []
     for name in args.sets.split(","):
         data = make_set(root / "data", name, args.train_per_class, args.val_per_class)
         for seed in (int(s) for s in args.seeds.split(",")):
             run = f"{name}-s{seed}"
+            if (name, seed) in done:
+                rows.append(done[(name, seed)])
+                continue
             t0 = time.perf_counter()
             code = cli(["run", args.config, f"out_dir={root}", f"name={run}", f"seed={seed}",
                         f"data.train={data / 'train'}", f"data.val={data / 'val'}", *args.overrides, "--force"])
@@ -180,8 +191,9 @@ def main(argv: list[str] | None = None) -> None:
                          "ipc": {ipc: {"distilled": e["distilled"]["mean"], "random_real": e["random_real"]["mean"]}
                                  for ipc, e in res["ipc"].items()}})
             _write_table(root / "own-data.md", rows)  # after every run: an interrupted sweep keeps what it has
-    print(json.dumps({"benchmark": "own data", "config": args.config, "overrides": args.overrides, "runs": rows},
-                     indent=2))
+            saved.write_text(json.dumps({**setup, "runs": rows}, indent=2))
+    _write_table(root / "own-data.md", rows)
+    print(json.dumps({**setup, "runs": rows}, indent=2))
 
 
 if __name__ == "__main__":
