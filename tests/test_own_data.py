@@ -28,7 +28,7 @@ def test_sets_are_class_folders_drawn_from_a_seed(tmp_path, name, classes, size,
 
 
 @pytest.mark.slow
-def test_one_tiny_run_gives_the_table(tmp_path, capsys):
+def test_one_tiny_run_gives_the_table(tmp_path, capsys, monkeypatch):
     tiny = ["pretrain.steps=10", "finetune.steps=2", "sample.steps=2", "sample.ipc=[1]", "evaluate.epochs=1",
             "evaluate.full_epochs=1", "evaluate.seeds=1", "evaluate.width=8", "pretrain.check_images=0"]
     own_data.main(["--sets", "glyphs", "--seeds", "0", "--train-per-class", "4", "--val-per-class", "2",
@@ -43,3 +43,11 @@ def test_one_tiny_run_gives_the_table(tmp_path, capsys):
     assert len(table) == 7 and table[2].startswith("| glyphs | 1 | 1 |")
     assert table[6].startswith("| glyphs | 0 | 1 |")
     assert table[6].endswith("autoencoder.unshuffle = 2; model.size = tiny |")
+    # a second call with --keep reuses the finished run instead of training it again
+    import diffdistill.cli
+
+    monkeypatch.setattr(diffdistill.cli, "main", lambda argv: pytest.fail(f"ran again: {argv}"))
+    own_data.main(["--sets", "glyphs", "--seeds", "0", "--train-per-class", "4", "--val-per-class", "2",
+                   "--out", str(tmp_path), "--keep", *tiny])
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index('{\n  "benchmark"'):])["runs"] == [run]
