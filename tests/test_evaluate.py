@@ -6,11 +6,11 @@ import torch
 from PIL import Image
 
 from diffdistill.augment import color_jitter, cutmix, lighting, random_resized_crop
-from diffdistill.config import DataConfig, EvalConfig
+from diffdistill.config import DataConfig, EvalConfig, epochs_for_ipc
 from diffdistill.data.datasets import load_data
 from diffdistill.errors import StageError
 from diffdistill.models.classifiers import build_classifier
-from diffdistill.stages.evaluate import epochs_for_ipc, lr_milestones, per_class_indices, train_classifier
+from diffdistill.stages.evaluate import lr_milestones, per_class_indices, train_classifier
 
 
 # Expected parameter counts, from the architecture descriptions (not from the modules).

@@ -64,6 +64,10 @@ def test_dry_run_prints_the_plan_and_makes_nothing(folders, tmp_path, capsys):
     assert "pretrain: 2000 steps of batch 64 (2000 epochs)" in out  # a batch larger than the set takes it all
     assert "sample: 15 images (5 per class), ddpm 50 steps, guidance 4.0" in out
     assert "evaluate: 15 classifier trainings (convnet3 × 3 seeds × IPC 1, 5" in out
-    stages = [line.split(":")[0] for line in out.splitlines() if not line.startswith(("auto", "plan", " "))]
+    stages = [line.split(":")[0] for line in out.splitlines() if not line.startswith(("auto", "plan", " ", "time"))]
     assert stages == ["data", "pretrain", "check", "finetune", "sample", "evaluate"]  # in the order they run
+    (timed,) = [line for line in out.splitlines() if line.startswith("time (from a few timed steps on cpu")]
+    minutes = dict(part.strip().split(" ~") for part in timed.split(": ", 1)[1].split(";")[0].split(","))
+    assert list(minutes) == ["pretrain", "check", "finetune", "sample", "evaluate"]
+    assert float(minutes["pretrain"]) > 0 and all(float(m) >= 0 for m in minutes.values())
     assert not (tmp_path / "runs").exists()

@@ -87,10 +87,12 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     return cfg
 
 
-def plan(cfg: Config, stages: Sequence[str] | None = None, distilled: str | None = None) -> list[str]:
-    """Check `stages` (default: what `run` does) without running anything; the plan, one line per item."""
+def plan(cfg: Config, stages: Sequence[str] | None = None, distilled: str | None = None,
+         timed: bool = True) -> list[str]:
+    """Check `stages` (default: what `run` does) without running anything; the plan, one line per item, and
+    (`timed`) a time estimate from a few timed steps of fresh models."""
     order = list(stages) if stages is not None else run_order(cfg)
-    return [f"plan for {cfg.run_dir} (nothing was run):", *check_plan(cfg, order, distilled).lines]
+    return [f"plan for {cfg.run_dir} (nothing was run):", *check_plan(cfg, order, distilled, timed).lines]
 
 
 def _start(cfg: Config, order: list[str], force: bool, resume: bool, distilled: str | None = None) -> None:

@@ -174,6 +174,16 @@ class PrepareConfig:
     dtype: Literal["float32", "float16"] = "float16"  # storage of the posterior mean and std
 
 
+# (largest IPC, epochs): the recipe of the field's tables; above the last bound EPOCHS_ABOVE
+EPOCHS_BY_IPC = ((1, 3000), (10, 2000), (50, 1500), (200, 1000), (500, 500))
+EPOCHS_ABOVE = 300
+
+
+def epochs_for_ipc(ipc: int) -> int:
+    """evaluate.epochs when it is null."""
+    return next((epochs for bound, epochs in EPOCHS_BY_IPC if ipc <= bound), EPOCHS_ABOVE)
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     nets: tuple[str, ...] = field(default=("convnet6",), metadata=_check(lambda v: len(v) > 0, "a non-empty list"))

@@ -8,12 +8,14 @@ any stage folder is created. Only listings are read: no image is decoded except 
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffdistill.config import Config
-from diffdistill.data.datasets import data_classes, list_images, load_data
+from diffdistill.config import Config, epochs_for_ipc
+from diffdistill.data.datasets import data_classes, list_images, load_data, peek_channels
 from diffdistill.errors import StageError
 from diffdistill.runs import TRAINING_STAGES, stage_dir
 
@@ -36,12 +38,13 @@ def _counts(labels: list[int], names: list[str]) -> dict[str, int]:
     return {name: per[c] for c, name in enumerate(names)}
 
 
-def _train_counts(cfg: Config, names: list[str]) -> dict[str, int]:
+def _train_counts(cfg: Config, names: list[str]) -> tuple[dict[str, int], int]:
+    """Images per class of the train set, and its channel count (`data.channels`, else a peek)."""
     if cfg.data.train is None:
         train, _ = load_data(cfg.data, need_val=False)
-        return _counts(train.labels.tolist(), names)
-    _, labels = list_images(cfg.data.train, names, "data.train")
-    return _counts(labels, names)
+        return _counts(train.labels.tolist(), names), train.channels
+    files, labels = list_images(cfg.data.train, names, "data.train")
+    return _counts(labels, names), cfg.data.channels or peek_channels(files)
 
 
 def _val_count(cfg: Config, names: list[str]) -> int | None:
@@ -77,20 +80,94 @@ def _writable(folder: Path) -> None:
                          "set out_dir to another place")
 
 
+def _seconds_per_call(fn: Callable[[], object], repeats: int = 3) -> float:
+    fn()  # the first call pays for allocation and kernel selection
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t0) / repeats
+
+
+def estimate(cfg: Config, order: list[str], counts: dict[str, int], channels: int) -> str:
+    """Minutes per stage from a few timed steps of a fresh model of the planned size on the run's device (the
+    DiT for training and sampling, the first evaluation net for the classifiers); pixel-space runs only."""
+    import torch
+
+    from diffdistill.autoencoders import IdentityAutoencoder
+    from diffdistill.models.dit import build_dit
+    from diffdistill.runtime import setup
+
+    if cfg.autoencoder.kind != "identity" or any(getattr(cfg, s).init not in (None, "pretrain")
+                                                 for s in TRAINING_STAGES if s in order):
+        return "time: no estimate (only for a DiT trained here in pixel space)"
+    device, classes, total = setup(cfg), len(counts), sum(counts.values())
+    latent = IdentityAutoencoder(cfg.autoencoder.unshuffle).latent_shape(channels, cfg.data.image_size)
+    with torch.random.fork_rng(devices=[]):
+        dit = build_dit(cfg.model.size, *latent[:2], classes, cfg.model.learn_sigma).to(device)
+        opt = torch.optim.AdamW(dit.parameters())
+
+        def dit_step(batch: int) -> None:
+            x = torch.randn(batch, *latent, device=device)
+            t, y = torch.randint(0, 1000, (batch,), device=device), torch.randint(0, classes, (batch,), device=device)
+            dit(x, timestep=t, class_labels=y).sample.float().square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+
+        minutes = {s: getattr(cfg, s).steps * _seconds_per_call(lambda s=s: dit_step(getattr(cfg, s).batch_size))
+                   / 60 for s in TRAINING_STAGES if s in order}
+        per_image_passes = _classifier_seconds(cfg, channels, classes, device)
+        jobs = [(epochs_for_ipc(ipc) if cfg.evaluate.epochs is None else cfg.evaluate.epochs) * ipc * classes * 2
+                for ipc in eval_ipcs(cfg)] + ([cfg.evaluate.full_epochs * total] if cfg.evaluate.full else [])
+        if "evaluate" in order:
+            minutes["evaluate"] = sum(jobs) * cfg.evaluate.seeds * len(cfg.evaluate.nets) * per_image_passes / 60
+        if "check" in order:
+            minutes["check"] = cfg.evaluate.full_epochs * total * per_image_passes / 60
+        if "sample" in order:
+            batch = min(cfg.sample.batch_size, max(cfg.sample.ipc) * classes)
+            with torch.no_grad():
+                forward = _seconds_per_call(lambda: dit(torch.randn(2 * batch, *latent, device=device),
+                                                        timestep=torch.zeros(2 * batch, device=device),
+                                                        class_labels=torch.zeros(2 * batch, dtype=torch.long,
+                                                                                 device=device)))
+            minutes["sample"] = forward * cfg.sample.steps * max(cfg.sample.ipc) * classes / batch / 60
+    parts = ", ".join(f"{s} ~{minutes[s]:.1f}" for s in order if s in minutes)
+    return f"time (from a few timed steps on {device.type}, minutes): {parts}; total ~{sum(minutes.values()):.0f}"
+
+
+def _classifier_seconds(cfg: Config, channels: int, classes: int, device) -> float:
+    """Seconds per image of a training pass of the first evaluation net (batch of evaluate.batch_size)."""
+    import torch
+
+    from diffdistill.models.classifiers import build_classifier
+
+    size, batch = cfg.evaluate.image_size or cfg.data.image_size, cfg.evaluate.batch_size
+    net = build_classifier(cfg.evaluate.nets[0], channels, classes, size, cfg.evaluate.width, cfg.evaluate.norm)
+    net = net.to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    x, y = torch.randn(batch, channels, size, size, device=device), torch.randint(0, classes, (batch,), device=device)
+
+    def step() -> None:
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+    return _seconds_per_call(step) / batch
+
+
 def eval_ipcs(cfg: Config) -> list[int]:
     return sorted(cfg.evaluate.ipc or cfg.sample.ipc)
 
 
-def check_plan(cfg: Config, order: list[str], distilled: str | None = None) -> Preflight:
+def check_plan(cfg: Config, order: list[str], distilled: str | None = None, timed: bool = False) -> Preflight:
     """Check `order` (stage names, as `runs.run_order` gives them) for `cfg`; one-line StageError on the first
-    problem, else the plan described."""
+    problem, else the plan described (`timed`: with a time estimate from a few timed steps)."""
     out = Preflight()
     _writable(cfg.run_dir)
     if cfg.autoencoder.kind == "kl":
         _local_exists(cfg.autoencoder.pretrained, "autoencoder.pretrained")
         _local_exists(cfg.autoencoder.decoder, "autoencoder.decoder")
     names = data_classes(cfg.data)
-    counts = _train_counts(cfg, names)
+    counts, channels = _train_counts(cfg, names)
     total = sum(counts.values())
     where = cfg.data.train or f"the built-in {cfg.data.builtin} set"
     lo, hi = min(counts.values()), max(counts.values())
@@ -110,6 +187,8 @@ def check_plan(cfg: Config, order: list[str], distilled: str | None = None) -> P
             _check_sampling(cfg, len(names), order, out)
         elif stage == "evaluate":
             _check_evaluation(cfg, counts, order, distilled, out)
+    if timed:
+        out.say(estimate(cfg, order, counts, channels))
     return out
 
 

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from diffdistill import distributed as dist
 from diffdistill.augment import color_jitter, cutmix, lighting, random_resized_crop
-from diffdistill.config import Config, EvalConfig, to_dict
+from diffdistill.config import Config, EvalConfig, epochs_for_ipc, to_dict
 from diffdistill.data.datasets import (
     ImageFiles,
     ImageSet,
@@ -52,15 +52,6 @@ BEST_LABEL = "best epoch, selected on the validation set (optimistic)"
 RECIPE_VERSION = 2
 # without the full-data baseline the train set is only listed; its normalization statistics come from a sample
 NORM_IMAGES_PER_CLASS = 10
-
-
-# (largest IPC, epochs): the recipe of the field's tables; above the last bound EPOCHS_ABOVE
-EPOCHS_BY_IPC = ((1, 3000), (10, 2000), (50, 1500), (200, 1000), (500, 500))
-EPOCHS_ABOVE = 300
-
-
-def epochs_for_ipc(ipc: int) -> int:
-    return next((epochs for bound, epochs in EPOCHS_BY_IPC if ipc <= bound), EPOCHS_ABOVE)
 
 
 def lr_milestones(epochs: int) -> list[int]:
