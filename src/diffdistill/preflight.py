@@ -80,7 +80,7 @@ def _writable(folder: Path) -> None:
                          "set out_dir to another place")
 
 
-def _seconds_per_call(fn: Callable[[], object], repeats: int = 3) -> float:
+def _seconds_per_call(fn: Callable[[], object], repeats: int = 2) -> float:
     fn()  # the first call pays for allocation and kernel selection
     t0 = time.perf_counter()
     for _ in range(repeats):
@@ -89,53 +89,70 @@ def _seconds_per_call(fn: Callable[[], object], repeats: int = 3) -> float:
 
 
 def estimate(cfg: Config, order: list[str], counts: dict[str, int], channels: int) -> str:
-    """Minutes per stage from a few timed steps of a fresh model of the planned size on the run's device (the
-    DiT for training and sampling, the first evaluation net for the classifiers); pixel-space runs only."""
+    """Minutes per stage from a few timed steps of fresh models of the planned size on the run's device: the
+    DiT (pixel space, trained here) for training and sampling, the first evaluation net for the classifiers.
+    Stages it cannot time are left out and said."""
+    import torch
+
+    from diffdistill.runtime import setup
+
+    device, classes, total = setup(cfg), len(counts), sum(counts.values())
+    minutes: dict[str, float] = {}
+    untimed = []
+    with torch.random.fork_rng(devices=[]):
+        dit_stages = [s for s in order if s in (*TRAINING_STAGES, "sample")]
+        if dit_stages and (cfg.autoencoder.kind != "identity" or any(
+                getattr(cfg, s).init not in (None, "pretrain") for s in TRAINING_STAGES if s in order)):
+            untimed += dit_stages  # a VAE or a loaded model: not built just to time it
+        elif dit_stages:
+            minutes.update(_dit_minutes(cfg, order, classes, channels, device))
+        if {"check", "evaluate"} & set(order):
+            per_image = _classifier_seconds(cfg, channels, classes, device)
+            if "check" in order:
+                minutes["check"] = cfg.evaluate.full_epochs * total * per_image / 60
+            if "evaluate" in order:
+                passes = sum((cfg.evaluate.epochs or epochs_for_ipc(ipc)) * ipc * classes * SETS_PER_IPC
+                             for ipc in eval_ipcs(cfg)) + (cfg.evaluate.full_epochs * total if cfg.evaluate.full else 0)
+                minutes["evaluate"] = passes * cfg.evaluate.seeds * len(cfg.evaluate.nets) * per_image / 60
+    parts = ", ".join(f"{s} ~{minutes[s]:.1f}" for s in order if s in minutes)
+    skipped = f" (not timed: {', '.join(untimed)}, a VAE or a loaded model)" if untimed else ""
+    return (f"time (from a few timed steps on {device.type}, minutes): {parts or 'nothing timed'}; "
+            f"total ~{sum(minutes.values()):.0f}{skipped}")
+
+
+def _dit_minutes(cfg: Config, order: list[str], classes: int, channels: int, device) -> dict[str, float]:
     import torch
 
     from diffdistill.autoencoders import IdentityAutoencoder
     from diffdistill.models.dit import build_dit
-    from diffdistill.runtime import setup
 
-    if cfg.autoencoder.kind != "identity" or any(getattr(cfg, s).init not in (None, "pretrain")
-                                                 for s in TRAINING_STAGES if s in order):
-        return "time: no estimate (only for a DiT trained here in pixel space)"
-    device, classes, total = setup(cfg), len(counts), sum(counts.values())
     latent = IdentityAutoencoder(cfg.autoencoder.unshuffle).latent_shape(channels, cfg.data.image_size)
-    with torch.random.fork_rng(devices=[]):
-        dit = build_dit(cfg.model.size, *latent[:2], classes, cfg.model.learn_sigma).to(device)
-        opt = torch.optim.AdamW(dit.parameters())
+    dit = build_dit(cfg.model.size, *latent[:2], classes, cfg.model.learn_sigma).to(device)
+    opt = torch.optim.AdamW(dit.parameters())
 
-        def dit_step(batch: int) -> None:
-            x = torch.randn(batch, *latent, device=device)
-            t, y = torch.randint(0, 1000, (batch,), device=device), torch.randint(0, classes, (batch,), device=device)
-            dit(x, timestep=t, class_labels=y).sample.float().square().mean().backward()
-            opt.step()
-            opt.zero_grad()
+    def step(batch: int) -> None:
+        x = torch.randn(batch, *latent, device=device)
+        t, y = torch.randint(0, 1000, (batch,), device=device), torch.randint(0, classes, (batch,), device=device)
+        dit(x, timestep=t, class_labels=y).sample.float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
 
-        minutes = {s: getattr(cfg, s).steps * _seconds_per_call(lambda s=s: dit_step(getattr(cfg, s).batch_size))
-                   / 60 for s in TRAINING_STAGES if s in order}
-        per_image_passes = _classifier_seconds(cfg, channels, classes, device)
-        jobs = [(epochs_for_ipc(ipc) if cfg.evaluate.epochs is None else cfg.evaluate.epochs) * ipc * classes * 2
-                for ipc in eval_ipcs(cfg)] + ([cfg.evaluate.full_epochs * total] if cfg.evaluate.full else [])
-        if "evaluate" in order:
-            minutes["evaluate"] = sum(jobs) * cfg.evaluate.seeds * len(cfg.evaluate.nets) * per_image_passes / 60
-        if "check" in order:
-            minutes["check"] = cfg.evaluate.full_epochs * total * per_image_passes / 60
-        if "sample" in order:
-            batch = min(cfg.sample.batch_size, max(cfg.sample.ipc) * classes)
-            with torch.no_grad():
-                forward = _seconds_per_call(lambda: dit(torch.randn(2 * batch, *latent, device=device),
-                                                        timestep=torch.zeros(2 * batch, device=device),
-                                                        class_labels=torch.zeros(2 * batch, dtype=torch.long,
-                                                                                 device=device)))
-            minutes["sample"] = forward * cfg.sample.steps * max(cfg.sample.ipc) * classes / batch / 60
-    parts = ", ".join(f"{s} ~{minutes[s]:.1f}" for s in order if s in minutes)
-    return f"time (from a few timed steps on {device.type}, minutes): {parts}; total ~{sum(minutes.values()):.0f}"
+    @torch.no_grad()
+    def guided_forward(batch: int) -> None:  # a guided sampling step runs the model on 2 × the batch
+        dit(torch.randn(2 * batch, *latent, device=device), timestep=torch.zeros(2 * batch, device=device),
+            class_labels=torch.zeros(2 * batch, dtype=torch.long, device=device))
+
+    out = {s: getattr(cfg, s).steps * _seconds_per_call(lambda s=s: step(getattr(cfg, s).batch_size)) / 60
+           for s in TRAINING_STAGES if s in order}
+    if "sample" in order:
+        images = max(cfg.sample.ipc) * classes
+        batch = min(cfg.sample.batch_size, images)
+        out["sample"] = _seconds_per_call(lambda: guided_forward(batch)) * cfg.sample.steps * -(-images // batch) / 60
+    return out
 
 
 def _classifier_seconds(cfg: Config, channels: int, classes: int, device) -> float:
-    """Seconds per image of a training pass of the first evaluation net (batch of evaluate.batch_size)."""
+    """Seconds per image of a training pass of the first evaluation net."""
     import torch
 
     from diffdistill.models.classifiers import build_classifier
