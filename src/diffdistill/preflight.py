@@ -2,7 +2,8 @@
 
 A mistake that would stop the run after hours of training (no val set, too few real images for an IPC,
 an init model that is not there, an output folder that cannot be written) fails here with one line, before
-any stage folder is created. Only listings are read: no image is decoded except the small built-in set.
+any stage folder is created. Only listings are read (and a few image headers for the channel count): no
+image is decoded except those of the small built-in set.
 """
 
 from __future__ import annotations
@@ -54,8 +55,13 @@ def _val_count(cfg: Config, names: list[str]) -> int | None:
     if data.val is None:
         raise StageError("data.val is not set: evaluation (and the generator check) scores on a folder of real "
                          "validation images with the same class subfolders; set data.val=DIR")
-    if data.val_labels is not None:
-        return None  # ImageNet's flat val layout: checked when it is read
+    if data.val_labels is not None:  # ImageNet's flat val layout: its contents are checked when it is read
+        if not Path(data.val).is_dir():
+            raise StageError(f"data.val: folder {data.val} does not exist")
+        if not Path(data.val_labels).is_file():
+            raise StageError(f"data.val_labels: file {data.val_labels} does not exist (one 'image wnid' per line, "
+                             "or ImageNet's LOC_val_solution.csv)")
+        return None
     files, _ = list_images(data.val, names, "data.val")
     return len(files)
 
