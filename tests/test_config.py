@@ -192,3 +192,9 @@ def test_samplers_that_would_return_noise_are_refused(overrides, expected):
         return
     with pytest.raises(ConfigError, match=re.escape(expected)):
         build_config({}, overrides)
+
+
+def test_no_builtin_set_needs_a_train_folder():
+    with pytest.raises(ConfigError, match="'data.train': expected a folder of class subfolders when data.builtin"):
+        build_config({}, ["data.builtin=null"])
+    assert build_config({}, ["data.builtin=null", "data.train=/some/folder"]).data.builtin is None

@@ -41,7 +41,7 @@ def _num(default: Any, check: dict) -> Any:
 
 @dataclass(frozen=True)
 class DataConfig:
-    builtin: Literal["digits"] = "digits"  # used when `train` is not set
+    builtin: Literal["digits"] | None = "digits"  # used when `train` is not set (null: `train` must be set)
     train: str | None = None  # folder of class subfolders of images
     val: str | None = None  # same layout; for digits a seeded split is used instead
     # ImageNet val layout: `val` is a flat folder and this file maps image -> wnid, one per line
@@ -251,6 +251,8 @@ _RELATIONS: tuple[tuple[str, typing.Callable[[Config], bool], str], ...] = (
     ("diffusion.beta_end", lambda c: c.diffusion.schedule != "linear" or c.diffusion.beta_start < c.diffusion.beta_end,
      "a number larger than diffusion.beta_start"),
     ("sample.steps", lambda c: c.sample.steps <= c.diffusion.train_steps, "at most diffusion.train_steps"),
+    ("data.train", lambda c: c.data.train is not None or c.data.builtin is not None,
+     "a folder of class subfolders when data.builtin is null"),
     ("sample.clip_denoised", lambda c: not c.sample.clip_denoised or (
         c.autoencoder.kind == "identity" and c.sample.scheduler != "dpm"),
      "false with a VAE's latents (unbounded) or the dpm sampler"),
