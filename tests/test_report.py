@@ -16,8 +16,8 @@ def summary(mean: float, std: float = 0.5) -> dict:
     return {"mean": mean, "std": std, "runs": runs, "best_epoch": {"mean": mean, "std": std, "runs": runs}}
 
 
-def overall(diversity: float, coverage: float) -> dict:
-    return {"overall": {"diversity": diversity, "precision": 1.0, "recall": 1.0, "density": 1.0,
+def overall(diversity: float, coverage: float, precision: float = 1.0) -> dict:
+    return {"overall": {"diversity": diversity, "precision": precision, "recall": 1.0, "density": 1.0,
                         "coverage": coverage, "mean_distance": 1.0}}
 
 
@@ -60,6 +60,15 @@ def test_samples_too_alike_are_named_when_fidelity_is_fine():
     close = {"ipc": {"10": {"distilled": overall(0.1, 0.33), "random_real": overall(0.103, 0.34)}}}
     (line,) = verdicts(results({"10": 94.0}, {"10": 94.4}, metrics=close))
     assert "No single cause" in line and "within the seed-to-seed spread" in line
+
+
+def test_samples_unlike_real_images_are_named_before_too_alike():
+    # glyphs, measured: more diverse than random real, but half of them outside the real images' k-NN balls
+    metrics = {"ipc": {"10": {"distilled": overall(0.109, 0.05, precision=0.46),
+                              "random_real": overall(0.091, 0.219)}}}
+    (line,) = verdicts(results({"10": 81.7}, {"10": 96.2}, fidelity=99.3, metrics=metrics))
+    assert "unlike real images (precision 0.46 vs 1.00 for random real images; fidelity 99.3 % is fine" in line
+    assert "too alike" not in line and "sample.guidance, now 2.0" in line
 
 
 def test_without_fidelity_the_line_says_what_is_missing():

@@ -73,6 +73,9 @@ def accuracy_table(results: dict) -> str:
 # the random-real subsets' at the same IPC
 FIDELITY_GOAL = 97.0
 TOO_ALIKE = 0.75
+# samples "unlike real images": precision (the share inside real images' k-NN balls) below this share of the
+# random-real subsets' — classifiable, but off the real images' manifold
+UNREALISTIC = 0.75
 
 
 def verdicts(results: dict) -> list[str]:
@@ -95,6 +98,8 @@ def verdicts(results: dict) -> list[str]:
         dm, rm = (m.get(k, {}).get("overall", {}) for k in ("distilled", "random_real"))
         alike = [f"{k} {dm[k]:.3f} vs {rm[k]:.3f}" for k in ("diversity", "coverage")
                  if dm.get(k) is not None and rm.get(k) and dm[k] < TOO_ALIKE * rm[k]]
+        unlike = dm.get("precision") is not None and rm.get("precision") and \
+            dm["precision"] < UNREALISTIC * rm["precision"]
         own = Path(results["data"]["distilled_set"]) == Path(cfg["out_dir"], cfg["name"], "samples")
         if not own:
             line += "The set was made elsewhere (--distilled): this run's generator settings do not apply to it."
@@ -104,6 +109,12 @@ def verdicts(results: dict) -> list[str]:
                      f"images are classified as their class (goal ≥ {FIDELITY_GOAL:.0f} %). Try: train longer "
                      f"({stage}.steps, now {cfg[stage]['steps']}) or a larger model (model.size, now "
                      f"{cfg['model']['size']}).")
+        elif unlike:
+            fine = f"; fidelity {fid['mean']:.1f} % is fine" if fid else ""
+            line += (f"Likely cause: the samples are unlike real images (precision {dm['precision']:.2f} vs "
+                     f"{rm['precision']:.2f} for random real images{fine}: recognisable, but oversaturated or with "
+                     f"artifacts). Try: lower guidance (sample.guidance, now {cfg['sample']['guidance']}) or more "
+                     f"pretraining (pretrain.steps, now {cfg['pretrain']['steps']}).")
         elif alike:
             fine = f"; fidelity {fid['mean']:.1f} % is fine" if fid else ""
             line += (f"Likely cause: the samples are too alike ({' and '.join(alike)} for random real images"
