@@ -1,6 +1,6 @@
-"""Every command the README shows is one the tool accepts: each is run with --dry-run (the whole preflight,
-nothing trained) on folders made here in place of the README's placeholder paths, and the shown outputs of
-`$ diffdistill ...` examples are what the tool prints."""
+"""Every command the README (and docs/*.md) shows is one the tool accepts: each is run with --dry-run (the
+whole preflight, nothing trained) on folders made here in place of the placeholder paths, and the shown
+outputs of `$ diffdistill ...` examples are what the tool prints."""
 
 import re
 import shlex
@@ -14,7 +14,9 @@ from diffdistill.cli import main
 from diffdistill.data.classes import PRESETS
 from diffdistill.stages.sweep import load_sweep
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]  # the README and the reference pages it links
 # errors that mean "valid, but needs an earlier stage of the same run first": fine for a command shown alone
 NEEDS_EARLIER_STAGE = "with this config first"
 
@@ -28,7 +30,7 @@ def commands() -> list[str]:
     `for X in ...` loops expanded; synopsis lines with {a,b}, [optional] or CONFIG placeholders left out).
     Blocks that show a command with its output (`$ diffdistill ...`) are checked by the next test."""
     found = []
-    for block in code_blocks(README.read_text()):
+    for block in (b for page in DOCS for b in code_blocks(page.read_text())):
         if block.startswith("$ "):
             continue
         variables, loop = {}, ("", [""])
