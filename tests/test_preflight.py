@@ -62,7 +62,7 @@ def test_dry_run_prints_the_plan_and_makes_nothing(folders, tmp_path, capsys):
     assert "auto: pretrain.steps = 2000" in out
     assert f"data: {folders}/train: 18 train images in 3 classes (6 per class), 16 px" in out
     assert "pretrain: 2000 steps of batch 64 (2000 epochs)" in out  # a batch larger than the set takes it all
-    assert "sample: 15 images (5 per class), ddpm 50 steps, guidance 4.0" in out
+    assert "sample: 15 images (5 per class), ddpm 50 steps, guidance 2.0" in out
     assert "evaluate: 15 classifier trainings (convnet3 × 3 seeds × IPC 1, 5" in out
     stages = [line.split(":")[0] for line in out.splitlines() if not line.startswith(("auto", "plan", " ", "time"))]
     assert stages == ["data", "pretrain", "check", "finetune", "sample", "evaluate"]  # in the order they run

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import yaml
 from helpers import make_shapes
 from PIL import Image
 
@@ -97,5 +98,5 @@ def test_a_stage_prints_and_records_the_chosen_values(tmp_path, capsys):
     assert "auto: model.size = small: 48 latent channels x 2x2 patch = 192 values per token" in out
     info = json.loads((tmp_path / "r" / "pretrain" / "run_info.json").read_text())
     assert set(info["auto"]) == {"autoencoder.unshuffle", "model.size"}
-    saved = (tmp_path / "r" / "pretrain" / "config.yaml").read_text()
-    assert "size: small" in saved and "unshuffle: 4" in saved and "auto" not in saved
+    saved = yaml.safe_load((tmp_path / "r" / "pretrain" / "config.yaml").read_text())
+    assert (saved["model"]["size"], saved["autoencoder"]["unshuffle"]) == ("small", 4)  # numbers, not auto
