@@ -39,6 +39,12 @@ def test_model_size_by_values_per_token(latent_channels, size):
     assert recipe.model_size(latent_channels)[0] == size
 
 
+def test_both_sizes_share_the_patch_the_rules_assume():
+    from diffdistill.models.dit import SIZES
+
+    assert SIZES[recipe.SIZE_NARROW]["patch_size"] == SIZES[recipe.SIZE_WIDE]["patch_size"] == recipe.PATCH
+
+
 def test_resolve_replaces_only_auto_keys_and_says_why():
     facts = recipe.DataFacts(images=2500, classes=10, image_size=32, channels=1)
     cfg = build_config({"pretrain": {"steps": "auto"}, "model": {"size": "auto"},
