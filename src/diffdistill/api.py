@@ -146,8 +146,8 @@ def sample(cfg: Config, force: bool = False, checked: bool = False) -> Result:
 
 
 def evaluate(cfg: Config, force: bool = False, distilled: str | None = None, checked: bool = False) -> Result:
-    """Score the run's samples, or the folder `distilled` (then in a run named after it unless the config's
-    name was set for it: see `scoring_config`), and write the report."""
+    """Score the run's samples, or the folder `distilled`, and write the report. To score a set made elsewhere
+    into a run of its own, as the command line does, pass `scoring_config(cfg, distilled)` as `cfg`."""
     from diffdistill.stages.evaluate import evaluate_stage
 
     if not checked:
