@@ -101,6 +101,8 @@ def verdicts(results: dict) -> list[str]:
         unlike = dm.get("precision") is not None and rm.get("precision") and \
             dm["precision"] < UNREALISTIC * rm["precision"]
         own = Path(results["data"]["distilled_set"]) == Path(cfg["out_dir"], cfg["name"], "samples")
+        fine = f"; fidelity {fid['mean']:.1f} % is fine" if fid else ""
+        guidance = f"lower guidance (sample.guidance, now {cfg['sample']['guidance']})"
         if not own:
             line += "The set was made elsewhere (--distilled): this run's generator settings do not apply to it."
         elif fid and fid["mean"] < FIDELITY_GOAL:
@@ -110,16 +112,14 @@ def verdicts(results: dict) -> list[str]:
                      f"({stage}.steps, now {cfg[stage]['steps']}) or a larger model (model.size, now "
                      f"{cfg['model']['size']}).")
         elif unlike:
-            fine = f"; fidelity {fid['mean']:.1f} % is fine" if fid else ""
             line += (f"Likely cause: the samples are unlike real images (precision {dm['precision']:.2f} vs "
                      f"{rm['precision']:.2f} for random real images{fine}: recognisable, but oversaturated or with "
-                     f"artifacts). Try: lower guidance (sample.guidance, now {cfg['sample']['guidance']}) or more "
-                     f"pretraining (pretrain.steps, now {cfg['pretrain']['steps']}).")
+                     f"artifacts). Try: {guidance} or more pretraining (pretrain.steps, now "
+                     f"{cfg['pretrain']['steps']}).")
         elif alike:
-            fine = f"; fidelity {fid['mean']:.1f} % is fine" if fid else ""
             line += (f"Likely cause: the samples are too alike ({' and '.join(alike)} for random real images"
-                     f"{fine}). Try: lower guidance (sample.guidance, now {cfg['sample']['guidance']}), a stronger "
-                     f"diversity term (finetune.memory.lambda_gen, now {cfg['finetune']['memory']['lambda_gen']}).")
+                     f"{fine}). Try: {guidance}, a stronger diversity term (finetune.memory.lambda_gen, now "
+                     f"{cfg['finetune']['memory']['lambda_gen']}).")
         elif fid is None:
             line += ("No cause can be read: fidelity and the diversity metrics need the full-data classifiers "
                      "(evaluate.full=true).")
