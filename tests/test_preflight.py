@@ -6,6 +6,7 @@ import pytest
 from helpers import make_shapes
 
 from diffdistill.cli import main
+from diffdistill.config import build_config
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +65,27 @@ def test_dry_run_prints_the_plan_and_makes_nothing(folders, tmp_path, capsys):
     assert "pretrain: 2000 steps of batch 64 (2000 epochs)" in out  # a batch larger than the set takes it all
     assert "sample: 15 images (5 per class), ddpm 50 steps, guidance 2.0" in out
     assert "evaluate: 15 classifier trainings (convnet3 × 3 seeds × IPC 1, 5" in out
-    stages = [line.split(":")[0] for line in out.splitlines() if not line.startswith(("auto", "plan", " ", "time"))]
+    stages = [line.split(":")[0] for line in out.splitlines()
+              if not line.startswith(("auto", "plan", " ", "time", "disk"))]
+    assert any(line.startswith("disk: about ") and line.endswith(" GB free") for line in out.splitlines())
     assert stages == ["data", "pretrain", "check", "finetune", "sample", "evaluate"]  # in the order they run
     (timed,) = [line for line in out.splitlines() if line.startswith("time (from a few timed steps on cpu")]
     minutes = dict(part.strip().split(" ~") for part in timed.split(": ", 1)[1].split(";")[0].split(","))
     assert list(minutes) == ["pretrain", "check", "finetune", "sample", "evaluate"]
     assert float(minutes["pretrain"]) > 0 and all(float(m) >= 0 for m in minutes.values())
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_plan_larger_than_the_free_disk_stops_before_training(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from diffdistill import preflight
+
+    free = shutil.disk_usage(tmp_path)._replace(free=10_000_000)  # 10 MB
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: free)
+    _fails_fast(["run", "configs/demo-digits.yaml"], "not enough disk space under", tmp_path, capsys)
+    # the demo's tiny DiT: 18 × 4 blocks × 128² ≈ 1.2 M parameters, × 4 bytes × (raw + EMA + 2 checkpoints × 4)
+    need = preflight.planned_bytes(build_config({}), ["pretrain"], 10, 1)
+    assert need == 4 * 18 * 4 * 128 * 128 * (2 + 4 * 2)
+    assert preflight.planned_bytes(build_config({"finetune": {"init": "facebook/DiT-XL-2-256"}}),
+                                   ["finetune"], 10, 3) is None  # a loaded model's size is not known here

@@ -9,6 +9,7 @@ image is decoded except those of the small built-in set.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -76,14 +77,36 @@ def _local_exists(spec: str | None, key: str) -> None:
                              ".pt file, or a hub id such as facebook/DiT-XL-2-256)")
 
 
-def _writable(folder: Path) -> None:
-    """The nearest existing folder above the run folder must be writable (nothing is created here)."""
+def _writable(folder: Path) -> Path:
+    """The nearest existing folder above the run folder, which must be writable (nothing is created here)."""
     probe = folder
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK):
         raise StageError(f"cannot write the output folder {folder}: {probe} is not a writable folder; "
                          "set out_dir to another place")
+    return probe
+
+
+def planned_bytes(cfg: Config, order: list[str], classes: int, channels: int) -> int | None:
+    """About how much the planned stages write into the run folder: per trained DiT its raw and EMA weights
+    plus `keep_checkpoints` checkpoints (weights, EMA, two AdamW moments), and the sampled PNGs (at most
+    raw size). None when the DiT is loaded from elsewhere (its size is not known without loading it)."""
+    from diffdistill.models.dit import SIZES
+
+    total = 0
+    training = [s for s in TRAINING_STAGES if s in order]
+    if training:
+        if any(getattr(cfg, s).init not in (None, "pretrain") for s in training) or cfg.model.size not in SIZES:
+            return None
+        spec = SIZES[cfg.model.size]
+        width = spec["num_attention_heads"] * spec["attention_head_dim"]
+        # per block: attention 4w², MLP 8w², adaLN-zero modulation 6w² (DiT-XL/2: 669 M of its 675 M)
+        params = 18 * spec["num_layers"] * width * width
+        total += sum(4 * params * (2 + 4 * getattr(cfg, s).keep_checkpoints) for s in training)
+    if "sample" in order:
+        total += max(cfg.sample.ipc) * classes * channels * cfg.data.image_size ** 2
+    return total
 
 
 def _seconds_per_call(fn: Callable[[], object], repeats: int = 2) -> float:
@@ -185,7 +208,7 @@ def check_plan(cfg: Config, order: list[str], distilled: str | None = None, time
     """Check `order` (stage names, as `runs.run_order` gives them) for `cfg`; one-line StageError on the first
     problem, else the plan described (`timed`: with a time estimate from a few timed steps)."""
     out = Preflight()
-    _writable(cfg.run_dir)
+    probe = _writable(cfg.run_dir)
     if cfg.autoencoder.kind == "kl":
         _local_exists(cfg.autoencoder.pretrained, "autoencoder.pretrained")
         _local_exists(cfg.autoencoder.decoder, "autoencoder.decoder")
@@ -210,6 +233,12 @@ def check_plan(cfg: Config, order: list[str], distilled: str | None = None, time
             _check_sampling(cfg, len(names), order, out)
         elif stage == "evaluate":
             _check_evaluation(cfg, counts, order, distilled, out)
+    need, free = planned_bytes(cfg, order, len(names), channels), shutil.disk_usage(probe).free
+    if need is not None and need > free:
+        raise StageError(f"not enough disk space under {probe}: the plan writes about {need / 1e9:.1f} GB (model "
+                         f"weights, checkpoints, samples), {free / 1e9:.1f} GB are free; free space or set out_dir")
+    out.say(f"disk: about {need / 1e6:.0f} MB planned, {free / 1e9:.0f} GB free" if need is not None
+            else f"disk: {free / 1e9:.0f} GB free (the size of a loaded model is not known here)")
     if timed:
         out.say(estimate(cfg, order, counts, channels))
     return out
