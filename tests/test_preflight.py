@@ -51,6 +51,7 @@ def test_run_checks_its_whole_plan_before_training(folders, tmp_path, capsys, ex
      "--distilled /no/such/set: no such folder"),
     (["evaluate", "configs/demo-digits.yaml"], "run `diffdistill sample` with this config first, or score"),
     (["sample", "configs/demo-digits.yaml"], "run `diffdistill finetune` with this config first"),
+    (["report", "runs/no-such-run"], "report: runs/no-such-run is neither a run folder nor a config file"),
 ])
 def test_a_single_stage_checks_what_it_needs(tmp_path, capsys, args, message):
     _fails_fast(args, message, tmp_path, capsys)

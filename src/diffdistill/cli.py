@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage == "report" and Path(args.config).is_dir():  # `diffdistill report RUN_DIR`
             api.report(args.config)
             return 0
+        if args.stage == "report" and not Path(args.config).is_file():
+            raise StageError(f"report: {args.config} is neither a run folder nor a config file (a run folder "
+                             "holds evaluate/results.json, e.g. runs/demo-digits)")
         overrides = args.overrides + (["evaluate.pool=true"] if getattr(args, "pool", False) else [])
         cfg = api.load_config(args.config, overrides)
         if args.distilled and not any(o.startswith("name=") for o in overrides):
