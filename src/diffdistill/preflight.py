@@ -11,13 +11,12 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffdistill.config import Config, epochs_for_ipc
-from diffdistill.data.datasets import data_classes, list_images, load_data, peek_channels
+from diffdistill.data.datasets import data_classes, list_images, train_counts
 from diffdistill.errors import StageError
 from diffdistill.runs import TRAINING_STAGES, stage_dir
 
@@ -33,20 +32,6 @@ class Preflight:
 
     def say(self, text: str) -> None:
         self.lines.append(text)
-
-
-def _counts(labels: list[int], names: list[str]) -> dict[str, int]:
-    per = Counter(labels)
-    return {name: per[c] for c, name in enumerate(names)}
-
-
-def _train_counts(cfg: Config, names: list[str]) -> tuple[dict[str, int], int]:
-    """Images per class of the train set, and its channel count (`data.channels`, else a peek)."""
-    if cfg.data.train is None:
-        train, _ = load_data(cfg.data, need_val=False)
-        return _counts(train.labels.tolist(), names), train.channels
-    files, labels = list_images(cfg.data.train, names, "data.train")
-    return _counts(labels, names), cfg.data.channels or peek_channels(files)
 
 
 def _val_count(cfg: Config, names: list[str]) -> int | None:
@@ -213,7 +198,7 @@ def check_plan(cfg: Config, order: list[str], distilled: str | None = None, time
         _local_exists(cfg.autoencoder.pretrained, "autoencoder.pretrained")
         _local_exists(cfg.autoencoder.decoder, "autoencoder.decoder")
     names = data_classes(cfg.data)
-    counts, channels = _train_counts(cfg, names)
+    counts, channels = train_counts(cfg.data)
     total = sum(counts.values())
     where = cfg.data.train or f"the built-in {cfg.data.builtin} set"
     lo, hi = min(counts.values()), max(counts.values())

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 from diffdistill.config import AUTO, Config, ConfigError
-from diffdistill.data.datasets import data_classes, list_images, load_data, peek_channels
+from diffdistill.data.datasets import train_counts
 from diffdistill.models.dit import SIZES
 
 # pretrain.steps: enough passes over the data and enough steps per class (the demo's 4,800 steps on 1,437
@@ -40,15 +40,8 @@ def has_auto(cfg: Config) -> bool:
 
 def data_facts(cfg: Config) -> DataFacts:
     """The numbers the auto rules read: listed, not decoded (channels: `data.channels`, else a peek)."""
-    data = cfg.data
-    if data.train is None:
-        train, _ = load_data(data, need_val=False)  # the built-in set is small: read it
-        images, classes, channels = len(train), len(train.classes), train.channels
-    else:
-        files, labels = list_images(data.train, data_classes(data))
-        images, classes = len(files), len(set(labels))
-        channels = data.channels or peek_channels(files)
-    return DataFacts(images, classes, data.image_size, channels)
+    counts, channels = train_counts(cfg.data)
+    return DataFacts(sum(counts.values()), len(counts), cfg.data.image_size, channels)
 
 
 def unshuffle_factor(image_size: int) -> tuple[int, str]:

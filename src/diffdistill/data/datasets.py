@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -301,6 +302,20 @@ def list_train(cfg: DataConfig, channels: int) -> ImageFiles:
     names = data_classes(cfg)
     files, labels = list_images(cfg.train, names)
     return ImageFiles(files, torch.tensor(labels, dtype=torch.long), names, Path(cfg.train), cfg.image_size, channels)
+
+
+def train_counts(cfg: DataConfig) -> tuple[dict[str, int], int]:
+    """Images per class of the train set, in class order, and its channel count (`data.channels`, else a peek
+    at a few files): listed, not decoded (the small built-in set is read)."""
+    names = data_classes(cfg)
+    if cfg.train is None:
+        train, _ = load_data(cfg, need_val=False)
+        labels, channels = train.labels.tolist(), train.channels
+    else:
+        files, labels = list_images(cfg.train, names, "data.train")
+        channels = cfg.channels or peek_channels(files)
+    per = Counter(labels)
+    return {name: per[c] for c, name in enumerate(names)}, channels
 
 
 def data_classes(cfg: DataConfig) -> list[str]:
