@@ -266,16 +266,16 @@ def run_jobs(plan: Plan) -> None:
     mine = [job for n, job in enumerate(plan.jobs) if n % dist.world_size() == dist.rank()]
     val_xy = plan.prepare(plan.val)
     syn_xy = plan.prepare(plan.syn) if plan.cfg.evaluate.full else None  # fidelity: full-data nets score it
-    reused = sum(plan.record(job) is not None for job in plan.jobs)
-    if reused and dist.is_main():
-        print(f"evaluate: {reused} of {len(plan.jobs)} classifier results are reused from "
+    saved = {job for job in plan.jobs if plan.record(job) is not None}  # each record read once
+    if saved and dist.is_main():
+        print(f"evaluate: {len(saved)} of {len(plan.jobs)} classifier results are reused from "
               f"{evaluate_jobs(plan.cfg.run_dir)}: each was made with the same data, set, recipe, seed and torch "
               "version, so training it again gives the same numbers; delete that folder to retrain them",
               flush=True)
     bar = progress(mine, desc="evaluate", unit="model", disable=not dist.is_main())
     for job in bar:
         bar.set_postfix_str("{} {} ipc={} seed={}".format(*job))
-        if plan.record(job) is not None:
+        if job in saved:
             continue
         record, model = _run_job(plan, job, val_xy, syn_xy)
         record["key"] = plan.key(job)
