@@ -145,8 +145,18 @@ DEFAULT_SPACING = {"ddpm": "linspace", "ddim": "leading", "dpm": "linspace"}
 
 
 @dataclass(frozen=True)
+class ModeGuidanceConfig:
+    """MGD³'s mode guidance: each image is pulled toward its own mode (a k-means centroid of its class's real
+    latents) during the first `stop` share of the sampling steps."""
+
+    scale: float = _num(0.0, NON_NEGATIVE)  # λ; 0: off (MGD³: 0.1)
+    stop: float = _num(0.5, PROBABILITY)  # share of the steps guided (MGD³: t_stop = 25 of 50)
+
+
+@dataclass(frozen=True)
 class SampleConfig:
-    ipc: tuple[int, ...] = _num((10,), IPC_LIST)  # the largest is generated; smaller IPCs are its per-class prefixes
+    # the largest is generated; smaller IPCs are its per-class prefixes (with modes, k = the largest IPC)
+    ipc: tuple[int, ...] = _num((10,), IPC_LIST)
     checkpoint: str = "finetune"  # "finetune", "pretrain", or a diffusers folder
     weights: Literal["ema", "raw"] = "ema"
     scheduler: Literal["ddpm", "ddim", "dpm"] = "ddpm"
@@ -161,6 +171,20 @@ class SampleConfig:
     # cosine schedule needs it where sampling starts at t = T − 1, whose ᾱ ≈ 2e-9 magnifies ε̂'s error 20,000×
     clip_denoised: bool = False
     batch_size: int = _num(64, POSITIVE)
+    mode_guidance: ModeGuidanceConfig = field(default_factory=ModeGuidanceConfig)
+    # noise: pure noise at t = T − 1; prototype (D4M-style, adapted): image i of a class starts from its class's
+    # i-th k-means prototype of the real latents, noised to `prototype_strength` of the schedule
+    start: Literal["noise", "prototype"] = "noise"
+    prototype_strength: float = _num(0.7, _check(lambda v: 0 < v <= 1, "a number in (0, 1]"))
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Real-image coreset baselines (`diffdistill compare`: random, herding, kcenter, kmeans)."""
+
+    # latents: the autoencoder's latents of the train images; features: penultimate features of the first
+    # evaluation net trained on the full real train set (seed 0)
+    space: Literal["latents", "features"] = "latents"
 
 
 @dataclass(frozen=True)
@@ -237,6 +261,7 @@ class Config:
     )
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(init="pretrain"))
     sample: SampleConfig = field(default_factory=SampleConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     # set by diffdistill.recipe, never by a file: (key, why) for each key that was auto (run_info.json)
     auto: tuple[tuple[str, str], ...] = field(default=(), metadata={"internal": True})

@@ -113,6 +113,22 @@ def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tens
 
 
 
+def mode_guided_eps(eps: Tensor, zt: Tensor, mode: Tensor, alpha_bar: Tensor | float, scale: float) -> Tensor:
+    """MGD³'s mode guidance in ε form: ε̂ − λ σ_t (m − x̂0), with σ_t = √(1 − ᾱ_t) and x̂0 = (z_t − σ_t ε̂) / √ᾱ_t
+    the step's predicted clean latent. The x̂0 of the result is x̂0 + λ σ_t² / √ᾱ_t · (m − x̂0): closer to the
+    mode m whenever 0 < λ σ_t² / √ᾱ_t < 2. All tensors [B, C, H, W]; `alpha_bar` = ᾱ_t (scalar or [B, 1, 1, 1])."""
+    a = torch.as_tensor(alpha_bar, dtype=eps.dtype, device=eps.device)
+    sigma = (1 - a).sqrt()
+    x0 = (zt - sigma * eps) / a.sqrt()
+    return eps - scale * sigma * (mode - x0)
+
+
+def noised_start(mode: Tensor, noise: Tensor, alpha_bar: Tensor | float) -> Tensor:
+    """√ᾱ_s m + √(1 − ᾱ_s) ε: a prototype noised to step s (D4M-style start)."""
+    a = torch.as_tensor(alpha_bar, dtype=mode.dtype, device=mode.device)
+    return a.sqrt() * mode + (1 - a).sqrt() * noise
+
+
 def make_scheduler(name: str, betas: Tensor, learned_sigma: bool = False, spacing: str | None = None,
                    ddpm_variance: str = "fixed_large", clip: float | None = None):
     """A diffusers sampler over the training betas (epsilon prediction; x̂0 clipped to [−clip, clip] by ddpm and

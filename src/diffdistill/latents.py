@@ -171,6 +171,40 @@ def latent_source(cfg: Config, tcfg: TrainConfig,
     return ImageLatents(data, ae, cfg.data.hflip), ae.latent_shape(data.channels, cfg.data.image_size)
 
 
+class RealLatents:
+    """The scaled posterior means [n_c, C, H, W] of one class's train images (no mirrors), for coreset
+    selection and the modes of mode guidance: read from the latent cache when a complete one exists for
+    this config, else encoded here (the autoencoder on the images, batch by batch)."""
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        self.device = device
+        folder = cache_dir(cfg)
+        if (folder / MANIFEST).is_file():
+            self.cache: LatentCache | None = LatentCache(folder)
+            self.scale = cfg.autoencoder.scaling_factor or self.cache.manifest["scaling_factor"]
+            self.labels, self.source = self.cache.labels, f"latent cache {folder}"
+        else:
+            self.cache = None
+            self.data, _ = load_data(cfg.data, need_val=False)
+            self.ae = build_autoencoder(cfg.autoencoder).to(device)
+            self.labels, self.source = self.data.labels, "the train images, encoded"
+
+    def indices(self, c: int) -> Tensor:
+        """Rows of class `c` in the train set's order (the order of its images in data.train)."""
+        return (self.labels == c).nonzero().squeeze(1)
+
+    @torch.no_grad()
+    def of_class(self, c: int, batch: int = 64) -> Tensor:
+        idx = self.indices(c)
+        if self.cache is not None:
+            return self.cache.moments(idx)[0].to(self.device) * self.scale
+        parts = []
+        for k in range(0, len(idx), batch):
+            x = self.data.images[idx[k : k + batch]].to(self.device).float().div_(127.5).sub_(1)  # [b, C, H, W]
+            parts.append(self.ae.moments(x)[0].float() * self.ae.scaling_factor)
+        return torch.cat(parts)
+
+
 class BatchOrder:
     """Endless shuffled epochs of indices; the last partial batch of an epoch is dropped if n > batch.
 

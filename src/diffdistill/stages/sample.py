@@ -21,13 +21,15 @@ from diffdistill.autoencoders import build_decoder
 from diffdistill.config import DEFAULT_SPACING, Config, SampleConfig, to_dict
 from diffdistill.data.classes import condition_ids
 from diffdistill.data.datasets import data_classes, to_uint8
-from diffdistill.diffusion import NoiseSchedule, make_scheduler
+from diffdistill.diffusion import NoiseSchedule, make_scheduler, mode_guided_eps, noised_start
 from diffdistill.errors import StageError
 from diffdistill.files import atomic_write_bytes, atomic_write_json, check_output_free, replace_dir
+from diffdistill.latents import RealLatents, cache_key
 from diffdistill.models.dit import eps_prediction, learns_sigma, load_dit, null_class
 from diffdistill.progress import progress
 from diffdistill.runs import model_source, samples_partial, stage_dir
 from diffdistill.runtime import autocast, derive_seed, setup, write_run_info
+from diffdistill.select import kmeans
 
 
 def image_file(class_name: str, index: int) -> str:
@@ -42,13 +44,22 @@ def guided_eps(eps_cond: Tensor, eps_uncond: Tensor, scale: float, channels: int
     return torch.cat([guided[:, :channels], eps_cond[:, channels:]], dim=1)
 
 
+def start_step(steps: int, scfg: SampleConfig) -> int:
+    """Index of the first sampling step run: 0 from noise; with a prototype start the last
+    round(steps × prototype_strength) steps (at least one) are run, as img2img pipelines do."""
+    if scfg.start == "noise":
+        return 0
+    return steps - max(1, round(steps * scfg.prototype_strength))
+
+
 @torch.no_grad()
 def sample_latents(model, scfg: SampleConfig, betas: Tensor, labels: Tensor, generators: list[torch.Generator],
                    latent_shape: tuple[int, int, int], device: torch.device, precision: str = "fp32",
-                   data_range: float = 1.0) -> Tensor:
+                   data_range: float = 1.0, modes: Tensor | None = None) -> Tensor:
     """Latents [B, C, H, W] for model labels `labels` [B], one generator per image. A learned-sigma model's
     variance (of the conditional half, as in DiT) drives DDPM's noise; other samplers use ε̂ only.
-    `sample.clip_denoised` clips x̂0 to [−data_range, data_range]."""
+    `sample.clip_denoised` clips x̂0 to [−data_range, data_range]. `modes` [B, C, H, W] (each image's own
+    mode) are needed by mode guidance and the prototype start."""
     from diffusers.utils.torch_utils import randn_tensor
 
     channels = latent_shape[0]
@@ -56,12 +67,23 @@ def sample_latents(model, scfg: SampleConfig, betas: Tensor, labels: Tensor, gen
     scheduler = make_scheduler(scfg.scheduler, betas, learned, scfg.timestep_spacing, scfg.ddpm_variance,
                                data_range if scfg.clip_denoised else None)
     scheduler.set_timesteps(scfg.steps)
+    alpha_bar = torch.cumprod(1 - betas.double(), 0).float()  # ᾱ_t [T]
+    first = start_step(len(scheduler.timesteps), scfg)
+    timesteps = scheduler.timesteps[first:]
+    if first and hasattr(scheduler, "set_begin_index"):  # multistep solvers count their steps from here
+        scheduler.set_begin_index(first)
+    guided = round(len(timesteps) * scfg.mode_guidance.stop) if scfg.mode_guidance.scale > 0 else 0
+    if (guided or first) and modes is None:
+        raise ValueError("mode guidance and the prototype start need each image's mode")
     b = labels.shape[0]
     x = randn_tensor((b, *latent_shape), generator=generators, device=torch.device("cpu")).to(device)
-    x = x * scheduler.init_noise_sigma
+    if first:  # [B, C, H, W] prototypes noised to the first step run
+        x = noised_start(modes.to(device), x, alpha_bar[int(timesteps[0])])
+    else:
+        x = x * scheduler.init_noise_sigma
     guide = scfg.guidance != 1.0
     y = torch.cat([labels, torch.full_like(labels, null_class(model))]) if guide else labels
-    for t in scheduler.timesteps:
+    for i, t in enumerate(timesteps):
         x_in = scheduler.scale_model_input(x, t)
         x_in = torch.cat([x_in, x_in]) if guide else x_in
         with autocast(device, precision):
@@ -70,19 +92,49 @@ def sample_latents(model, scfg: SampleConfig, betas: Tensor, labels: Tensor, gen
         eps, var = eps_prediction(out, channels), out[:b, channels:]
         if guide:
             eps = guided_eps(*eps.chunk(2), scfg.guidance, scfg.guidance_channels)
+        if i < guided:  # stop guidance: the last steps run unguided
+            eps = mode_guided_eps(eps, x, modes.to(device), alpha_bar[int(t)], scfg.mode_guidance.scale)
         x = scheduler.step(torch.cat([eps, var], 1) if learned else eps, t, x, generator=generators).prev_sample
     return x
 
 
 def sample_images(model, decoder, cfg: Config, labels: Tensor, generators: list[torch.Generator],
-                  device: torch.device) -> Tensor:
+                  device: torch.device, modes: Tensor | None = None) -> Tensor:
     """uint8 images [B, C, H, W] on the CPU for model labels `labels` [B] with the run's sampler, decoded."""
     latent_shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
     betas = NoiseSchedule.from_config(cfg.diffusion).betas
     # pixel space: images in [−1, 1] times the identity autoencoder's scaling factor
     z = sample_latents(model, cfg.sample, betas, labels, generators, latent_shape, device, cfg.precision,
-                       cfg.autoencoder.scaling_factor or 1.0)
+                       cfg.autoencoder.scaling_factor or 1.0, modes)
     return to_uint8(decoder.decode(z)).cpu()
+
+
+def needs_modes(scfg: SampleConfig) -> bool:
+    return scfg.mode_guidance.scale > 0 or scfg.start == "prototype"
+
+
+class Modes:
+    """Per class the k-means centroids (k = the IPC made, k-means++ start seeded by (seed, class)) of its
+    real latents; image i of a class gets mode i. Computed when a batch first needs the class."""
+
+    def __init__(self, cfg: Config, classes: list[str], k: int, device: torch.device) -> None:
+        self.real, self.cfg, self.classes, self.k = RealLatents(cfg, device), cfg, classes, k
+        self.cached: dict[int, Tensor] = {}
+
+    def of_class(self, c: int) -> Tensor:
+        if c not in self.cached:
+            z = self.real.of_class(c)  # [n, C, H, W]
+            if len(z) < self.k:
+                raise StageError(f"sample: class {self.classes[c]} has {len(z)} real images; {self.k} modes "
+                                 f"(IPC {self.k}) need at least {self.k}")
+            centroids, _ = kmeans(z.flatten(1), self.k, derive_seed(self.cfg.seed, "modes", self.classes[c]))
+            if len(self.cached) > 1:  # batches run class by class: keep the last two
+                self.cached.pop(next(iter(self.cached)))
+            self.cached[c] = centroids.view(self.k, *z.shape[1:])  # [k, C, H, W]
+        return self.cached[c]
+
+    def batch(self, jobs: list[tuple[int, int]]) -> Tensor:
+        return torch.stack([self.of_class(c)[i] for c, i in jobs])  # [B, C, H, W]
 
 
 def sample_stage(cfg: Config, force: bool = False) -> Path:
@@ -105,11 +157,14 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
     spec = {"checkpoint": source, "checkpoint_files": _fingerprint(source), "sample": full["sample"],
             "seed": cfg.seed, "classes": classes, "class_ids": cfg.model.class_ids,
             "autoencoder": full["autoencoder"], "diffusion": full["diffusion"], "precision": cfg.precision}
+    if needs_modes(scfg):  # the modes come from the real train set: another set, other images
+        spec["modes_from"] = cache_key(cfg)
     if dist.is_main():
         _open_work_dir(work, spec, classes)
     dist.barrier()
     model = load_dit(source, key="sample.checkpoint").to(device).eval()
     ae = build_decoder(cfg.autoencoder).to(device)
+    modes = Modes(cfg, classes, ipc, device) if needs_modes(scfg) else None
     jobs = [(c, i) for c in range(len(classes)) for i in range(ipc)]
     seeds = {job: derive_seed(cfg.seed, "sample", classes[job[0]], job[1]) for job in jobs}
     batches = [jobs[k : k + scfg.batch_size] for k in range(0, len(jobs), scfg.batch_size)]
@@ -118,7 +173,8 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
     bar = progress(total=sum(map(len, mine)), desc="sample", unit="img", disable=not dist.is_main())
     for batch in mine:
         generators = [torch.Generator().manual_seed(seeds[job]) for job in batch]
-        images = sample_images(model, ae, cfg, torch.tensor([cond[c] for c, _ in batch]), generators, device)
+        images = sample_images(model, ae, cfg, torch.tensor([cond[c] for c, _ in batch]), generators, device,
+                               modes.batch(batch) if modes else None)
         for (c, i), img in zip(batch, images):
             arr = img.permute(1, 2, 0).numpy()
             _save_png(arr[..., 0] if arr.shape[-1] == 1 else arr, work / image_file(classes[c], i))
@@ -136,7 +192,11 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
             "sampler": {"scheduler": scfg.scheduler, "steps": scfg.steps, "guidance": scfg.guidance,
                         "guidance_channels": scfg.guidance_channels, "ddpm_variance": scfg.ddpm_variance,
                         "timestep_spacing": scfg.timestep_spacing or DEFAULT_SPACING[scfg.scheduler],
-                        "clip_denoised": scfg.clip_denoised, "learned_sigma": learns_sigma(model)},
+                        "clip_denoised": scfg.clip_denoised, "learned_sigma": learns_sigma(model),
+                        "mode_guidance": full["sample"]["mode_guidance"], "start": scfg.start,
+                        "prototype_strength": scfg.prototype_strength,
+                        "modes": f"k-means (k = {ipc}) of each class's real latents ({modes.real.source})"
+                        if modes else None},
             "images": records,
         })
         (work / SPEC_FILE).unlink()

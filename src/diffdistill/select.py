@@ -1,0 +1,119 @@
+"""Pure: pick k representative points of a class from its feature rows (coreset baselines and the modes of
+mode guidance / prototype starts). Euclidean distance; ties go to the lowest index.
+
+- `herding` (Welling 2009, as in iCaRL): greedy without repeats; each step adds the point that brings the
+  mean of the chosen points closest to the mean of all points.
+- `kcenter`: greedy k-center; first the point nearest the mean, then each step the point farthest from its
+  nearest chosen point.
+- `kmeans`: Lloyd's algorithm from a seeded k-means++ start; `nearest` maps centroids to real points.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+def _check(x: Tensor, k: int) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"expected points [N, D], got shape {tuple(x.shape)}")
+    if not 1 <= k <= x.shape[0]:
+        raise ValueError(f"k = {k} points requested from {x.shape[0]}")
+
+
+def _argmin(values: Tensor) -> int:
+    """Index of the smallest value; the lowest index among exact ties (torch.argmin does not promise it)."""
+    return int((values == values.min()).nonzero()[0, 0])
+
+
+def herding(x: Tensor, k: int) -> Tensor:
+    """Indices [k] of x [N, D] in selection order."""
+    _check(x, k)
+    x = x.double()
+    mu = x.mean(0)  # [D]
+    chosen: list[int] = []
+    total = torch.zeros_like(mu)
+    taken = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    for step in range(1, k + 1):
+        # distance of the new mean (total + x_i) / step to mu, for every candidate i
+        dist = ((total + x) / step - mu).pow(2).sum(1).masked_fill(taken, float("inf"))  # [N]
+        i = _argmin(dist)
+        chosen.append(i)
+        taken[i] = True
+        total += x[i]
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+def kcenter(x: Tensor, k: int) -> Tensor:
+    """Indices [k] of x [N, D] in selection order."""
+    _check(x, k)
+    x = x.double()
+    first = _argmin((x - x.mean(0)).pow(2).sum(1))
+    chosen = [first]
+    nearest = (x - x[first]).pow(2).sum(1)  # [N] squared distance to the nearest chosen point
+    for _ in range(k - 1):
+        i = _argmin(-nearest)  # farthest point; lowest index among ties
+        chosen.append(i)
+        nearest = torch.minimum(nearest, (x - x[i]).pow(2).sum(1))
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+def kmeans(x: Tensor, k: int, seed: int, iters: int = 100) -> tuple[Tensor, Tensor]:
+    """(centroids [k, D], assignment [N]) of x [N, D]: k-means++ start drawn from `seed`, then Lloyd
+    iterations until the assignment stops changing (at most `iters`). Runs on x's device; an empty cluster
+    keeps its centroid."""
+    _check(x, k)
+    gen = torch.Generator().manual_seed(seed)
+    xf = x.float()
+    n = xf.shape[0]
+    first = int(torch.randint(n, (1,), generator=gen))
+    centroids = [xf[first]]
+    d2 = (xf - xf[first]).pow(2).sum(1)  # [N]
+    for _ in range(k - 1):
+        weights = d2.clamp_min(0).double().cpu()
+        # all remaining points coincide with a centroid: take the lowest-index unused one
+        i = int(torch.multinomial(weights, 1, generator=gen)) if weights.sum() > 0 else _argmin(-d2)
+        centroids.append(xf[i])
+        d2 = torch.minimum(d2, (xf - xf[i]).pow(2).sum(1))
+    c = torch.stack(centroids)  # [k, D]
+    assign = torch.full((n,), -1, dtype=torch.long, device=xf.device)
+    for _ in range(iters):
+        new = torch.cdist(xf, c).argmin(1)  # [N]
+        if torch.equal(new, assign):
+            break
+        assign = new
+        counts = torch.bincount(assign, minlength=k).to(xf.dtype)  # [k]
+        sums = torch.zeros_like(c).index_add_(0, assign, xf)  # [k, D]
+        c = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], c)
+    return c, assign
+
+
+def nearest(x: Tensor, centroids: Tensor) -> Tensor:
+    """For each centroid [k, D] the index of its nearest point of x [N, D] (ties: lowest index); a point
+    already taken by an earlier centroid is skipped, so the k indices are distinct."""
+    d = torch.cdist(centroids.double(), x.double())  # [k, N]
+    taken = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    out = []
+    for row in d:
+        i = _argmin(row.masked_fill(taken, float("inf")))
+        out.append(i)
+        taken[i] = True
+    return torch.tensor(out, dtype=torch.long)
+
+
+def _random(x: Tensor, k: int, seed: int) -> Tensor:
+    _check(x, k)
+    return torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:k]
+
+
+# name -> (points [N, D], k, seed) -> k distinct row indices
+SELECTORS: dict[str, Callable[[Tensor, int, int], Tensor]] = {
+    "random": _random,
+    "herding": lambda x, k, seed: herding(x, k),
+    "kcenter": lambda x, k, seed: kcenter(x, k),
+    "kmeans": lambda x, k, seed: nearest(x, kmeans(x, k, seed)[0]),
+}
+# selections whose first k of a larger selection are the selection for k (one set serves every IPC)
+PREFIX_STABLE = ("herding", "kcenter")

@@ -1,0 +1,61 @@
+"""Coreset selection on hand-made point sets whose answers are worked out in the comments."""
+
+import pytest
+import torch
+
+from diffdistill.select import SELECTORS, herding, kcenter, kmeans, nearest
+
+LINE = torch.tensor([[0.0], [1.0], [2.0], [10.0]])  # mean 3.25
+
+
+def test_herding_follows_the_running_mean():
+    # step 1: |x - 3.25| smallest at x=2; step 2: (2 + x)/2 nearest 3.25 wants x=4.5 -> 1 (1.5 off) beats
+    # 0 (2.25) and 10 (2.75); step 3: (3 + x)/3 wants 6.75 -> 10 (4.33, 1.08 off) beats 0 (1.0, 2.25 off)
+    assert herding(LINE, 3).tolist() == [2, 1, 3]
+    assert herding(LINE, 4).tolist() == [2, 1, 3, 0]  # without repeats
+
+
+def test_kcenter_starts_at_the_mean_then_takes_the_farthest():
+    # first: nearest the mean 3.25 -> 2; farthest from {2}: 10; then distances to {2, 10}: 0 -> 2, 1 -> 1
+    assert kcenter(LINE, 3).tolist() == [2, 3, 0]
+
+
+def test_ties_go_to_the_lowest_index():
+    sym = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.0, 3.0], [0.0, -3.0]])  # mean 0; pairs equally far
+    assert herding(sym, 1).tolist() == [0]
+    # first: (−1, 0) and (1, 0) are both 1 from the mean -> 0; then (0, 3) and (0, −3) are both √10 from it
+    # (farther than (1, 0) at 2) -> 2
+    assert kcenter(sym, 2).tolist() == [0, 2]
+
+
+def test_kmeans_finds_two_separated_clusters_and_is_seeded():
+    x = torch.tensor([[0.0], [1.0], [2.0], [8.0], [12.0]])
+    c, assign = kmeans(x, 2, seed=3)
+    assert sorted(c.squeeze(1).tolist()) == [1.0, 10.0]
+    assert assign[:3].unique().numel() == 1 and assign[3:].unique().numel() == 1 and assign[0] != assign[3]
+    c2, assign2 = kmeans(x, 2, seed=3)
+    assert torch.equal(c, c2) and torch.equal(assign, assign2)
+    # the real point nearest each centroid: 1 (index 1); 8 and 12 are both 2 from 10 -> the lower index, 3
+    picks = nearest(x, c)
+    assert sorted(picks.tolist()) == [1, 3]
+
+
+def test_kmeans_with_k_equal_n_returns_every_point():
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    c, assign = kmeans(x, 6, seed=0)
+    assert sorted(assign.tolist()) == list(range(6))
+    assert sorted(nearest(x, c).tolist()) == list(range(6))
+
+
+def test_every_selector_returns_k_distinct_rows():
+    x = torch.randn(40, 5, generator=torch.Generator().manual_seed(1))
+    for name, fn in SELECTORS.items():
+        idx = fn(x, 7, 0)
+        assert idx.dtype == torch.long and len(set(idx.tolist())) == 7, name
+
+
+@pytest.mark.parametrize("fn", [lambda x, k: herding(x, k), lambda x, k: kcenter(x, k),
+                                lambda x, k: kmeans(x, k, 0)])
+def test_asking_for_more_points_than_there_are_fails(fn):
+    with pytest.raises(ValueError, match="k = 5 points requested from 4"):
+        fn(LINE, 5)
