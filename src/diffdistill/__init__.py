@@ -10,7 +10,7 @@ loads nothing heavy).
 __version__ = "0.1.0"
 
 API = ("load_config", "plan", "run", "prepare", "pretrain", "check", "finetune", "sample", "evaluate", "report",
-       "sweep", "scoring_config", "Result")
+       "sweep", "compare", "scoring_config", "Result")
 __all__ = ["__version__", *API]
 
 

@@ -215,6 +215,18 @@ def sweep(path: str | Path, overrides: Sequence[str] = (), vary: Sequence[str] =
     return run_sweep(load_sweep(str(path), list(overrides), list(vary), list(seeds) if seeds else None))
 
 
+def compare(config: str | Path, methods: str | Sequence[str], seeds: Sequence[int] | None = None,
+            overrides: Sequence[str] = ()) -> Path:
+    """Methods side by side under one evaluation protocol (`stages.compare.METHODS`; a list or "a,b,c"), over
+    `seeds` (default: the config's); returns the folder with compare.csv, compare.md and compare.png."""
+    from diffdistill.stages.compare import parse_methods, run_compare
+
+    names = parse_methods(methods if isinstance(methods, str) else ",".join(methods))
+    if seeds is None:
+        seeds = [_read_config(config, overrides).seed]
+    return run_compare(config, names, list(seeds), list(overrides))
+
+
 def clock(seconds: float) -> str:
     minutes, sec = divmod(round(seconds), 60)
     return f"{minutes} min {sec} s" if minutes else f"{sec} s"

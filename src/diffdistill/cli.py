@@ -23,6 +23,8 @@ STAGE_HELP = {
     "evaluate": "train small classifiers on the distilled set, random-real subsets and the full data",
     "report": "write results.json, report.md and PNGs at the top of the run folder (CONFIG or the run folder)",
     "sweep": "many runs over config values × seeds (a sweep file, or CONFIG --vary KEY=V1,V2): one CSV and a plot",
+    "compare": "ways of making the small set side by side under one protocol (--methods random,herding,kcenter,"
+               "kmeans,dit,mgd3,d4m,none,minimax,adaptive): compare.csv, compare.md and a plot",
     "run": "every stage in order: prepare (if a training stage reads the cache), pretrain (if steps > 0), "
            "check (after pretrain, if pretrain.check_images > 0), finetune (if steps > 0), sample, evaluate, report",
 }
@@ -48,11 +50,17 @@ def main(argv: list[str] | None = None) -> int:
         if name in ("evaluate", "run"):
             p.add_argument("--pool", action="store_true",
                            help="draw IPC images per class at random (seeded) from a larger set (evaluate.pool=true)")
+        if name in ("sweep", "compare"):
+            p.add_argument("--seeds", metavar="S1,S2", help="the run seeds (default: the file's, or 0)"
+                           if name == "sweep" else "the run seeds of every method (default: the config's seed)")
+        if name == "compare":
+            p.add_argument("--methods", required=True, metavar="M1,M2",
+                           help="methods separated by commas: random, herding, kcenter, kmeans (real images); dit, "
+                                "mgd3, d4m (the pretrained DiT, training-free); none, minimax, adaptive (fine-tuned)")
         if name == "sweep":
             p.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
                            help="sweep KEY over these values, the other keys at the config's (repeatable)")
-            p.add_argument("--seeds", metavar="S1,S2", help="the run seeds of every point (default: the file's, or 0)")
-        if name not in ("report", "sweep"):
+        if name not in ("report", "sweep", "compare"):
             p.add_argument("--dry-run", action="store_true",
                            help="check the whole plan (data, IPC, models, outputs) and print it; train nothing")
         if name == "evaluate":
@@ -72,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
             root = api.sweep(args.config, args.overrides, args.vary, parse_seeds(args.seeds))
             say((root / "summary.md").read_text())
             say(f"sweep: {root / 'sweep.csv'}, {root / 'sweep.png'}")
+            return 0
+        if args.stage == "compare":
+            from diffdistill.stages.sweep import parse_seeds
+
+            root = api.compare(args.config, args.methods, parse_seeds(args.seeds), args.overrides)
+            say((root / "compare.md").read_text())
+            say(f"compare: {root / 'compare.csv'}, {root / 'compare.png'}")
             return 0
         if args.stage == "report" and Path(args.config).is_dir():  # `diffdistill report RUN_DIR`
             api.report(args.config)

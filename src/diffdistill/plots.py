@@ -185,3 +185,31 @@ def fig4_plot(summary: list[dict], x_label: str, default_x: float | None) -> byt
         ax.set_title(f"{net}, IPC {ipc}")
         ax.legend(fontsize=7)
     return figure_png(fig)
+
+
+def compare_plot(summary: list[dict]) -> bytes:
+    """One panel per net: accuracy against IPC, one line per method (mean over seeds, min–max band);
+    random real images dotted black."""
+    plt = pyplot()
+    nets = sorted({e["net"] for e in summary})
+    fig, axes = plt.subplots(1, len(nets), figsize=(6 * len(nets), 4), squeeze=False)
+    for ax, net in zip(axes[0], nets):
+        methods = list(dict.fromkeys(e["method"] for e in summary if e["net"] == net))
+        for method in methods:
+            es = sorted((e for e in summary if e["net"] == net and e["method"] == method and "accuracy" in e),
+                        key=lambda e: e["ipc"])
+            xs = [e["ipc"] for e in es]
+            style = {"color": "black", "ls": ":"} if method == "random" else {}
+            line = ax.plot(xs, [e["accuracy"][0] for e in es], marker="o", label=method, **style)[0]
+            ax.fill_between(xs, [e["accuracy"][2] for e in es], [e["accuracy"][3] for e in es], alpha=0.15,
+                            color=line.get_color())
+        ipcs = sorted({e["ipc"] for e in summary})
+        if len(ipcs) > 1 and ipcs[-1] / ipcs[0] >= 5:
+            ax.set_xscale("log")
+        ax.set_xticks(ipcs, [str(i) for i in ipcs])
+        ax.set_xlabel("images per class (IPC)")
+        ax.set_ylabel("accuracy on real val images (%)")
+        ax.set_title(net)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return figure_png(fig)

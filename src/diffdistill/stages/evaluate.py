@@ -48,8 +48,10 @@ from diffdistill.runtime import derive_seed, setup, write_run_info
 
 BEST_LABEL = "best epoch, selected on the validation set (optimistic)"
 # part of every job record's key: bump when the protocol's arithmetic changes, so old records are not reused
-# (2: sets held as uint8 at the classifier size, resized sets rounded to uint8)
-RECIPE_VERSION = 2
+# (2: sets held as uint8 at the classifier size, resized sets rounded to uint8; 3: baselines keyed without the
+# distilled set, every full-data net's weights kept, fidelity scored from them)
+RECIPE_VERSION = 3
+BASELINES = ("random_real", "full")  # jobs that do not depend on the distilled set: shareable between sets
 # without the full-data baseline the train set is only listed; its normalization statistics come from a sample
 NORM_IMAGES_PER_CLASS = 10
 
@@ -183,29 +185,42 @@ class Plan:
     ipcs: list[int]
     jobs: list[Job]
     key_parts: dict  # everything besides the job itself that determines a job's result
+    baselines_dir: Path  # where random-real and full-data records live (shared by `compare`'s methods)
 
     def prepare(self, s: ImageSet) -> tuple[Tensor, Tensor]:
         return on_device(s, self.size, self.device)
 
     def job_file(self, job: Job) -> Path:
         net, kind, ipc, s = job
-        return evaluate_jobs(self.cfg.run_dir) / f"{net}_{kind}_ipc{ipc}_seed{s}.json"
+        folder = self.baselines_dir if kind in BASELINES else evaluate_jobs(self.cfg.run_dir)
+        return folder / f"{net}_{kind}_ipc{ipc}_seed{s}.json"
 
     def record(self, job: Job) -> dict | None:
         """The saved result of `job` if it was made with everything this plan would use, else None."""
         file = self.job_file(job)
         record = json.loads(file.read_text()) if file.is_file() else None
-        if job[1] == "full" and job[3] == 0 and not file.with_suffix(".safetensors").is_file():
-            return None  # the feature extractor of the metrics is kept beside this record
+        if job[1] == "full" and not file.with_suffix(".safetensors").is_file():
+            return None  # fidelity and the metrics' features come from the weights kept beside the record
         return record if record is not None and record.get("key") == self.key(job) else None
 
     def key(self, job: Job) -> int:
-        return derive_seed(json.dumps({**self.key_parts, "job": list(job)}, sort_keys=True))
+        parts = {k: v for k, v in self.key_parts.items() if not (job[1] in BASELINES and k == "distilled")}
+        return derive_seed(json.dumps({**parts, "job": list(job)}, sort_keys=True))
+
+    def full_model(self, net: str, s: int) -> torch.nn.Module:
+        """The full-data classifier of (net, seed index s), from its saved weights."""
+        x = self.val.images
+        model = build_classifier(net, x.shape[1], len(self.names), self.size, self.cfg.evaluate.width,
+                                 self.cfg.evaluate.norm)
+        model.load_state_dict(load_file(str(self.job_file((net, "full", None, s)).with_suffix(".safetensors"))))
+        return model.to(self.device)
 
 
-def evaluate_stage(cfg: Config, force: bool = False, distilled: str | None = None) -> Path:
+def evaluate_stage(cfg: Config, force: bool = False, distilled: str | None = None,
+                   baselines: Path | None = None) -> Path:
     """Score the distilled set (default: <run>/samples) -> <run>/evaluate/results.json. Under torchrun the
-    classifier jobs are dealt to the ranks round-robin; rank 0 merges their records."""
+    classifier jobs are dealt to the ranks round-robin; rank 0 merges their records. `baselines`: a folder
+    for the random-real and full-data records that other sets of the same data reuse (default: the run's)."""
     device = dist.init(setup(cfg))
     final = stage_dir(cfg.run_dir, "evaluate")
     syn_dir = Path(distilled) if distilled else stage_dir(cfg.run_dir, "sample")
@@ -213,7 +228,7 @@ def evaluate_stage(cfg: Config, force: bool = False, distilled: str | None = Non
         raise StageError(f"distilled set {syn_dir} does not exist: run `diffdistill sample` first")
     check_output_free(final, force)  # on every rank, before any work
     t0 = time.perf_counter()
-    plan = plan_evaluation(cfg, syn_dir, device)
+    plan = plan_evaluation(cfg, syn_dir, device, baselines)
     run_jobs(plan)
     dist.barrier()
     if not dist.is_main():
@@ -230,7 +245,7 @@ def evaluate_stage(cfg: Config, force: bool = False, distilled: str | None = Non
     return final
 
 
-def plan_evaluation(cfg: Config, syn_dir: Path, device: torch.device) -> Plan:
+def plan_evaluation(cfg: Config, syn_dir: Path, device: torch.device, baselines: Path | None = None) -> Plan:
     """Read the sets, fix the normalization and list the jobs; too few images for an IPC fail here, before
     any training."""
     ecfg = cfg.evaluate
@@ -255,39 +270,39 @@ def plan_evaluation(cfg: Config, syn_dir: Path, device: torch.device) -> Plan:
                        for kind in ("distilled", "random_real") for s in range(ecfg.seeds)]
     if ecfg.full:
         jobs += [(net, "full", None, s) for net in ecfg.nets for s in range(ecfg.seeds)]
-    key_parts = {"recipe": RECIPE_VERSION, "evaluate": to_dict(cfg)["evaluate"], "hflip": cfg.data.hflip,
+    protocol = {k: v for k, v in to_dict(cfg)["evaluate"].items() if k != "ipc"}  # the IPC is part of each job
+    key_parts = {"recipe": RECIPE_VERSION, "evaluate": protocol, "hflip": cfg.data.hflip,
                  "seed": cfg.seed, "train": train.sha256(), "normalization": stats_from, "val": val.sha256(),
                  "distilled": syn.sha256(), "torch": torch.__version__}
-    return Plan(cfg, names, train, val, syn, syn_dir, stats_from, size, norm, device, ipcs, jobs, key_parts)
+    return Plan(cfg, names, train, val, syn, syn_dir, stats_from, size, norm, device, ipcs, jobs, key_parts,
+                baselines or evaluate_jobs(cfg.run_dir))
 
 
 def run_jobs(plan: Plan) -> None:
     """Train this rank's jobs that have no valid saved record; save each record as it finishes."""
     mine = [job for n, job in enumerate(plan.jobs) if n % dist.world_size() == dist.rank()]
     val_xy = plan.prepare(plan.val)
-    syn_xy = plan.prepare(plan.syn) if plan.cfg.evaluate.full else None  # fidelity: full-data nets score it
     saved = {job for job in plan.jobs if plan.record(job) is not None}  # each record read once
     if saved and dist.is_main():
-        print(f"evaluate: {len(saved)} of {len(plan.jobs)} classifier results are reused from "
-              f"{evaluate_jobs(plan.cfg.run_dir)}: each was made with the same data, set, recipe, seed and torch "
-              "version, so training it again gives the same numbers; delete that folder to retrain them",
-              flush=True)
+        folders = " and ".join(sorted({str(plan.job_file(job).parent) for job in saved}))
+        print(f"evaluate: {len(saved)} of {len(plan.jobs)} classifier results are reused from {folders}: each was "
+              "made with the same data, set, recipe, seed and torch version, so training it again gives the same "
+              "numbers; delete the folder to retrain them", flush=True)
     bar = progress(mine, desc="evaluate", unit="model", disable=not dist.is_main())
     for job in bar:
         bar.set_postfix_str("{} {} ipc={} seed={}".format(*job))
         if job in saved:
             continue
-        record, model = _run_job(plan, job, val_xy, syn_xy)
+        record, model = _run_job(plan, job, val_xy)
         record["key"] = plan.key(job)
         file = plan.job_file(job)
-        if job[1] == "full" and job[3] == 0:  # weights first: a record implies its weights exist
+        if job[1] == "full":  # weights first: a record implies its weights exist
             atomic_write_bytes(file.with_suffix(".safetensors"), save(
                 {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
         atomic_write_json(file, record)
 
 
-def _run_job(plan: Plan, job: Job, val_xy: tuple[Tensor, Tensor],
-             syn_xy: tuple[Tensor, Tensor] | None) -> tuple[dict, torch.nn.Module]:
+def _run_job(plan: Plan, job: Job, val_xy: tuple[Tensor, Tensor]) -> tuple[dict, torch.nn.Module]:
     """Train one classifier; the record holds what the report needs (and which images were used)."""
     cfg, ecfg, (net, kind, ipc, s) = plan.cfg, plan.cfg.evaluate, job
     seed = derive_seed(cfg.seed, "evaluate", net, kind, ipc, s)
@@ -309,8 +324,6 @@ def _run_job(plan: Plan, job: Job, val_xy: tuple[Tensor, Tensor],
     res = train_classifier(net, *plan.prepare(subset), *val_xy, plan.norm, len(plan.names), epochs, seed, ecfg,
                            cfg.data.hflip)
     record.update(final=res.final, best=res.best, best_epoch=res.best_epoch, curve=res.curve, epochs=epochs)
-    if kind == "full":
-        record["fidelity"] = accuracy(res.model, *syn_xy, plan.norm)
     return record, res.model
 
 
@@ -346,7 +359,9 @@ def aggregate(plan: Plan, records: dict) -> dict:
         if "full" in kinds:
             runs = kinds["full"][None]
             entry["full"] = _result(runs)
-            entry["fidelity"] = {**summarize([r["fidelity"] for r in runs]), "num_images": len(plan.syn),
+            syn_xy = plan.prepare(plan.syn)  # fidelity: the share of the set each full-data net assigns its class
+            fidelity = [accuracy(plan.full_model(net, r["seed"]), *syn_xy, plan.norm) for r in runs]
+            entry["fidelity"] = {**summarize(fidelity), "num_images": len(plan.syn),
                                  "classifier": f"{net} trained on the full real train set"}
         by_net[net] = entry
     primary = ecfg.nets[0]
@@ -393,9 +408,7 @@ def feature_metrics(plan: Plan, records: dict) -> dict:
     against the real train set, in the features of the first net's full-data classifier (seed 0)."""
     ecfg, net, names = plan.cfg.evaluate, plan.cfg.evaluate.nets[0], plan.names
     x_train, y_train = plan.prepare(plan.train)
-    model = build_classifier(net, x_train.shape[1], len(names), x_train.shape[-1], ecfg.width, ecfg.norm)
-    model.load_state_dict(load_file(str(plan.job_file((net, "full", None, 0)).with_suffix(".safetensors"))))
-    model.to(x_train.device)
+    model = plan.full_model(net, 0)
     real, real_y = features(model, x_train, plan.norm), y_train.cpu()
     x_syn, _ = plan.prepare(plan.syn)
     fake_all = features(model, x_syn, plan.norm)

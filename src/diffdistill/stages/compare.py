@@ -1,0 +1,341 @@
+"""`diffdistill compare`: ways of making a small training set, side by side under one evaluation protocol.
+
+    diffdistill compare CONFIG --methods random,herding,kcenter,kmeans,dit,mgd3,d4m,minimax,adaptive --seeds 0,1,2
+
+Methods (the registry `METHODS`):
+- real-image selection, exactly IPC real images per class: `random` (the evaluation's random-real baseline),
+  `herding`, `kcenter`, `kmeans` (the real image nearest each of IPC k-means centroids) in the space
+  `select.space` (the autoencoder's latents, or the full-data classifier's penultimate features);
+- training-free sampling of the pretrained DiT: `dit` (plain), `mgd3` (mode guidance toward IPC k-means modes,
+  λ = 0.1 unless set, stop after `sample.mode_guidance.stop` of the steps), `d4m` (a D4M-style start from
+  the k-means prototypes noised to `sample.prototype_strength`; an adaptation to a class-conditional DiT);
+- fine-tuning, then sampling: `none` (plain DiffFit / full fine-tune), `minimax` (FIFO memories), `adaptive`
+  (this project's method: the self-adaptive memories).
+
+What can be shared is shared: one pretrained model (or `finetune.init`), one fine-tune per fine-tuning method
+and seed, and one set of random-real and full-data classifiers per seed (`<compare>/baselines-s<seed>/`),
+so every method is scored by the same nets, seeds and protocol. A method whose set for IPC k is not the first
+k images of a larger one (k-means, mgd3, d4m) runs once per IPC. Each method and seed is a run folder
+`<compare>/<method>[-ipc<k>]-s<seed>/`; a finished one is not recomputed. Outputs: compare.csv (one row per
+method, IPC, net and seed), compare.md (mean ± std over seeds, gap to random, fidelity, diversity and
+coverage, wall time) and compare.png (accuracy against IPC, one line per method, min–max band over seeds).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diffdistill.config import Config, ConfigError, build_config, read_yaml
+from diffdistill.data.datasets import data_classes, load_data, to_uint8
+from diffdistill.errors import StageError
+from diffdistill.files import atomic_write_bytes, atomic_write_json, atomic_write_text, staged_dir
+from diffdistill.latents import RealLatents
+from diffdistill.plots import compare_plot
+from diffdistill.preflight import check_plan
+from diffdistill.recipe import describe, resolve_config
+from diffdistill.runs import TRAINING_STAGES, results_file, run_order, stage_dir
+from diffdistill.runtime import derive_seed, setup, write_run_info
+from diffdistill.select import PREFIX_STABLE, SELECTORS
+
+
+@dataclass(frozen=True)
+class Method:
+    family: str  # select | sample | finetune
+    about: str
+    defaults: tuple[str, ...] = ()  # overrides a user's key=value may change
+    pins: tuple[str, ...] = ()  # overrides that define the method (applied last)
+    per_ipc: bool = False  # one set per IPC: the set for k is not the first k images of a larger one
+
+
+_PLAIN = ("sample.mode_guidance.scale=0", "sample.start=noise")
+METHODS: dict[str, Method] = {
+    "random": Method("select", "random real images (the evaluation's random-real baseline)"),
+    "herding": Method("select", "herding: real images whose running mean tracks the class mean"),
+    "kcenter": Method("select", "greedy k-center real images"),
+    "kmeans": Method("select", "the real image nearest each k-means centroid (k = IPC)", per_ipc=True),
+    "dit": Method("sample", "the pretrained DiT, sampled as is", pins=_PLAIN),
+    "mgd3": Method("sample", "the pretrained DiT with mode guidance (MGD³)", ("sample.mode_guidance.scale=0.1",),
+                   ("sample.start=noise",), per_ipc=True),
+    "d4m": Method("sample", "the pretrained DiT started from noised k-means prototypes (D4M-style, adapted)",
+                  pins=("sample.mode_guidance.scale=0", "sample.start=prototype"), per_ipc=True),
+    "none": Method("finetune", "fine-tuned without memories", pins=("finetune.memory.policy=none", *_PLAIN)),
+    "minimax": Method("finetune", "fine-tuned with FIFO memories (Minimax)",
+                      pins=("finetune.memory.policy=fifo", *_PLAIN)),
+    "adaptive": Method("finetune", "fine-tuned with self-adaptive memories (this method)",
+                       pins=("finetune.memory.policy=adaptive", *_PLAIN)),
+}
+CSV_FIELDS = ("method", "family", "ipc", "net", "seed", "accuracy", "accuracy_std", "best_epoch_accuracy",
+              "fidelity", "diversity", "precision", "coverage", "seconds", "run")
+TIME_FILE = "compare.json"  # in each method's run folder: the method, its IPCs and its wall time
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ConfigError(f"--methods {text!r}: unknown method {', '.join(unknown) or '(none given)'}; expected "
+                          f"names from {', '.join(METHODS)} separated by commas")
+    if methods == ["random"]:
+        raise ConfigError("--methods random: random real images are the baseline every other method is scored "
+                          "beside; name at least one more method")
+    return list(dict.fromkeys(methods))
+
+
+def _build(raw: dict, overrides: list[str]) -> Config:
+    return resolve_config(build_config(raw, overrides))
+
+
+def method_config(raw: dict, user: list[str], name: str, seed: int, root: Path, model: list[str],
+                  ipc: int | None = None) -> Config:
+    """The config of one method's run: its defaults, the user's overrides, its pins, the shared model, and
+    (per-IPC methods) the one IPC it makes."""
+    m = METHODS[name]
+    label = f"{name}-ipc{ipc}-s{seed}" if ipc is not None else f"{name}-s{seed}"
+    only = [f"sample.ipc=[{ipc}]", f"evaluate.ipc=[{ipc}]"] if ipc is not None else []
+    return _build(raw, [*m.defaults, *user, *m.pins, *model, *only, f"seed={seed}", f"out_dir={root}",
+                        f"name={label}"])
+
+
+def run_compare(config: str | Path, methods: list[str], seeds: list[int], overrides: list[str]) -> Path:
+    """Run every (method, seed) not already finished; write compare.csv, compare.md and compare.png."""
+    from diffdistill.stages.train import train_stage
+
+    raw = read_yaml(Path(config))
+    base = _build(raw, overrides)
+    for line in describe(base):
+        print(line, flush=True)
+    root = base.run_dir.parent / f"{base.name}-compare"
+    ipcs = sorted(set(base.evaluate.ipc or base.sample.ipc))
+    generative = [m for m in methods if METHODS[m].family != "select"]
+    # what `run` would check for the base config, before any work: data and val folders, IPC against every
+    # class's real images (selections and k-means modes draw from them too), init models, writability
+    check_plan(base, [s for s in run_order(base) if s != "check"])
+    model: list[str] = []
+    if generative:
+        if base.pretrain.steps > 0:
+            shared = _build(raw, [*overrides, f"out_dir={root}", "name=shared"])
+            if not stage_dir(shared.run_dir, "pretrain").is_dir():
+                print(f"== compare: pretraining the shared DiT ({shared.pretrain.steps} steps) ==", flush=True)
+                t0 = time.perf_counter()
+                train_stage(shared, "pretrain", force=False, resume=True)
+                atomic_write_json(shared.run_dir / TIME_FILE, {"seconds": round(time.perf_counter() - t0, 1)})
+            model = ["pretrain.steps=0", f"finetune.init={stage_dir(shared.run_dir, 'pretrain') / 'ema'}"]
+        elif base.finetune.init in TRAINING_STAGES:
+            raise ConfigError("compare: pretrain.steps is 0, so the training-free methods need a pretrained DiT: "
+                              "set finetune.init to a diffusers folder, a hub id or an original DiT checkpoint")
+        else:
+            model = [f"finetune.init={base.finetune.init}"]
+    table = []
+    for seed in seeds:
+        baselines = root / f"baselines-s{seed}"
+        # generative methods first: their evaluations train the shared baselines the selections may read
+        for name in sorted(methods, key=lambda m: METHODS[m].family == "select"):
+            if name == "random":
+                continue
+            for ipc in (ipcs if METHODS[name].per_ipc else [None]):
+                cfg = method_config(raw, overrides, name, seed, root, model, ipc)
+                if not results_file(cfg.run_dir).is_file():
+                    print(f"== compare: {cfg.name} ({METHODS[name].about}) ==", flush=True)
+                    _run_method(cfg, name, baselines)
+                table += _rows(name, seed, cfg.run_dir)
+        if "random" in methods:
+            table += _random_rows(seed, root, table)
+    _write_outputs(root, table, methods, seeds)
+    return root
+
+
+def _run_method(cfg: Config, name: str, baselines: Path) -> None:
+    from diffdistill.stages.evaluate import evaluate_stage
+    from diffdistill.stages.report import write_report
+    from diffdistill.stages.sample import sample_stage
+    from diffdistill.stages.train import train_stage
+
+    method = METHODS[name]
+    t0 = time.perf_counter()
+    if method.family == "finetune" and not stage_dir(cfg.run_dir, "finetune").is_dir():
+        train_stage(cfg, "finetune", force=False, resume=True)
+    if not stage_dir(cfg.run_dir, "sample").is_dir():
+        if method.family == "select":
+            select_stage(cfg, name, baselines)
+        else:
+            sample_cfg = cfg if method.family == "finetune" else _with(cfg, "sample.checkpoint",
+                                                                        cfg.finetune.init)
+            sample_stage(sample_cfg)
+    evaluate_stage(cfg, force=True, baselines=baselines)
+    write_report(cfg.run_dir)
+    atomic_write_json(cfg.run_dir / TIME_FILE, {"method": name, "seconds": round(time.perf_counter() - t0, 1)})
+
+
+def _with(cfg: Config, key: str, value: str) -> Config:
+    from dataclasses import replace
+
+    section, field_name = key.split(".")
+    return replace(cfg, **{section: replace(getattr(cfg, section), **{field_name: value})})
+
+
+def select_stage(cfg: Config, method: str, baselines: Path) -> Path:
+    """<run>/samples/<class>/<i>.png: the real train images a selection method picks (max IPC per class, in
+    selection order), with manifest.json naming each one's index in the train set."""
+    from diffdistill.stages.evaluate import features
+
+    device = setup(cfg)
+    names = data_classes(cfg.data)
+    k = max(cfg.evaluate.ipc or cfg.sample.ipc)
+    train, _ = load_data(cfg.data, need_val=False)
+    if cfg.select.space == "latents":
+        real = RealLatents(cfg, device)
+        space = f"autoencoder latents ({real.source})"
+        rows = {c: real.of_class(c).flatten(1) for c in range(len(names))}
+        index = {c: real.indices(c) for c in range(len(names))}
+    else:
+        model, norm = _full_model(cfg, baselines, device)
+        net = cfg.evaluate.nets[0]
+        space = f"penultimate features of the {net} trained on the full real train set (seed 0)"
+        x = _at_eval_size(train.images, cfg).to(device)
+        index = {c: (train.labels == c).nonzero().squeeze(1) for c in range(len(names))}
+        rows = {c: features(model, x[index[c]], norm) for c in range(len(names))}
+    picks, records = [], []
+    for c, name in enumerate(names):
+        chosen = SELECTORS[method](rows[c], k, derive_seed(cfg.seed, "select", method, name))
+        for i, j in enumerate(chosen.tolist()):
+            picks.append((name, i, int(index[c][j])))
+    final = stage_dir(cfg.run_dir, "sample")
+    with staged_dir(final, False) as out:
+        from diffdistill.stages.sample import _save_png, image_file
+
+        for name, i, row in picks:
+            arr = train.images[row].permute(1, 2, 0).numpy()
+            _save_png(arr[..., 0] if arr.shape[-1] == 1 else arr, out / image_file(name, i))
+            records.append({"file": image_file(name, i), "class": name, "index": i, "train_index": row})
+        atomic_write_json(out / "manifest.json", {"method": method, "space": space, "classes": names, "ipc": k,
+                                                  "prefix_stable": method in PREFIX_STABLE, "images": records})
+        write_run_info(out, cfg, "select", {"method": method, "space": space})
+    return final
+
+
+def _at_eval_size(x: torch.Tensor, cfg: Config) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    size = cfg.evaluate.image_size or cfg.data.image_size
+    if x.shape[-1] == size:
+        return x
+    return to_uint8(F.interpolate(x.float() / 127.5 - 1, size=(size, size), mode="bilinear", antialias=True))
+
+
+def _full_model(cfg: Config, baselines: Path, device: torch.device):
+    """The seed-0 full-data classifier of the first net and its normalization, from the shared baselines."""
+    from safetensors.torch import load_file
+
+    from diffdistill.models.classifiers import build_classifier
+    from diffdistill.stages.evaluate import channel_stats
+
+    net = cfg.evaluate.nets[0]
+    weights = baselines / f"{net}_full_ipcNone_seed0.safetensors"
+    if not weights.is_file():
+        raise StageError(f"select.space=features needs the full-data {net} of {baselines}; it is trained by the "
+                         "first generative method's evaluation: add one (e.g. dit) to --methods, or use "
+                         "select.space=latents")
+    train, _ = load_data(cfg.data, need_val=False)
+    size = cfg.evaluate.image_size or cfg.data.image_size
+    model = build_classifier(net, train.channels, len(data_classes(cfg.data)), size, cfg.evaluate.width,
+                             cfg.evaluate.norm)
+    model.load_state_dict(load_file(str(weights)))
+    return model.to(device), channel_stats(train, size, device)
+
+
+def _rows(name: str, seed: int, run_dir: Path) -> list[dict]:
+    res = json.loads(results_file(run_dir).read_text())
+    timing = run_dir / TIME_FILE
+    seconds = json.loads(timing.read_text())["seconds"] if timing.is_file() else None
+    out = []
+    for net, entry in res["by_net"].items():
+        for ipc, e in entry["ipc"].items():
+            metrics = (res.get("metrics") or {}).get("ipc", {}).get(ipc, {}).get("distilled", {}).get("overall", {})
+            out.append({"method": name, "family": METHODS[name].family, "ipc": int(ipc), "net": net, "seed": seed,
+                        "accuracy": e["distilled"]["mean"], "accuracy_std": e["distilled"]["std"],
+                        "best_epoch_accuracy": e["distilled"]["best_epoch"]["mean"],
+                        "fidelity": (entry.get("fidelity") or {}).get("mean"),
+                        "diversity": metrics.get("diversity"), "precision": metrics.get("precision"),
+                        "coverage": metrics.get("coverage"), "seconds": seconds, "run": str(run_dir),
+                        "_random": e["random_real"], "_random_metrics": (res.get("metrics") or {}).get(
+                            "ipc", {}).get(ipc, {}).get("random_real", {}).get("overall", {})})
+    return out
+
+
+def _random_rows(seed: int, root: Path, table: list[dict]) -> list[dict]:
+    """Random real images: the shared random-real records, read from the first method's results that hold
+    each (net, IPC) — every method of a seed is scored beside the same draws."""
+    out, seen = [], set()
+    for r in table:
+        if r["seed"] != seed or (r["net"], r["ipc"]) in seen:
+            continue
+        seen.add((r["net"], r["ipc"]))
+        e, m = r["_random"], r["_random_metrics"]
+        out.append({"method": "random", "family": "select", "ipc": r["ipc"], "net": r["net"], "seed": seed,
+                    "accuracy": e["mean"], "accuracy_std": e["std"], "best_epoch_accuracy": e["best_epoch"]["mean"],
+                    "fidelity": None, "diversity": m.get("diversity"), "precision": m.get("precision"),
+                    "coverage": m.get("coverage"), "seconds": 0.0, "run": str(root / f"baselines-s{seed}")})
+    return out
+
+
+def summarize(table: list[dict]) -> list[dict]:
+    """Per (method, net, IPC): (mean, std, min, max) over seeds of accuracy and the other columns."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in table:
+        groups.setdefault((r["method"], r["net"], r["ipc"]), []).append(r)
+    out = []
+    for (method, net, ipc), rs in groups.items():
+        entry: dict = {"method": method, "net": net, "ipc": ipc, "seeds": len(rs)}
+        for key in ("accuracy", "fidelity", "diversity", "precision", "coverage", "seconds"):
+            vals = [r[key] for r in rs if r[key] is not None]
+            if vals:
+                t = torch.tensor(vals, dtype=torch.float64)
+                entry[key] = (float(t.mean()), float(t.std()) if len(vals) > 1 else 0.0, min(vals), max(vals))
+        out.append(entry)
+    return out
+
+
+def _pm(v: tuple | None, digits: int = 1) -> str:
+    return "—" if v is None else f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}"
+
+
+def compare_table(summary: list[dict], seeds: list[int], shared_seconds: float | None) -> str:
+    lines = [f"Final-epoch accuracy (%) on the real val set, mean ± std over {len(seeds)} seed(s) "
+             f"({', '.join(map(str, seeds))}); each seed's value is the mean over the evaluation's classifier seeds. "
+             "Gap = method − random real images (same nets, seeds and draws). Time = the method's own wall time "
+             "per seed (fine-tuning, sampling or selection, evaluation)"
+             + (f"; the shared pretraining took {shared_seconds / 60:.1f} min more." if shared_seconds else "."),
+             "", "| method | net | IPC | accuracy | gap to random | fidelity | diversity | precision | coverage | "
+             "time / seed |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    random = {(e["net"], e["ipc"]): e["accuracy"][0] for e in summary if e["method"] == "random"}
+    for e in sorted(summary, key=lambda e: (e["net"], e["ipc"])):
+        gap = e["accuracy"][0] - random[(e["net"], e["ipc"])] if (e["net"], e["ipc"]) in random else None
+        sec = e.get("seconds")
+        lines.append(f"| {e['method']} | {e['net']} | {e['ipc']} | **{_pm(e.get('accuracy'))}** | "
+                     f"{'—' if gap is None else f'{gap:+.1f}'} | {_pm(e.get('fidelity'))} | "
+                     f"{_pm(e.get('diversity'), 3)} | {_pm(e.get('precision'), 3)} | {_pm(e.get('coverage'), 3)} | "
+                     f"{'—' if not sec else f'{sec[0] / 60:.1f} min'} |")
+    return "\n".join(lines)
+
+
+def _write_outputs(root: Path, table: list[dict], methods: list[str], seeds: list[int]) -> None:
+    rows = [{k: r[k] for k in CSV_FIELDS} for r in table]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(root / "compare.csv", buf.getvalue())
+    summary = summarize(rows)
+    order = {m: i for i, m in enumerate(methods)}
+    summary.sort(key=lambda e: order[e["method"]])
+    shared = root / "shared" / TIME_FILE
+    shared_seconds = json.loads(shared.read_text())["seconds"] if shared.is_file() else None
+    atomic_write_text(root / "compare.md", compare_table(summary, seeds, shared_seconds) + "\n")
+    atomic_write_bytes(root / "compare.png", compare_plot(summary))

@@ -1,0 +1,79 @@
+"""`diffdistill compare` on a tiny config: selections, a training-free method and random real images, two
+seeds, shared baselines, resumed after one method's result is deleted; the one-line refusals."""
+
+import csv
+import json
+import shutil
+
+import pytest
+from PIL import Image
+
+from diffdistill.cli import main
+from diffdistill.config import ConfigError
+from diffdistill.stages.compare import METHODS, parse_methods
+
+TINY = ["pretrain.steps=20", "pretrain.log_every=10", "finetune.steps=4", "finetune.log_every=2", "sample.steps=4",
+        "sample.ipc=[1,2]", "evaluate.epochs=2", "evaluate.full_epochs=1", "evaluate.seeds=1", "evaluate.width=8",
+        "evaluate.eval_every=1", "threads=1"]
+
+
+@pytest.mark.slow
+def test_compare_two_seeds_shares_baselines_and_resumes(tmp_path, capsys):
+    args = ["compare", "configs/demo-digits.yaml", f"out_dir={tmp_path}", *TINY,
+            "--methods", "random,herding,mgd3", "--seeds", "0,1"]
+    assert main(args) == 0
+    root = tmp_path / "demo-digits-compare"
+    rows = list(csv.DictReader((root / "compare.csv").open()))
+    assert {(r["method"], r["ipc"], r["seed"]) for r in rows} == {
+        (m, i, s) for m in ("random", "herding", "mgd3") for i in ("1", "2") for s in ("0", "1")}
+    # mgd3's modes are k-means with k = IPC: one run per IPC; herding's IPC-1 set is its IPC-2 set's prefix
+    assert (root / "mgd3-ipc1-s0").is_dir() and (root / "mgd3-ipc2-s0").is_dir() and (root / "herding-s0").is_dir()
+    manifest = json.loads((root / "mgd3-ipc2-s0" / "samples" / "manifest.json").read_text())
+    assert manifest["sampler"]["mode_guidance"] == {"scale": 0.1, "stop": 0.5}
+    assert "k = 2" in manifest["sampler"]["modes"]
+    picked = json.loads((root / "herding-s0" / "samples" / "manifest.json").read_text())
+    assert picked["method"] == "herding" and len(picked["images"]) == 2 * 10
+    # one pretraining; random-real and full-data classifiers trained once per seed, in the shared folder
+    assert (root / "shared" / "pretrain" / "ema").is_dir() and not (root / "mgd3-ipc1-s0" / "pretrain").exists()
+    shared = sorted(p.name for p in (root / "baselines-s0").glob("*.json"))
+    assert shared == ["convnet3_full_ipcNone_seed0.json", "convnet3_random_real_ipc1_seed0.json",
+                      "convnet3_random_real_ipc2_seed0.json"]
+    assert sorted(p.name for p in (root / "herding-s0" / "evaluate-jobs").glob("*.json")) == [
+        "convnet3_distilled_ipc1_seed0.json", "convnet3_distilled_ipc2_seed0.json"]
+    by = {(r["method"], r["ipc"], r["seed"]): r for r in rows}
+    herd = json.loads((root / "herding-s0" / "results.json").read_text())
+    assert float(by[("random", "1", "0")]["accuracy"]) == herd["ipc"]["1"]["random_real"]["mean"]
+    table = (root / "compare.md").read_text()
+    assert "| herding | convnet3 | 2 |" in table and "gap to random" in table
+    with Image.open(root / "compare.png") as img:
+        assert img.format == "PNG" and img.width > 100
+    # resume: only the deleted result is made again
+    shutil.rmtree(root / "herding-s1")
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("== compare:") == 1 and "== compare: herding-s1" in out
+    # the random-real (IPC 1, 2) and full-data classifiers of seed 1 are reused; herding's two are trained
+    assert f"3 of 5 classifier results are reused from {root / 'baselines-s1'}:" in out
+    again = list(csv.DictReader((root / "compare.csv").open()))
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in again] == [
+        {k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def test_unknown_or_lonely_methods_are_refused():
+    with pytest.raises(ConfigError, match="unknown method mgd4; expected names from random, herding"):
+        parse_methods("herding,mgd4")
+    with pytest.raises(ConfigError, match="name at least one more method"):
+        parse_methods("random")
+    assert parse_methods("dit, adaptive,dit") == ["dit", "adaptive"]
+    assert set(METHODS) == {"random", "herding", "kcenter", "kmeans", "dit", "mgd3", "d4m", "none", "minimax",
+                            "adaptive"}
+
+
+def test_ipc_larger_than_a_class_is_refused_before_any_work(tmp_path, capsys):
+    args = ["compare", "configs/demo-digits.yaml", f"out_dir={tmp_path}", "sample.ipc=[1,500]",
+            "--methods", "kmeans,dit"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "IPC 500 needs at least 500" in err and len(err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
