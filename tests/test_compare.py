@@ -6,10 +6,12 @@ import json
 import shutil
 
 import pytest
+import torch
 from PIL import Image
 
 from diffdistill.cli import main
 from diffdistill.config import ConfigError
+from diffdistill.errors import StageError
 from diffdistill.stages.compare import METHODS, parse_methods
 
 TINY = ["pretrain.steps=20", "pretrain.log_every=10", "finetune.steps=4", "finetune.log_every=2", "sample.steps=4",
@@ -76,4 +78,36 @@ def test_ipc_larger_than_a_class_is_refused_before_any_work(tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "IPC 500 needs at least 500" in err and len(err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+
+
+def test_selection_in_feature_space_reads_the_shared_full_data_classifier(tmp_path):
+    from safetensors.torch import save_file
+
+    from diffdistill.config import load_config
+    from diffdistill.models.classifiers import build_classifier
+    from diffdistill.stages.compare import select_stage
+
+    cfg = load_config("configs/demo-digits.yaml", [f"out_dir={tmp_path}", "name=kc", "select.space=features",
+                                                   "sample.ipc=[3]", "evaluate.width=8", "threads=1"])
+    baselines = tmp_path / "baselines"
+    with pytest.raises(StageError, match="select.space=features needs the full-data convnet3"):
+        select_stage(cfg, "kcenter", baselines)
+    baselines.mkdir()
+    torch.manual_seed(0)
+    net = build_classifier("convnet3", 1, 10, 16, 8, None)
+    save_file(net.state_dict(), str(baselines / "convnet3_full_ipcNone_seed0.safetensors"))
+    out = select_stage(cfg, "kcenter", baselines)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["space"].startswith("penultimate features of the convnet3")
+    assert len(manifest["images"]) == 30 and len(list(out.glob("*/*.png"))) == 30
+    rows = [r["train_index"] for r in manifest["images"]]
+    assert len(set(rows)) == 30  # distinct real images, three per class
+
+
+def test_feature_space_without_a_generative_method_is_refused_before_any_work(tmp_path, capsys):
+    args = ["compare", "configs/demo-digits.yaml", f"out_dir={tmp_path}", "select.space=features",
+            "--methods", "random,herding"]
+    assert main(args) == 2
+    assert "add one (e.g. dit) to --methods" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())

@@ -216,15 +216,16 @@ def sweep(path: str | Path, overrides: Sequence[str] = (), vary: Sequence[str] =
 
 
 def compare(config: str | Path, methods: str | Sequence[str], seeds: Sequence[int] | None = None,
-            overrides: Sequence[str] = ()) -> Path:
+            overrides: Sequence[str] = (), dry_run: bool = False) -> Path:
     """Methods side by side under one evaluation protocol (`stages.compare.METHODS`; a list or "a,b,c"), over
-    `seeds` (default: the config's); returns the folder with compare.csv, compare.md and compare.png."""
+    `seeds` (default: the config's); returns the folder with compare.csv, compare.md and compare.png
+    (`dry_run`: only checked and printed)."""
     from diffdistill.stages.compare import parse_methods, run_compare
 
     names = parse_methods(methods if isinstance(methods, str) else ",".join(methods))
     if seeds is None:
         seeds = [_read_config(config, overrides).seed]
-    return run_compare(config, names, list(seeds), list(overrides))
+    return run_compare(config, names, list(seeds), list(overrides), dry_run)
 
 
 def clock(seconds: float) -> str:

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "sweep":
             p.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
                            help="sweep KEY over these values, the other keys at the config's (repeatable)")
-        if name not in ("report", "sweep", "compare"):
+        if name not in ("report", "sweep"):
             p.add_argument("--dry-run", action="store_true",
                            help="check the whole plan (data, IPC, models, outputs) and print it; train nothing")
         if name == "evaluate":
@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage == "compare":
             from diffdistill.stages.sweep import parse_seeds
 
-            root = api.compare(args.config, args.methods, parse_seeds(args.seeds), args.overrides)
+            root = api.compare(args.config, args.methods, parse_seeds(args.seeds), args.overrides, args.dry_run)
+            if args.dry_run:
+                return 0
             say((root / "compare.md").read_text())
             say(f"compare: {root / 'compare.csv'}, {root / 'compare.png'}")
             return 0

@@ -27,22 +27,29 @@ import csv
 import io
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from diffdistill.config import Config, ConfigError, build_config, read_yaml
 from diffdistill.data.datasets import data_classes, load_data, to_uint8
 from diffdistill.errors import StageError
 from diffdistill.files import atomic_write_bytes, atomic_write_json, atomic_write_text, staged_dir
 from diffdistill.latents import RealLatents
+from diffdistill.models.classifiers import build_classifier
 from diffdistill.plots import compare_plot
 from diffdistill.preflight import check_plan
 from diffdistill.recipe import describe, resolve_config
 from diffdistill.runs import TRAINING_STAGES, results_file, run_order, stage_dir
 from diffdistill.runtime import derive_seed, setup, write_run_info
 from diffdistill.select import PREFIX_STABLE, SELECTORS
+from diffdistill.stages.evaluate import channel_stats, evaluate_stage, features
+from diffdistill.stages.report import write_report
+from diffdistill.stages.sample import image_file, sample_stage, save_png
+from diffdistill.stages.train import train_stage
 
 
 @dataclass(frozen=True)
@@ -103,10 +110,10 @@ def method_config(raw: dict, user: list[str], name: str, seed: int, root: Path, 
                         f"name={label}"])
 
 
-def run_compare(config: str | Path, methods: list[str], seeds: list[int], overrides: list[str]) -> Path:
-    """Run every (method, seed) not already finished; write compare.csv, compare.md and compare.png."""
-    from diffdistill.stages.train import train_stage
-
+def run_compare(config: str | Path, methods: list[str], seeds: list[int], overrides: list[str],
+                dry_run: bool = False) -> Path:
+    """Run every (method, seed) not already finished; write compare.csv, compare.md and compare.png.
+    `dry_run`: check the plan and print it (the runs it would make), train nothing."""
     raw = read_yaml(Path(config))
     base = _build(raw, overrides)
     for line in describe(base):
@@ -114,9 +121,22 @@ def run_compare(config: str | Path, methods: list[str], seeds: list[int], overri
     root = base.run_dir.parent / f"{base.name}-compare"
     ipcs = sorted(set(base.evaluate.ipc or base.sample.ipc))
     generative = [m for m in methods if METHODS[m].family != "select"]
+    if base.select.space == "features" and set(methods) - {"random"} - set(generative) and not (
+            generative and base.evaluate.full):
+        raise ConfigError("select.space=features: the selections read the full-data classifier that a generative "
+                          "method's evaluation trains first; add one (e.g. dit) to --methods and keep "
+                          "evaluate.full=true, or use select.space=latents")
     # what `run` would check for the base config, before any work: data and val folders, IPC against every
     # class's real images (selections and k-means modes draw from them too), init models, writability
-    check_plan(base, [s for s in run_order(base) if s != "check"])
+    plan = check_plan(base, [s for s in run_order(base) if s != "check"])
+    if dry_run:
+        runs = [f"{m}-ipc{k}-s{s}" if METHODS[m].per_ipc else f"{m}-s{s}" for s in seeds for m in methods
+                if m != "random" for k in (ipcs if METHODS[m].per_ipc else [None])]
+        shared = ["a shared pretraining, "] if generative and base.pretrain.steps > 0 else []
+        print("\n".join([f"plan for {root} (nothing was run):", *plan.lines[:1],
+                         f"compare: {''.join(shared)}{len(runs)} runs ({', '.join(runs)}), each evaluated at IPC "
+                         f"{', '.join(map(str, ipcs))} beside the same random-real draws"]), flush=True)
+        return root
     model: list[str] = []
     if generative:
         if base.pretrain.steps > 0:
@@ -152,11 +172,6 @@ def run_compare(config: str | Path, methods: list[str], seeds: list[int], overri
 
 
 def _run_method(cfg: Config, name: str, baselines: Path) -> None:
-    from diffdistill.stages.evaluate import evaluate_stage
-    from diffdistill.stages.report import write_report
-    from diffdistill.stages.sample import sample_stage
-    from diffdistill.stages.train import train_stage
-
     method = METHODS[name]
     t0 = time.perf_counter()
     if method.family == "finetune" and not stage_dir(cfg.run_dir, "finetune").is_dir():
@@ -174,8 +189,6 @@ def _run_method(cfg: Config, name: str, baselines: Path) -> None:
 
 
 def _with(cfg: Config, key: str, value: str) -> Config:
-    from dataclasses import replace
-
     section, field_name = key.split(".")
     return replace(cfg, **{section: replace(getattr(cfg, section), **{field_name: value})})
 
@@ -183,8 +196,6 @@ def _with(cfg: Config, key: str, value: str) -> Config:
 def select_stage(cfg: Config, method: str, baselines: Path) -> Path:
     """<run>/samples/<class>/<i>.png: the real train images a selection method picks (max IPC per class, in
     selection order), with manifest.json naming each one's index in the train set."""
-    from diffdistill.stages.evaluate import features
-
     device = setup(cfg)
     names = data_classes(cfg.data)
     k = max(cfg.evaluate.ipc or cfg.sample.ipc)
@@ -195,7 +206,7 @@ def select_stage(cfg: Config, method: str, baselines: Path) -> Path:
         rows = {c: real.of_class(c).flatten(1) for c in range(len(names))}
         index = {c: real.indices(c) for c in range(len(names))}
     else:
-        model, norm = _full_model(cfg, baselines, device)
+        model, norm = _full_model(cfg, train, baselines, device)
         net = cfg.evaluate.nets[0]
         space = f"penultimate features of the {net} trained on the full real train set (seed 0)"
         x = _at_eval_size(train.images, cfg).to(device)
@@ -208,11 +219,9 @@ def select_stage(cfg: Config, method: str, baselines: Path) -> Path:
             picks.append((name, i, int(index[c][j])))
     final = stage_dir(cfg.run_dir, "sample")
     with staged_dir(final, False) as out:
-        from diffdistill.stages.sample import _save_png, image_file
-
         for name, i, row in picks:
             arr = train.images[row].permute(1, 2, 0).numpy()
-            _save_png(arr[..., 0] if arr.shape[-1] == 1 else arr, out / image_file(name, i))
+            save_png(arr[..., 0] if arr.shape[-1] == 1 else arr, out / image_file(name, i))
             records.append({"file": image_file(name, i), "class": name, "index": i, "train_index": row})
         atomic_write_json(out / "manifest.json", {"method": method, "space": space, "classes": names, "ipc": k,
                                                   "prefix_stable": method in PREFIX_STABLE, "images": records})
@@ -221,28 +230,19 @@ def select_stage(cfg: Config, method: str, baselines: Path) -> Path:
 
 
 def _at_eval_size(x: torch.Tensor, cfg: Config) -> torch.Tensor:
-    import torch.nn.functional as F
-
     size = cfg.evaluate.image_size or cfg.data.image_size
     if x.shape[-1] == size:
         return x
     return to_uint8(F.interpolate(x.float() / 127.5 - 1, size=(size, size), mode="bilinear", antialias=True))
 
 
-def _full_model(cfg: Config, baselines: Path, device: torch.device):
+def _full_model(cfg: Config, train, baselines: Path, device: torch.device):
     """The seed-0 full-data classifier of the first net and its normalization, from the shared baselines."""
-    from safetensors.torch import load_file
-
-    from diffdistill.models.classifiers import build_classifier
-    from diffdistill.stages.evaluate import channel_stats
-
     net = cfg.evaluate.nets[0]
     weights = baselines / f"{net}_full_ipcNone_seed0.safetensors"
     if not weights.is_file():
-        raise StageError(f"select.space=features needs the full-data {net} of {baselines}; it is trained by the "
-                         "first generative method's evaluation: add one (e.g. dit) to --methods, or use "
-                         "select.space=latents")
-    train, _ = load_data(cfg.data, need_val=False)
+        raise StageError(f"select.space=features needs the full-data {net} in {baselines} (trained by a "
+                         "generative method's evaluation, which compare runs first)")
     size = cfg.evaluate.image_size or cfg.data.image_size
     model = build_classifier(net, train.channels, len(data_classes(cfg.data)), size, cfg.evaluate.width,
                              cfg.evaluate.norm)

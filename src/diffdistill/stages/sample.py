@@ -177,7 +177,7 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
                                modes.batch(batch) if modes else None)
         for (c, i), img in zip(batch, images):
             arr = img.permute(1, 2, 0).numpy()
-            _save_png(arr[..., 0] if arr.shape[-1] == 1 else arr, work / image_file(classes[c], i))
+            save_png(arr[..., 0] if arr.shape[-1] == 1 else arr, work / image_file(classes[c], i))
         bar.update(len(batch))
     bar.close()
     dist.barrier()
@@ -240,7 +240,7 @@ def _open_work_dir(work: Path, spec: dict, classes: list[str]) -> None:
     atomic_write_json(spec_file, spec)
 
 
-def _save_png(arr, path: Path) -> None:
+def save_png(arr, path: Path) -> None:
     """A PNG written to a temp name and renamed: an interruption never leaves a truncated image."""
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
