@@ -21,7 +21,7 @@ TINY = ["pretrain.steps=20", "pretrain.log_every=10", "finetune.steps=4", "finet
 
 @pytest.mark.slow
 def test_compare_two_seeds_shares_baselines_and_resumes(tmp_path, capsys):
-    args = ["compare", "configs/demo-digits.yaml", f"out_dir={tmp_path}", *TINY,
+    args = ["compare", "configs/demo-digits.yaml", f"out_dir={tmp_path}", *TINY, "finetune.latents=cache",
             "--methods", "random,herding,mgd3", "--seeds", "0,1"]
     assert main(args) == 0
     root = tmp_path / "demo-digits-compare"
@@ -32,9 +32,10 @@ def test_compare_two_seeds_shares_baselines_and_resumes(tmp_path, capsys):
     assert (root / "mgd3-ipc1-s0").is_dir() and (root / "mgd3-ipc2-s0").is_dir() and (root / "herding-s0").is_dir()
     manifest = json.loads((root / "mgd3-ipc2-s0" / "samples" / "manifest.json").read_text())
     assert manifest["sampler"]["mode_guidance"] == {"scale": 0.1, "stop": 0.5}
-    assert "k = 2" in manifest["sampler"]["modes"]
+    assert "k = 2" in manifest["sampler"]["modes"] and "latent cache" in manifest["sampler"]["modes"]
     picked = json.loads((root / "herding-s0" / "samples" / "manifest.json").read_text())
     assert picked["method"] == "herding" and len(picked["images"]) == 2 * 10
+    assert picked["space"].startswith("autoencoder latents (latent cache")  # made once, before any method
     # one pretraining; random-real and full-data classifiers trained once per seed, in the shared folder
     assert (root / "shared" / "pretrain" / "ema").is_dir() and not (root / "mgd3-ipc1-s0" / "pretrain").exists()
     shared = sorted(p.name for p in (root / "baselines-s0").glob("*.json"))

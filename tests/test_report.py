@@ -69,6 +69,7 @@ def test_samples_unlike_real_images_are_named_before_too_alike():
     (line,) = verdicts(results({"10": 81.7}, {"10": 96.2}, fidelity=99.3, metrics=metrics))
     assert "unlike real images (precision 0.46 vs 1.00 for random real images; fidelity 99.3 % is fine" in line
     assert "too alike" not in line and "sample.guidance, now 2.0" in line
+    assert "model.size, now tiny" in line and "--methods random,herding,kmeans" in line  # what helped, measured
 
 
 def test_without_fidelity_the_line_says_what_is_missing():

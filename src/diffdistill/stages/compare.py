@@ -47,6 +47,7 @@ from diffdistill.runs import TRAINING_STAGES, results_file, run_order, stage_dir
 from diffdistill.runtime import derive_seed, setup, write_run_info
 from diffdistill.select import PREFIX_STABLE, SELECTORS
 from diffdistill.stages.evaluate import channel_stats, evaluate_stage, features
+from diffdistill.stages.prepare import prepare_stage
 from diffdistill.stages.report import write_report
 from diffdistill.stages.sample import image_file, sample_stage, save_png
 from diffdistill.stages.train import train_stage
@@ -137,6 +138,8 @@ def run_compare(config: str | Path, methods: list[str], seeds: list[int], overri
                          f"compare: {''.join(shared)}{len(runs)} runs ({', '.join(runs)}), each evaluated at IPC "
                          f"{', '.join(map(str, ipcs))} beside the same random-real draws"]), flush=True)
         return root
+    if "prepare" in run_order(base):  # the latent cache every method's fine-tune (and the modes) read
+        prepare_stage(base, False)
     model: list[str] = []
     if generative:
         if base.pretrain.steps > 0:

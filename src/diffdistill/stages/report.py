@@ -114,8 +114,9 @@ def verdicts(results: dict) -> list[str]:
         elif unlike:
             line += (f"Likely cause: the samples are unlike real images (precision {dm['precision']:.2f} vs "
                      f"{rm['precision']:.2f} for random real images{fine}: recognisable, but oversaturated or with "
-                     f"artifacts). Try: {guidance} or more pretraining (pretrain.steps, now "
-                     f"{cfg['pretrain']['steps']}).")
+                     f"artifacts). Try: a larger model (model.size, now {cfg['model']['size']}), more pretraining "
+                     f"(pretrain.steps, now {cfg['pretrain']['steps']}) or {guidance}; and compare with real-image "
+                     "coresets (diffdistill compare CONFIG --methods random,herding,kmeans,adaptive).")
         elif alike:
             line += (f"Likely cause: the samples are too alike ({' and '.join(alike)} for random real images"
                      f"{fine}). Try: {guidance}, a stronger diversity term (finetune.memory.lambda_gen, now "
