@@ -169,3 +169,38 @@ def test_every_model_runs_with_the_conventions_its_folder_records(tmp_path):
     assert conventions_of(loaded) == other
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([500, 900]), torch.tensor([0, 1])
     assert not torch.allclose(loaded(x, t, y).sample, model.eval()(x, t, y).sample, atol=1e-4)  # it matters
+
+
+def test_the_shared_conditioning_is_computed_once_per_forward_with_the_same_outputs():
+    """Every block (and the final layer) reads one timestep + label embedding per forward, as in the original
+    DiT; outputs equal the per-block computation, gradients up to float reassociation."""
+    from diffusers.models.embeddings import CombinedTimestepLabelEmbeddings
+
+    from diffdistill.models.dit import build_dit
+
+    torch.manual_seed(0)
+    model = build_dit("tiny", 4, 8, 10)
+    emb = model.transformer_blocks[0].norm1.emb
+    calls = []
+    emb.timestep_embedder.register_forward_hook(lambda *a: calls.append(1))
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([5, 500, 999]), torch.tensor([1, 2, 10])
+    results = []
+    for once in (True, False):
+        if not once:  # the plain diffusers embedder: one computation per block and one for the final layer
+            emb.__class__ = CombinedTimestepLabelEmbeddings
+        calls.clear()
+        model.zero_grad()
+        out = model(x, t, y).sample
+        out.square().sum().backward()
+        results.append((len(calls), out, [p.grad.clone() for p in model.parameters()]))
+    (n_once, out_once, g_once), (n_plain, out_plain, g_plain) = results
+    assert n_once == 1 and n_plain == len(model.transformer_blocks) + 1
+    assert torch.equal(out_once, out_plain)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(g_once, g_plain))
+    fresh = build_dit("tiny", 4, 8, 10)
+    counted = []
+    fresh.transformer_blocks[0].norm1.emb.timestep_embedder.register_forward_hook(lambda *a: counted.append(1))
+    with torch.no_grad():
+        fresh(x, t, y)
+        fresh(x, t, y)  # the same input tensors again: a new forward still computes anew (no stale cache)
+    assert len(counted) == 2

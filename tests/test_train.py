@@ -1,6 +1,9 @@
 """The training loop's parts on tiny settings: how the data is dealt to processes, which rows the memories
 take, and that the memory losses reach the DiT's weights in the direction they should."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -84,3 +87,53 @@ def test_generated_memory_takes_only_small_t_when_push_max_t_is_set():
     assert int(real.counts.sum()) == len(batch.t) and int(gen.counts.sum()) == int(small.sum())
     for c in (0, 1):  # the generated rows are the x̂0 of the small-t samples of that class, in batch order
         assert torch.equal(gen[c], x0_hat.detach()[small & (batch.labels == c)])
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_steps_between_log_steps_read_nothing_back_from_the_device(stage, tmp_path, monkeypatch):
+    """No host synchronization inside the training loop between two log steps (without memories, images
+    encoded every step): the loss parts and the non-finite check stay on the device until a log row. Counted
+    are the calls made from diffdistill's own code (torch's CPU AdamW reads its step counter itself)."""
+    import traceback
+
+    import diffdistill
+    from diffdistill.config import load_config
+    from diffdistill.stages import train as T
+
+    package = str(Path(diffdistill.__file__).parent)
+    calls: list[str] = []
+    active = [False]
+
+    def counting(owner, name):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            if active[0]:
+                caller = traceback.extract_stack(limit=2)[0]
+                if caller.filename.startswith(package):
+                    calls.append(f"{name} at {Path(caller.filename).name}:{caller.lineno}")
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapper)
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy", "nonzero", "unique"):
+        counting(torch.Tensor, name)
+    counting(torch, "nonzero")
+    counting(torch, "unique")
+    step = T.TrainLoop.train_step
+
+    def watched(self):
+        active[0] = self.step % self.tcfg.log_every not in (0, 1)  # not the log step, nor the one after it
+        try:
+            return step(self)
+        finally:
+            active[0] = False
+
+    monkeypatch.setattr(T.TrainLoop, "train_step", watched)
+    cfg = load_config("configs/demo-digits.yaml", [
+        f"out_dir={tmp_path}", f"{stage}.steps=12", f"{stage}.log_every=6", f"{stage}.batch_size=8", "threads=1",
+        "finetune.init=null", f"{stage}.memory.policy=none", "pretrain.check_images=0"])
+    T.train_stage(cfg, stage, force=True)
+    assert calls == []
+    rows = [json.loads(r) for r in (tmp_path / "demo-digits" / stage / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [6, 12] and all(r["ms_per_step"] > 0 and r["images_per_s"] > 0 for r in rows)

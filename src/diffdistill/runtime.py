@@ -52,6 +52,38 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
+class DeviceTimer:
+    """Time spent in a stretch of device work, summed over many stretches. On CUDA it records events (no host
+    synchronization until `seconds()`, so it times the GPU work itself, not what was queued before it); on
+    the CPU it reads the wall clock."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.total, self.events = 0.0, []
+
+    def start(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def stop(self, started: Any) -> None:
+        if not self.cuda:
+            self.total += time.perf_counter() - started
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self.events.append((started, end))
+
+    def seconds(self) -> float:
+        if self.events:
+            self.events[-1][1].synchronize()
+            self.total += sum(a.elapsed_time(b) for a, b in self.events) / 1000
+            self.events = []
+        return self.total
+
+
 def derive_seed(*parts: Any) -> int:
     """A 63-bit seed that depends only on `parts` (stable across processes and Python versions)."""
     digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()

@@ -189,10 +189,37 @@ def _diffusers_state(state: dict[str, Tensor], depth: int) -> dict[str, Tensor]:
     return out
 
 
+def _conditioning_once(emb_class: type) -> type:
+    """The shared embedder's class, computing its output once per DiT forward: every block (and the final
+    layer) asks it with the same timestep and label tensors, so later asks return the first result. The
+    DiT's forward pre-hook `_new_forward` empties the cache; the state dict and the math are unchanged."""
+
+    class ConditioningOnce(emb_class):
+        def forward(self, timestep, class_labels, hidden_dtype=None):
+            cache = self.__dict__.setdefault("_once", [])  # [(timestep, labels, dtype, output)] of this forward
+            for t, y, dtype, out in cache:
+                if t is timestep and y is class_labels and dtype == hidden_dtype:
+                    return out
+            out = super().forward(timestep, class_labels, hidden_dtype=hidden_dtype)
+            cache.append((timestep, class_labels, hidden_dtype, out))
+            return out
+
+    ConditioningOnce.__name__ = ConditioningOnce.__qualname__ = f"{emb_class.__name__}Once"
+    return ConditioningOnce
+
+
+def _new_forward(model, args) -> None:
+    model.transformer_blocks[0].norm1.emb.__dict__.get("_once", []).clear()
+
+
 def share_block_embeddings(model, source: str | None = None):
-    """Make every block use block 0's timestep/label embedder (one module) with label dropout off."""
+    """Make every block use block 0's timestep/label embedder (one module) with label dropout off, computed
+    once per forward (as the original DiT's t_embedder / y_embedder)."""
     first = model.transformer_blocks[0].norm1.emb
     first.class_embedder.dropout_prob = 0.0
+    if not type(first).__name__.endswith("Once"):
+        first.__class__ = _conditioning_once(type(first))
+        model.register_forward_pre_hook(_new_forward)
     ref = first.state_dict()
     for i, block in enumerate(model.transformer_blocks[1:], start=1):
         emb = block.norm1.emb

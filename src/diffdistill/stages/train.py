@@ -53,7 +53,7 @@ from diffdistill.models.dit import (
 )
 from diffdistill.progress import progress
 from diffdistill.runs import checkpoint_root, model_source, stage_dir
-from diffdistill.runtime import autocast, derive_seed, setup, write_run_info
+from diffdistill.runtime import DeviceTimer, autocast, derive_seed, setup, write_run_info
 
 
 def train_stage(cfg: Config, stage: str, force: bool = False, resume: bool = False) -> Path:
@@ -163,7 +163,9 @@ class TrainLoop:
         self.schedule = NoiseSchedule.from_config(cfg.diffusion)
         rank_part = ("rank", dist.rank()) if dist.enabled() else ()
         self.generator = torch.Generator().manual_seed(derive_seed(cfg.seed, stage, *rank_part))
-        self.opt = torch.optim.AdamW(trainable.params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+        # fused: one kernel for all parameters on CUDA (the same update; CPU keeps the reference loop)
+        self.opt = torch.optim.AdamW(trainable.params, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
+                                     fused=device.type == "cuda" or None)
         warmup = max(tcfg.warmup_steps, 1)
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warmup))
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -181,8 +183,11 @@ class TrainLoop:
                                     dist.world_size(), owns_generator=True)
         else:  # one process: the order is drawn from the run's generator (the order of every earlier version)
             self.order = BatchOrder(len(source), tcfg.batch_size, self.generator)
+        # running log sums stay on the device (float64) and are read at log steps only: no host sync per step
         self.step, self.sums, self.log_rows = 0, {}, []
-        self.mem_seconds = 0.0  # wall time of the memory work (loss terms and pushes)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
+        self.bad_loss = torch.zeros((), device=device)
+        self.mem_timer = DeviceTimer(device)  # the memory work (loss terms and pushes)
         if dist.enabled():
             ids = [device.index] if device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -198,7 +203,8 @@ class TrainLoop:
             tensors.update({f"ema.{i}": v.cpu().contiguous() for i, v in enumerate(self.ema.shadow)})
             optimizer = {"optimizer": self.opt.state_dict(), "lr_scheduler": self.lr_sched.state_dict(),
                          "scaler": self.scaler.state_dict()}
-        rank_state = {"generator": self.generator.get_state(), "order": self.order.state_dict(), "sums": self.sums,
+        sums = {k: v.cpu() if isinstance(v, Tensor) else v for k, v in self.sums.items()}
+        rank_state = {"generator": self.generator.get_state(), "order": self.order.state_dict(), "sums": sums,
                       "banks": {k: {n: v.cpu() for n, v in b.state_dict().items()} for k, b in self.banks.items()}}
         save_checkpoint(root, Checkpoint(self.step, tensors, optimizer, rank_state, self.log_rows),
                         resume_spec(self.cfg, self.stage), self.tcfg.keep_checkpoints)
@@ -222,7 +228,8 @@ class TrainLoop:
         self.scaler.load_state_dict(ckpt.optimizer["scaler"])
         self.generator.set_state(ckpt.rank["generator"])
         self.order.load_state_dict(ckpt.rank["order"])
-        self.sums = dict(ckpt.rank["sums"])
+        self.sums = {k: torch.as_tensor(v, dtype=torch.float64, device=self.device)
+                     for k, v in ckpt.rank["sums"].items()}
         for name, bank in self.banks.items():
             bank.load_state_dict({k: v.to(bank.rows.device) for k, v in ckpt.rank["banks"][name].items()})
         self.log_rows, self.step = ckpt.log, ckpt.step
@@ -234,7 +241,7 @@ class TrainLoop:
         log_file = (out / "log.jsonl").open("w") if dist.is_main() else None
         if log_file:  # the log of the steps before a resumed checkpoint
             log_file.writelines(json.dumps(r) + "\n" for r in self.log_rows)
-        t_start, self.mem_seconds = time.perf_counter(), 0.0  # this session's share
+        t_start = self.t_log = time.perf_counter()  # this session's share
         bar = progress(range(self.step + 1, tcfg.steps + 1), desc=self.stage, unit="step",
                        initial=self.step, total=tcfg.steps, disable=not dist.is_main())
         row: dict = self.log_rows[-1] if self.log_rows else {}
@@ -242,30 +249,39 @@ class TrainLoop:
             for step in bar:
                 self.step = step
                 for k, v in self.train_step().items():
-                    self.sums[k] = self.sums.get(k, 0.0) + v
-                if step % tcfg.log_every == 0 or step == tcfg.steps:
+                    self.sums[k] = self.sums.get(k, 0.0) + v.detach().double()
+                log_now = step % tcfg.log_every == 0 or step == tcfg.steps
+                save_now = bool(tcfg.checkpoint_every) and step % tcfg.checkpoint_every == 0 and step < tcfg.steps
+                if log_now or save_now:  # the only host reads: before a log row or a checkpoint
+                    self._check_finite()
+                if log_now:
                     row = self._log_row(step)
                     self.log_rows.append(row)
                     if log_file:
                         log_file.write(json.dumps(row) + "\n")
                         log_file.flush()
                     bar.set_postfix(loss=f"{row['diffusion']:.4f}")
-                if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < tcfg.steps:
+                if save_now:
                     self.save(ckpt_root)
         finally:
             if log_file:
                 log_file.close()
         seconds = time.perf_counter() - t_start
-        return {"steps": tcfg.steps, "seconds": round(seconds, 2), "memory_seconds": round(self.mem_seconds, 3),
-                "last_log": row}
+        return {"steps": tcfg.steps, "seconds": round(seconds, 2),
+                "memory_seconds": round(self.mem_timer.seconds(), 3), "last_log": row}
 
     def _log_row(self, step: int) -> dict:
         n = (step - 1) % self.tcfg.log_every + 1
-        sums = self.sums
+        sums = {k: float(v) for k, v in self.sums.items()}
+        now = time.perf_counter()
+        speed = {"ms_per_step": round(1000 * (now - self.t_log) / n, 2),
+                 "images_per_s": round(n * self.tcfg.batch_size / max(now - self.t_log, 1e-9), 1)}
+        self.t_log = now
+        self.mem_timer.seconds()  # folds the recorded events in (this is a sync point anyway)
         if dist.enabled():  # the mean over ranks; and a check that the ranks still hold the same weights
             every = dist.all_gather_object(sums)
             sums = {k: sum(s[k] for s in every) / len(every) for k in sums}
-        row = {"step": step, **{k: v / n for k, v in sums.items()}, "lr": self.lr_sched.get_last_lr()[0]}
+        row = {"step": step, **{k: v / n for k, v in sums.items()}, "lr": self.lr_sched.get_last_lr()[0], **speed}
         if self.banks:
             row.update(real_bank_similarity=self.banks["real"].mean_similarity(),
                        gen_bank_similarity=self.banks["gen"].mean_similarity())
@@ -277,19 +293,29 @@ class TrainLoop:
         self.sums = {}
         return row
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self) -> dict[str, Tensor]:
         """One optimizer step: draw a batch, compute the losses, update, then push into the memories."""
         batch = self.draw()
         loss, parts, x0_hat = self.losses(batch)
-        if dist.any_rank(not torch.isfinite(loss).item(), self.device):
-            last = valid_checkpoints(checkpoint_root(self.cfg.run_dir, self.stage))
-            keep = f"; the last good checkpoint is {last[0]} (--resume)" if last else ""
-            raise StageError(f"{self.stage}: the loss is not finite at step {self.step} ({loss.item()} on "
-                             f"rank {dist.rank()}); lower {self.stage}.lr or check the data{keep}")
+        bad = ~torch.isfinite(loss.detach()) & (self.first_bad < 0)  # remembered on the device, read later
+        self.first_bad = torch.where(bad, self.step, self.first_bad)
+        self.bad_loss = torch.where(bad, loss.detach().float(), self.bad_loss)
         self._update(loss)
         if self.banks:
             self._remember(batch, x0_hat)
         return parts
+
+    def _check_finite(self) -> None:
+        """Stop, naming the first step whose loss was not finite and the last good checkpoint (checked before
+        every log row and checkpoint, so no checkpoint holds weights updated by a non-finite loss)."""
+        first = int(self.first_bad)
+        if not dist.any_rank(first >= 0, self.device):
+            return
+        last = valid_checkpoints(checkpoint_root(self.cfg.run_dir, self.stage))
+        keep = f"; the last good checkpoint is {last[0]} (--resume)" if last else ""
+        where = f"step {first} ({float(self.bad_loss)} on rank {dist.rank()})" if first >= 0 else "another rank"
+        raise StageError(f"{self.stage}: the loss is not finite at {where}; lower {self.stage}.lr or check the "
+                         f"data{keep}")
 
     def draw(self) -> Batch:
         """The step's random draws, all from this rank's generator (CPU), in a fixed order."""
@@ -304,28 +330,28 @@ class TrainLoop:
         t = t.to(device)
         return Batch(z0, labels.to(device), t, noise, self.schedule.q_sample(z0, t, noise), model_labels.to(device))
 
-    def losses(self, batch: Batch) -> tuple[Tensor, dict[str, float], Tensor | None]:
+    def losses(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
         """(total loss, its parts for the log, x̂0 [B, D] when there are memories)."""
         channels, schedule, mem = self.latent[0], self.schedule, self.tcfg.memory
         with autocast(self.device, self.cfg.precision):
             out = self.net(batch.zt, batch.t, batch.model_labels, return_dict=False)[0]  # [B, C or 2C, H, W]
         eps = eps_prediction(out.float(), channels)
         loss_diff = F.mse_loss(eps, batch.noise)
-        loss, parts = loss_diff, {"diffusion": loss_diff.item()}
+        loss, parts = loss_diff, {"diffusion": loss_diff}
         if learns_sigma(self.model):  # hybrid loss: the bound trains the variance channels only (ε̂ detached)
             loss_vb = schedule.vb_bits(batch.z0, batch.zt, batch.t, eps.detach(), out[:, channels:].float()).mean()
             loss = loss + loss_vb
-            parts["vb"] = loss_vb.item()
+            parts["vb"] = loss_vb
         if not self.banks:
             return loss, parts, None
-        tm = time.perf_counter()
+        timing = self.mem_timer.start()
         x0_hat = schedule.x0_from_eps(batch.zt, batch.t, eps).flatten(1)  # [B, D], gradient flows through ε̂
         real, generated = self.banks["real"], self.banks["gen"]
         _, reps, divs = memory_loss_terms_dense(x0_hat, batch.labels, real.rows, real.counts, generated.rows,
                                                 generated.counts)
         loss_mem = combine_terms(reps, divs, mem.lambda_real, mem.lambda_gen, mem.loss_accumulation)
-        parts.update(representativeness=reps.mean().item(), diversity=divs.mean().item(), memory=loss_mem.item())
-        self.mem_seconds += time.perf_counter() - tm
+        parts.update(representativeness=reps.mean(), diversity=divs.mean(), memory=loss_mem)
+        self.mem_timer.stop(timing)
         return loss + loss_mem, parts, x0_hat
 
     def _update(self, loss: Tensor) -> None:
@@ -341,9 +367,9 @@ class TrainLoop:
 
     def _remember(self, batch: Batch, x0_hat: Tensor) -> None:
         """The real memory takes z0; the generated memory takes x̂0 (only from t <= push_max_t if set)."""
-        tm = time.perf_counter()
+        timing = self.mem_timer.start()
         push_max_t = self.tcfg.memory.push_max_t
         self.banks["real"].push(batch.z0.flatten(1), batch.labels)
         keep = slice(None) if push_max_t is None else batch.t <= push_max_t
         self.banks["gen"].push(x0_hat.detach()[keep], batch.labels[keep])
-        self.mem_seconds += time.perf_counter() - tm
+        self.mem_timer.stop(timing)
