@@ -1,0 +1,159 @@
+"""Speed at paper shape on a GPU (tiny shape on a CPU, so `make bench` runs it anywhere). Prints JSON.
+
+GPU (paper setting): DiT-XL/2, learned sigma, latents 4×32×32, batch 8, DiffFit on 14 blocks, 10 classes,
+memories 64/64, bf16 autocast. CPU: the demo's tiny DiT, latents 4×8×8, batch 32, fp32.
+- `finetune_step`: ms per training step (the project's TrainLoop: draw, losses, update, memory pushes) for
+  memory policy none / fifo / adaptive, and for none with the stock diffusers conditioning (each block
+  recomputing the timestep and label embedding, the path before it was shared) as the in-project comparison;
+  the memory share = adaptive over none;
+- `flops`: forward + backward FLOPs of one step (torch.utils.flop_counter), the achieved FLOP/s and, on a
+  known GPU, the share of its dense bf16 peak;
+- `sampling`: DDPM-50 with CFG 4 (one doubled batch), images per second;
+- `evaluation`: classifier training images per second (ConvNet-6 at 128 px and ResNet-18 at 224 px on a GPU;
+  ConvNet-3 at 16 px on a CPU).
+Goals (issue: GPU speed): fine-tune step <= 40 ms with adaptive memory, memory <= 3 % of a step, sampling
+>= 20 images/s, ResNet-18 224 px training >= 8,000 images/s. Report ratios from one run on one machine.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+
+import torch
+
+from diffdistill.config import SampleConfig, build_config
+from diffdistill.diffusion import NoiseSchedule
+from diffdistill.models.adapters import make_trainable
+from diffdistill.models.dit import build_dit
+from diffdistill.runtime import package_versions, setup
+from diffdistill.stages.evaluate import train_classifier
+from diffdistill.stages.sample import sample_latents
+from diffdistill.stages.train import TrainLoop
+
+BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s of the SXM parts
+
+
+class RandomLatents:
+    """A latent source of random latents with balanced labels (the loop reads only these members)."""
+
+    def __init__(self, n: int, classes: int, shape: tuple[int, int, int]) -> None:
+        self.labels, self.classes, self.shape = torch.arange(n) % classes, [str(c) for c in range(classes)], shape
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def describe(self) -> dict:
+        return {}
+
+    def sample(self, idx, generator, device):
+        return torch.randn((len(idx), *self.shape), generator=generator).to(device)
+
+
+def synced(device: torch.device):
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def step_ms(setting: dict, policy: str, stock_embedding: bool, device: torch.device, out: str) -> float:
+    shape = setting["latent"]
+    cfg = build_config({}, [f"out_dir={out}", "name=bench", f"precision={setting['precision']}",
+                            f"finetune.batch_size={setting['batch']}", f"finetune.memory.policy={policy}",
+                            f"finetune.trainable={setting['trainable']}", "finetune.memory.size_real=64",
+                            "finetune.memory.size_gen=64", "finetune.log_every=1000000"])
+    torch.manual_seed(0)
+    model = build_dit(setting["size"], shape[0], shape[1], 1000, learn_sigma=setting["learn_sigma"]).to(device)
+    if stock_embedding:  # the plain diffusers embedder class: recomputed by every block
+        emb = model.transformer_blocks[0].norm1.emb
+        emb.__class__ = emb.__class__.__mro__[1]
+    trainable = make_trainable(model, setting["trainable"], 14 if setting["trainable"] == "difffit" else None)
+    source = RandomLatents(64 * 10, 10, shape)
+    loop = TrainLoop(cfg, "finetune", model.train(), trainable, source, shape, torch.arange(10), device)
+    sync = synced(device)
+    for loop.step in range(1, setting["warmup"] + 1):
+        loop.train_step()
+    sync()
+    t0 = time.perf_counter()
+    for loop.step in range(setting["warmup"] + 1, setting["warmup"] + setting["steps"] + 1):
+        loop.train_step()
+    sync()
+    return 1000 * (time.perf_counter() - t0) / setting["steps"]
+
+
+def flops(setting: dict, device: torch.device) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    shape, b = setting["latent"], setting["batch"]
+    model = build_dit(setting["size"], shape[0], shape[1], 1000, learn_sigma=setting["learn_sigma"]).to(device)
+    x, t, y = torch.randn(b, *shape, device=device), torch.randint(0, 1000, (b,), device=device), \
+        torch.randint(0, 1000, (b,), device=device)
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=setting["precision"] == "bf16"):
+            out = model(x, t, y).sample
+        out.float().square().mean().backward()
+    return float(counter.get_total_flops())
+
+
+def sampling_images_per_s(setting: dict, device: torch.device) -> float:
+    shape, n = setting["latent"], setting["sample_images"]
+    model = build_dit(setting["size"], shape[0], shape[1], 1000, learn_sigma=setting["learn_sigma"]).to(device)
+    model.eval()
+    scfg = SampleConfig(scheduler="ddpm", steps=setting["sample_steps"], guidance=4.0, batch_size=n)
+    betas = NoiseSchedule.from_config(build_config({}, []).diffusion).betas
+    gens = [torch.Generator().manual_seed(i) for i in range(n)]
+    labels = torch.arange(n) % 10
+    sync = synced(device)
+    sample_latents(model, scfg, betas, labels[:2], gens[:2], shape, device, setting["precision"])  # warm-up
+    sync()
+    t0 = time.perf_counter()
+    sample_latents(model, scfg, betas, labels, gens, shape, device, setting["precision"])
+    sync()
+    return n / (time.perf_counter() - t0)
+
+
+def evaluation_images_per_s(net: str, size: int, channels: int, images: int, device: torch.device) -> float:
+    ecfg = build_config({}, ["evaluate.batch_size=128", "evaluate.eval_every=1000"]).evaluate
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (images, channels, size, size), generator=g, dtype=torch.uint8).to(device)
+    y = (torch.arange(images) % 10).to(device)
+    norm = (torch.full((1, channels, 1, 1), 0.5, device=device), torch.full((1, channels, 1, 1), 0.25, device=device))
+    train_classifier(net, x[:256], y[:256], x[:64], y[:64], norm, 10, 1, 0, ecfg, True)  # warm-up
+    sync = synced(device)
+    sync()
+    t0 = time.perf_counter()
+    train_classifier(net, x, y, x[:64], y[:64], norm, 10, 2, 0, ecfg, True)
+    sync()
+    return 2 * images / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    gpu = torch.cuda.is_available()
+    device = setup(build_config({}, ["threads=2"] if not gpu else []))
+    setting = dict(size="DiT-XL/2", latent=(4, 32, 32), batch=8, learn_sigma=True, trainable="difffit",
+                   precision="bf16", warmup=5, steps=20, sample_images=64, sample_steps=50) if gpu else \
+        dict(size="tiny", latent=(4, 8, 8), batch=32, learn_sigma=False, trainable="full", precision="fp32",
+             warmup=3, steps=20, sample_images=20, sample_steps=10)
+    name = torch.cuda.get_device_name() if gpu else "cpu"
+    result: dict = {"benchmark": "gpu" if gpu else "gpu (tiny shape on the CPU)", "device": name,
+                    "setting": {k: list(v) if isinstance(v, tuple) else v for k, v in setting.items()}}
+    with tempfile.TemporaryDirectory() as out:
+        steps = {p: step_ms(setting, p, False, device, out) for p in ("none", "fifo", "adaptive")}
+        steps["none, stock diffusers conditioning"] = step_ms(setting, "none", True, device, out)
+    result["finetune_step_ms"] = {k: round(v, 2) for k, v in steps.items()}
+    result["memory_share_percent"] = round(100 * (steps["adaptive"] - steps["none"]) / steps["adaptive"], 2)
+    f = flops(setting, device)
+    achieved = f / (steps["none"] / 1000)
+    peak = next((v for k, v in BF16_PEAK.items() if k in name), None)
+    result["flops"] = {"per_step_forward_backward": f, "achieved_per_s": achieved,
+                       "share_of_bf16_peak": round(achieved / peak, 4) if peak else None}
+    result["sampling_images_per_s"] = round(sampling_images_per_s(setting, device), 2)
+    evals = [("convnet6", 128, 3, 1024), ("resnet18", 224, 3, 1024)] if gpu else [("convnet3", 16, 1, 256)]
+    result["evaluation_images_per_s"] = {f"{net} {size} px": round(evaluation_images_per_s(net, size, c, n, device), 1)
+                                         for net, size, c, n in evals}
+    result["compile"] = "not implemented yet (sample.compile / compile: true is still to come)"
+    result["versions"] = package_versions()
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
