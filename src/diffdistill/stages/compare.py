@@ -127,6 +127,9 @@ def run_compare(config: str | Path, methods: list[str], seeds: list[int], overri
         raise ConfigError("select.space=features: the selections read the full-data classifier that a generative "
                           "method's evaluation trains first; add one (e.g. dit) to --methods and keep "
                           "evaluate.full=true, or use select.space=latents")
+    if generative and base.pretrain.steps <= 0 and base.finetune.init in TRAINING_STAGES:
+        raise ConfigError("compare: pretrain.steps is 0, so the generative methods need a pretrained DiT: set "
+                          "finetune.init to a diffusers folder, a hub id or an original DiT checkpoint")
     # what `run` would check for the base config, before any work: data and val folders, IPC against every
     # class's real images (selections and k-means modes draw from them too), init models, writability
     plan = check_plan(base, [s for s in run_order(base) if s != "check"])
@@ -150,9 +153,6 @@ def run_compare(config: str | Path, methods: list[str], seeds: list[int], overri
                 train_stage(shared, "pretrain", force=False, resume=True)
                 atomic_write_json(shared.run_dir / TIME_FILE, {"seconds": round(time.perf_counter() - t0, 1)})
             model = ["pretrain.steps=0", f"finetune.init={stage_dir(shared.run_dir, 'pretrain') / 'ema'}"]
-        elif base.finetune.init in TRAINING_STAGES:
-            raise ConfigError("compare: pretrain.steps is 0, so the training-free methods need a pretrained DiT: "
-                              "set finetune.init to a diffusers folder, a hub id or an original DiT checkpoint")
         else:
             model = [f"finetune.init={base.finetune.init}"]
     table = []
