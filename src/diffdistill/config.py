@@ -239,6 +239,8 @@ class EvalConfig:
     lighting: float = _num(0.1, NON_NEGATIVE)  # PCA lighting noise std (RGB only)
     cutmix_prob: float = _num(1.0, PROBABILITY)
     cutmix_beta: float = _num(1.0, POSITIVE)
+    # classifier training under bf16 autocast (channels-last on CUDA); fp32 everywhere by default
+    precision: Literal["fp32", "bf16"] = "fp32"
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ from diffdistill.select import PREFIX_STABLE, SELECTORS
 from diffdistill.stages.evaluate import channel_stats, evaluate_stage, features
 from diffdistill.stages.prepare import prepare_stage
 from diffdistill.stages.report import write_report
-from diffdistill.stages.sample import image_file, sample_stage, save_png
+from diffdistill.stages.sample import hwc, image_file, sample_stage, save_png
 from diffdistill.stages.train import train_stage
 
 
@@ -223,8 +223,7 @@ def select_stage(cfg: Config, method: str, baselines: Path) -> Path:
     final = stage_dir(cfg.run_dir, "sample")
     with staged_dir(final, False) as out:
         for name, i, row in picks:
-            arr = train.images[row].permute(1, 2, 0).numpy()
-            save_png(arr[..., 0] if arr.shape[-1] == 1 else arr, out / image_file(name, i))
+            save_png(hwc(train.images[row]), out / image_file(name, i))
             records.append({"file": image_file(name, i), "class": name, "index": i, "train_index": row})
         atomic_write_json(out / "manifest.json", {"method": method, "space": space, "classes": names, "ipc": k,
                                                   "prefix_stable": method in PREFIX_STABLE, "images": records})

@@ -44,7 +44,7 @@ from diffdistill.models.classifiers import DEFAULT_NORM, build_classifier
 from diffdistill.plots import EXAMPLE_CLASSES, EXAMPLES_PER_CLASS
 from diffdistill.progress import progress
 from diffdistill.runs import REAL_EXAMPLES, evaluate_jobs, stage_dir
-from diffdistill.runtime import derive_seed, setup, write_run_info
+from diffdistill.runtime import autocast, derive_seed, setup, write_run_info
 
 BEST_LABEL = "best epoch, selected on the validation set (optimistic)"
 # part of every job record's key: bump when the protocol's arithmetic changes, so old records are not reused
@@ -91,6 +91,8 @@ def train_classifier(net: str, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tenso
     torch.manual_seed(seed)
     generator, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
     model = build_classifier(net, x.shape[1], num_classes, x.shape[-1], ecfg.width, ecfg.norm).to(x.device)
+    layout = torch.channels_last if x.device.type == "cuda" else torch.contiguous_format
+    model = model.to(memory_format=layout)
     opt = torch.optim.SGD(model.parameters(), lr=ecfg.lr, momentum=ecfg.momentum, weight_decay=ecfg.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, lr_milestones(epochs), gamma=0.2)
     crop = ecfg.crop_scale != (1.0, 1.0) or flip
@@ -106,12 +108,13 @@ def train_classifier(net: str, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tenso
             if ecfg.lighting > 0:
                 xb = lighting(xb, ecfg.lighting, generator)
             xb = (xb - norm[0]).div_(norm[1])
-            if ecfg.cutmix_prob > 0 and rng.random() < ecfg.cutmix_prob:
+            mixed = ecfg.cutmix_prob > 0 and rng.random() < ecfg.cutmix_prob
+            if mixed:
                 xb, perm, lam = cutmix(xb, ecfg.cutmix_beta, generator, rng)
-                out = model(xb)
-                loss = lam * F.cross_entropy(out, yb) + (1 - lam) * F.cross_entropy(out, yb[perm])
-            else:
-                loss = F.cross_entropy(model(xb), yb)
+            with autocast(x.device, ecfg.precision):
+                out = model(xb.contiguous(memory_format=layout)).float()
+            loss = lam * F.cross_entropy(out, yb) + (1 - lam) * F.cross_entropy(out, yb[perm]) if mixed \
+                else F.cross_entropy(out, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -375,7 +378,7 @@ def aggregate(plan: Plan, records: dict) -> dict:
                                         else "the first IPC images per class of the set")}
     results["protocol"] = {
         "epochs": {str(ipc): ecfg.epochs or epochs_for_ipc(ipc) for ipc in plan.ipcs},
-        "full_epochs": ecfg.full_epochs, "seeds": ecfg.seeds, "image_size": plan.size,
+        "full_epochs": ecfg.full_epochs, "seeds": ecfg.seeds, "image_size": plan.size, "precision": ecfg.precision,
         "headline": "final-epoch accuracy (%), mean ± std over seeds",
         "augmentation": {"crop_scale": list(ecfg.crop_scale), "hflip": cfg.data.hflip,
                          "color_jitter": ecfg.color_jitter, "lighting": ecfg.lighting,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -171,14 +172,20 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
     mine = [b for n, b in enumerate(batches) if n % dist.world_size() == dist.rank()
             and not all((work / image_file(classes[c], i)).is_file() for c, i in b)]
     bar = progress(total=sum(map(len, mine)), desc="sample", unit="img", disable=not dist.is_main())
-    for batch in mine:
-        generators = [torch.Generator().manual_seed(seeds[job]) for job in batch]
-        images = sample_images(model, ae, cfg, torch.tensor([cond[c] for c, _ in batch]), generators, device,
-                               modes.batch(batch) if modes else None)
-        for (c, i), img in zip(batch, images):
-            arr = img.permute(1, 2, 0).numpy()
-            save_png(arr[..., 0] if arr.shape[-1] == 1 else arr, work / image_file(classes[c], i))
-        bar.update(len(batch))
+    # PNG encoding runs in threads while the device samples the next batch; one batch of writes in flight
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        pending: list[Future] = []
+        for batch in mine:
+            generators = [torch.Generator().manual_seed(seeds[job]) for job in batch]
+            images = sample_images(model, ae, cfg, torch.tensor([cond[c] for c, _ in batch]), generators, device,
+                                   modes.batch(batch) if modes else None)
+            for future in pending:
+                future.result()
+            pending = [pool.submit(save_png, hwc(img), work / image_file(classes[c], i))
+                       for (c, i), img in zip(batch, images)]
+            bar.update(len(batch))
+        for future in pending:
+            future.result()
     bar.close()
     dist.barrier()
     if dist.is_main():
@@ -238,6 +245,12 @@ def _open_work_dir(work: Path, spec: dict, classes: list[str]) -> None:
     except OSError as err:
         raise StageError(f"cannot write the sample folder {work}: {err.strerror or err}") from None
     atomic_write_json(spec_file, spec)
+
+
+def hwc(img: Tensor):
+    """uint8 [C, H, W] -> the array PIL takes: [H, W] for one channel, [H, W, C] otherwise."""
+    arr = img.permute(1, 2, 0).numpy()
+    return arr[..., 0] if arr.shape[-1] == 1 else arr
 
 
 def save_png(arr, path: Path) -> None:
