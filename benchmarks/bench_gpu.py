@@ -85,6 +85,7 @@ def flops(setting: dict, device: torch.device) -> float:
 
     shape, b = setting["latent"], setting["batch"]
     model = build_dit(setting["size"], shape[0], shape[1], 1000, learn_sigma=setting["learn_sigma"]).to(device)
+    make_trainable(model, setting["trainable"], 14 if setting["trainable"] == "difffit" else None)  # as timed
     x, t, y = torch.randn(b, *shape, device=device), torch.randint(0, 1000, (b,), device=device), \
         torch.randint(0, 1000, (b,), device=device)
     with FlopCounterMode(display=False) as counter:

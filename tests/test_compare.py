@@ -58,6 +58,10 @@ def test_compare_two_seeds_shares_baselines_and_resumes(tmp_path, capsys):
     assert out.count("== compare:") == 1 and "== compare: herding-s1" in out
     # the random-real (IPC 1, 2) and full-data classifiers of seed 1 are reused; herding's two are trained
     assert f"3 of 5 classifier results are reused from {root / 'baselines-s1'}:" in out
+    # other settings into the same folders: refused before any work, never mixed into the table
+    capsys.readouterr()
+    assert main([*args, "evaluate.epochs=3"]) == 2
+    assert "made with other settings; give this comparison another name" in capsys.readouterr().err
     again = list(csv.DictReader((root / "compare.csv").open()))
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in again] == [
         {k: v for k, v in r.items() if k != "seconds"} for r in rows]
@@ -111,4 +115,14 @@ def test_feature_space_without_a_generative_method_is_refused_before_any_work(tm
             "--methods", "random,herding"]
     assert main(args) == 2
     assert "add one (e.g. dit) to --methods" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["evaluate.pool=true", "--methods", "herding,dit"], "compare needs evaluate.pool=false"),
+    (["finetune.steps=0", "--methods", "dit,adaptive"], "finetune.steps is 0, but adaptive fine-tune"),
+])
+def test_settings_that_would_change_a_method_are_refused(tmp_path, capsys, extra, message):
+    assert main(["compare", "configs/demo-digits.yaml", f"out_dir={tmp_path}", *extra]) == 2
+    assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())

@@ -1,3 +1,5 @@
+import pickle
+
 import pytest
 import torch
 
@@ -204,3 +206,8 @@ def test_the_shared_conditioning_is_computed_once_per_forward_with_the_same_outp
         fresh(x, t, y)
         fresh(x, t, y)  # the same input tensors again: a new forward still computes anew (no stale cache)
     assert len(counted) == 2
+    assert fresh.transformer_blocks[0].norm1.emb.__dict__["_once"] == []  # nothing held between forwards
+    plain = build_dit("tiny", 4, 8, 10)
+    clone = pickle.loads(pickle.dumps(plain))  # the swapped-in class is importable by name
+    with torch.no_grad():
+        assert torch.equal(clone(x, t, y).sample, plain(x, t, y).sample)

@@ -80,8 +80,9 @@ def test_guidance_acts_on_the_first_steps_only_and_pulls_toward_each_image_s_mod
     assert bool((dist(guided) < dist(plain)).all())
 
 
-@pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "dpm"])
-def test_prototype_start_noises_the_mode_to_the_first_step_run(scheduler):
+@pytest.mark.parametrize("scheduler,strength,first", [("ddpm", 0.6, 4), ("ddim", 0.6, 4), ("dpm", 0.6, 4),
+                                                       ("ddim", 1.0, 0)])
+def test_prototype_start_noises_the_mode_to_the_first_step_run(scheduler, strength, first):
     seen = {}
 
     class Recorder(torch.nn.Module):
@@ -97,12 +98,12 @@ def test_prototype_start_noises_the_mode_to_the_first_step_run(scheduler):
 
     model = Recorder(_model())
     modes = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(9))
-    scfg = SampleConfig(scheduler=scheduler, steps=10, guidance=1.0, start="prototype", prototype_strength=0.6)
+    scfg = SampleConfig(scheduler=scheduler, steps=10, guidance=1.0, start="prototype", prototype_strength=strength)
     _sample(model, scfg, modes)
     sched = make_scheduler(scheduler, BETAS)
     sched.set_timesteps(10)
-    first = start_step(10, scfg)
-    assert first == 4 and seen["calls"] == 6 and seen["t"] == int(sched.timesteps[first])
+    assert start_step(10, scfg) == first and seen["calls"] == 10 - first
+    assert seen["t"] == int(sched.timesteps[first])  # strength 1: the prototype noised to the first step
     noise = torch.cat([torch.randn(1, *SHAPE, generator=torch.Generator().manual_seed(s)) for s in (1, 2)])
     a = torch.cumprod(1 - BETAS.double(), 0).float()[seen["t"]]
     assert torch.allclose(seen["x"], a.sqrt() * modes + (1 - a).sqrt() * noise, atol=1e-6)

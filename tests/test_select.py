@@ -59,3 +59,10 @@ def test_every_selector_returns_k_distinct_rows():
 def test_asking_for_more_points_than_there_are_fails(fn):
     with pytest.raises(ValueError, match="k = 5 points requested from 4"):
         fn(LINE, 5)
+
+
+def test_identical_points_are_still_picked_once_each():
+    same = torch.zeros(3, 2)  # every distance 0: k-center and k-means++ must not return a point twice
+    assert kcenter(same, 3).tolist() == [0, 1, 2]
+    c, assign = kmeans(same, 3, seed=0)
+    assert c.shape == (3, 2) and sorted(nearest(same, c).tolist()) == [0, 1, 2]

@@ -116,7 +116,9 @@ def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tens
 def mode_guided_eps(eps: Tensor, zt: Tensor, mode: Tensor, alpha_bar: Tensor | float, scale: float) -> Tensor:
     """MGD³'s mode guidance in ε form: ε̂ − λ σ_t (m − x̂0), with σ_t = √(1 − ᾱ_t) and x̂0 = (z_t − σ_t ε̂) / √ᾱ_t
     the step's predicted clean latent. The x̂0 of the result is x̂0 + λ σ_t² / √ᾱ_t · (m − x̂0): closer to the
-    mode m whenever 0 < λ σ_t² / √ᾱ_t < 2. All tensors [B, C, H, W]; `alpha_bar` = ᾱ_t (scalar or [B, 1, 1, 1])."""
+    mode m while λ σ_t² / √ᾱ_t < 2; at the noisiest steps (ᾱ_t ~ 1e-4) it overshoots past m, which the
+    samplers (linear in ε̂) carry as a small pull of z_t toward m — unless x̂0 is clipped (sample.clip_denoised),
+    which then saturates it. All tensors [B, C, H, W]; `alpha_bar` = ᾱ_t (scalar or [B, 1, 1, 1])."""
     a = torch.as_tensor(alpha_bar, dtype=eps.dtype, device=eps.device)
     sigma = (1 - a).sqrt()
     x0 = (zt - sigma * eps) / a.sqrt()

@@ -176,8 +176,8 @@ class RealLatents:
     selection and the modes of mode guidance: read from the latent cache when a complete one exists for
     this config, else encoded here (the autoencoder on the images, batch by batch)."""
 
-    def __init__(self, cfg: Config, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, cfg: Config, device: torch.device, data: ImageSet | None = None) -> None:
+        self.device = device  # data: the train set, if the caller has read it already
         folder = cache_dir(cfg)
         if (folder / MANIFEST).is_file():
             self.cache: LatentCache | None = LatentCache(folder)
@@ -185,7 +185,7 @@ class RealLatents:
             self.labels, self.source = self.cache.labels, f"latent cache {folder}"
         else:
             self.cache = None
-            self.data, _ = load_data(cfg.data, need_val=False)
+            self.data = data if data is not None else load_data(cfg.data, need_val=False)[0]
             self.ae = build_autoencoder(cfg.autoencoder).to(device)
             self.labels, self.source = self.data.labels, "the train images, encoded"
 

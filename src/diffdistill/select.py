@@ -53,47 +53,58 @@ def kcenter(x: Tensor, k: int) -> Tensor:
     first = _argmin((x - x.mean(0)).pow(2).sum(1))
     chosen = [first]
     nearest = (x - x[first]).pow(2).sum(1)  # [N] squared distance to the nearest chosen point
+    taken = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    taken[first] = True
     for _ in range(k - 1):
-        i = _argmin(-nearest)  # farthest point; lowest index among ties
+        i = _argmin((-nearest).masked_fill(taken, float("inf")))  # farthest untaken point; lowest index on ties
         chosen.append(i)
+        taken[i] = True
         nearest = torch.minimum(nearest, (x - x[i]).pow(2).sum(1))
     return torch.tensor(chosen, dtype=torch.long)
 
 
+def _sq_distances(x: Tensor, c: Tensor) -> Tensor:
+    """[N, k] squared distances, as matrix products in float64: no atomics and no TF32, so a device gives
+    the same assignment every time (cdist and index_add_ do not promise that on a GPU)."""
+    return (x.pow(2).sum(1, keepdim=True) - 2 * x @ c.T + c.pow(2).sum(1)).clamp_min(0)
+
+
 def kmeans(x: Tensor, k: int, seed: int, iters: int = 100) -> tuple[Tensor, Tensor]:
     """(centroids [k, D], assignment [N]) of x [N, D]: k-means++ start drawn from `seed`, then Lloyd
-    iterations until the assignment stops changing (at most `iters`). Runs on x's device; an empty cluster
-    keeps its centroid."""
+    iterations until the assignment stops changing (at most `iters`). Runs on x's device in float64
+    (deterministic there); an empty cluster keeps its centroid. Centroids come back in x's dtype."""
     _check(x, k)
     gen = torch.Generator().manual_seed(seed)
-    xf = x.float()
-    n = xf.shape[0]
+    xd = x.double()
+    n = xd.shape[0]
     first = int(torch.randint(n, (1,), generator=gen))
-    centroids = [xf[first]]
-    d2 = (xf - xf[first]).pow(2).sum(1)  # [N]
+    picked = [first]
+    d2 = (xd - xd[first]).pow(2).sum(1)  # [N] squared distance to the nearest picked point
     for _ in range(k - 1):
-        weights = d2.clamp_min(0).double().cpu()
-        # all remaining points coincide with a centroid: take the lowest-index unused one
-        i = int(torch.multinomial(weights, 1, generator=gen)) if weights.sum() > 0 else _argmin(-d2)
-        centroids.append(xf[i])
-        d2 = torch.minimum(d2, (xf - xf[i]).pow(2).sum(1))
-    c = torch.stack(centroids)  # [k, D]
-    assign = torch.full((n,), -1, dtype=torch.long, device=xf.device)
+        weights = d2.clamp_min(0).cpu()
+        if weights.sum() > 0:
+            i = int(torch.multinomial(weights, 1, generator=gen))
+        else:  # every point coincides with a picked one: the lowest-index point not picked yet
+            i = next(j for j in range(n) if j not in picked)
+        picked.append(i)
+        d2 = torch.minimum(d2, (xd - xd[i]).pow(2).sum(1))
+    c = xd[picked]  # [k, D]
+    assign = torch.full((n,), -1, dtype=torch.long, device=xd.device)
     for _ in range(iters):
-        new = torch.cdist(xf, c).argmin(1)  # [N]
+        new = _sq_distances(xd, c).argmin(1)  # [N]
         if torch.equal(new, assign):
             break
         assign = new
-        counts = torch.bincount(assign, minlength=k).to(xf.dtype)  # [k]
-        sums = torch.zeros_like(c).index_add_(0, assign, xf)  # [k, D]
-        c = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], c)
-    return c, assign
+        onehot = torch.nn.functional.one_hot(assign, k).to(xd.dtype)  # [N, k]
+        counts = onehot.sum(0)  # [k]
+        c = torch.where(counts[:, None] > 0, (onehot.T @ xd) / counts.clamp_min(1)[:, None], c)
+    return c.to(x.dtype), assign
 
 
 def nearest(x: Tensor, centroids: Tensor) -> Tensor:
     """For each centroid [k, D] the index of its nearest point of x [N, D] (ties: lowest index); a point
     already taken by an earlier centroid is skipped, so the k indices are distinct."""
-    d = torch.cdist(centroids.double(), x.double())  # [k, N]
+    d = _sq_distances(centroids.double(), x.double())  # [k, N]
     taken = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     out = []
     for row in d:

@@ -190,25 +190,29 @@ def _diffusers_state(state: dict[str, Tensor], depth: int) -> dict[str, Tensor]:
 
 
 def _conditioning_once(emb_class: type) -> type:
-    """The shared embedder's class, computing its output once per DiT forward: every block (and the final
-    layer) asks it with the same timestep and label tensors, so later asks return the first result. The
-    DiT's forward pre-hook `_new_forward` empties the cache; the state dict and the math are unchanged."""
+    """`emb_class` computing its output once per DiT forward: every block (and the final layer) asks it with
+    the same timestep and label tensors, so later asks return the first result. The DiT's forward hooks
+    (`_clear_conditioning`) empty the cache before and after each forward; the state dict and the math are
+    unchanged. The class is made once per base class and named in this module, so models still pickle."""
+    name = f"{emb_class.__name__}Once"
+    if name in globals():
+        return globals()[name]
 
-    class ConditioningOnce(emb_class):
-        def forward(self, timestep, class_labels, hidden_dtype=None):
-            cache = self.__dict__.setdefault("_once", [])  # [(timestep, labels, dtype, output)] of this forward
-            for t, y, dtype, out in cache:
-                if t is timestep and y is class_labels and dtype == hidden_dtype:
-                    return out
-            out = super().forward(timestep, class_labels, hidden_dtype=hidden_dtype)
-            cache.append((timestep, class_labels, hidden_dtype, out))
-            return out
+    def forward(self, timestep, class_labels, hidden_dtype=None):
+        cache = self.__dict__.setdefault("_once", [])  # [(timestep, labels, dtype, output)] of this forward
+        for t, y, dtype, out in cache:
+            if t is timestep and y is class_labels and dtype == hidden_dtype:
+                return out
+        out = emb_class.forward(self, timestep, class_labels, hidden_dtype=hidden_dtype)
+        cache.append((timestep, class_labels, hidden_dtype, out))
+        return out
 
-    ConditioningOnce.__name__ = ConditioningOnce.__qualname__ = f"{emb_class.__name__}Once"
-    return ConditioningOnce
+    cls = type(name, (emb_class,), {"forward": forward, "__module__": __name__, "__qualname__": name})
+    globals()[name] = cls
+    return cls
 
 
-def _new_forward(model, args) -> None:
+def _clear_conditioning(model, *args) -> None:
     model.transformer_blocks[0].norm1.emb.__dict__.get("_once", []).clear()
 
 
@@ -219,7 +223,8 @@ def share_block_embeddings(model, source: str | None = None):
     first.class_embedder.dropout_prob = 0.0
     if not type(first).__name__.endswith("Once"):
         first.__class__ = _conditioning_once(type(first))
-        model.register_forward_pre_hook(_new_forward)
+        model.register_forward_pre_hook(_clear_conditioning)
+        model.register_forward_hook(_clear_conditioning)
     ref = first.state_dict()
     for i, block in enumerate(model.transformer_blocks[1:], start=1):
         emb = block.norm1.emb

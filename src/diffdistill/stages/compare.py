@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from diffdistill.config import Config, ConfigError, build_config, read_yaml
+from diffdistill.config import Config, ConfigError, build_config, read_yaml, to_dict
 from diffdistill.data.datasets import data_classes, load_data, to_uint8
 from diffdistill.errors import StageError
 from diffdistill.files import atomic_write_bytes, atomic_write_json, atomic_write_text, staged_dir
-from diffdistill.latents import RealLatents
+from diffdistill.latents import RealLatents, cache_root
 from diffdistill.models.classifiers import build_classifier
 from diffdistill.plots import compare_plot
 from diffdistill.preflight import check_plan
@@ -127,6 +127,13 @@ def run_compare(config: str | Path, methods: list[str], seeds: list[int], overri
         raise ConfigError("select.space=features: the selections read the full-data classifier that a generative "
                           "method's evaluation trains first; add one (e.g. dit) to --methods and keep "
                           "evaluate.full=true, or use select.space=latents")
+    if base.evaluate.pool:
+        raise ConfigError("compare: evaluate.pool draws each IPC at random from a larger set, which would change "
+                          "what herding and k-center pick; compare needs evaluate.pool=false")
+    if any(METHODS[m].family == "finetune" for m in methods) and base.finetune.steps <= 0:
+        raise ConfigError(f"compare: finetune.steps is {base.finetune.steps}, but "
+                          f"{', '.join(m for m in methods if METHODS[m].family == 'finetune')} fine-tune; set "
+                          "finetune.steps or leave those methods out")
     if generative and base.pretrain.steps <= 0 and base.finetune.init in TRAINING_STAGES:
         raise ConfigError("compare: pretrain.steps is 0, so the generative methods need a pretrained DiT: set "
                           "finetune.init to a diffusers folder, a hub id or an original DiT checkpoint")
@@ -143,18 +150,26 @@ def run_compare(config: str | Path, methods: list[str], seeds: list[int], overri
         return root
     if "prepare" in run_order(base):  # the latent cache every method's fine-tune (and the modes) read
         prepare_stage(base, False)
-    model: list[str] = []
+    # every run of the comparison reads the one latent cache (its runs live in another out_dir)
+    model: list[str] = [f"prepare.dir={cache_root(base)}"]
     if generative:
-        if base.pretrain.steps > 0:
-            shared = _build(raw, [*overrides, f"out_dir={root}", "name=shared"])
+        if base.pretrain.steps > 0 and base.finetune.init == "pretrain":
+            shared = _build(raw, [*overrides, *model, f"out_dir={root}", "name=shared"])
+            _same_settings(shared, "the shared pretraining")
             if not stage_dir(shared.run_dir, "pretrain").is_dir():
                 print(f"== compare: pretraining the shared DiT ({shared.pretrain.steps} steps) ==", flush=True)
                 t0 = time.perf_counter()
                 train_stage(shared, "pretrain", force=False, resume=True)
-                atomic_write_json(shared.run_dir / TIME_FILE, {"seconds": round(time.perf_counter() - t0, 1)})
-            model = ["pretrain.steps=0", f"finetune.init={stage_dir(shared.run_dir, 'pretrain') / 'ema'}"]
+                atomic_write_json(shared.run_dir / TIME_FILE, {"seconds": round(time.perf_counter() - t0, 1),
+                                                               "config": settings_key(shared)})
+            model += ["pretrain.steps=0", f"finetune.init={stage_dir(shared.run_dir, 'pretrain') / 'ema'}"]
         else:
-            model = [f"finetune.init={base.finetune.init}"]
+            model.append(f"finetune.init={base.finetune.init}")
+    runs = [(name, seed, ipc) for seed in seeds for name in sorted(methods, key=lambda m: METHODS[m].family ==
+            "select") if name != "random" for ipc in (ipcs if METHODS[name].per_ipc else [None])]
+    configs = {run: method_config(raw, overrides, *run[:2], root, model, run[2]) for run in runs}
+    for (name, _, _), cfg in configs.items():  # a folder made with other settings is never mixed in
+        _same_settings(cfg, f"the {name} run")
     table = []
     for seed in seeds:
         baselines = root / f"baselines-s{seed}"
@@ -163,11 +178,11 @@ def run_compare(config: str | Path, methods: list[str], seeds: list[int], overri
             if name == "random":
                 continue
             for ipc in (ipcs if METHODS[name].per_ipc else [None]):
-                cfg = method_config(raw, overrides, name, seed, root, model, ipc)
+                cfg = configs[(name, seed, ipc)]
                 if not results_file(cfg.run_dir).is_file():
                     print(f"== compare: {cfg.name} ({METHODS[name].about}) ==", flush=True)
                     _run_method(cfg, name, baselines)
-                table += _rows(name, seed, cfg.run_dir)
+                table += _rows(name, seed, cfg.run_dir, baselines)
         if "random" in methods:
             table += _random_rows(seed, root, table)
     _write_outputs(root, table, methods, seeds)
@@ -177,6 +192,8 @@ def run_compare(config: str | Path, methods: list[str], seeds: list[int], overri
 def _run_method(cfg: Config, name: str, baselines: Path) -> None:
     method = METHODS[name]
     t0 = time.perf_counter()
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(cfg.run_dir / TIME_FILE, {"method": name, "config": settings_key(cfg)})
     if method.family == "finetune" and not stage_dir(cfg.run_dir, "finetune").is_dir():
         train_stage(cfg, "finetune", force=False, resume=True)
     if not stage_dir(cfg.run_dir, "sample").is_dir():
@@ -188,7 +205,22 @@ def _run_method(cfg: Config, name: str, baselines: Path) -> None:
             sample_stage(sample_cfg)
     evaluate_stage(cfg, force=True, baselines=baselines)
     write_report(cfg.run_dir)
-    atomic_write_json(cfg.run_dir / TIME_FILE, {"method": name, "seconds": round(time.perf_counter() - t0, 1)})
+    atomic_write_json(cfg.run_dir / TIME_FILE, {"method": name, "config": settings_key(cfg),
+                                                "seconds": round(time.perf_counter() - t0, 1)})
+
+
+def settings_key(cfg: Config) -> str:
+    """A hash of everything a run's config says (its folder name and output folder included)."""
+    return str(derive_seed(json.dumps(to_dict(cfg), sort_keys=True)))
+
+
+def _same_settings(cfg: Config, what: str) -> None:
+    """Refuse a run folder that an earlier compare made with other settings (its results would be mixed in)."""
+    saved = cfg.run_dir / TIME_FILE
+    earlier = json.loads(saved.read_text()).get("config") if saved.is_file() else None
+    if earlier is not None and earlier != settings_key(cfg):
+        raise ConfigError(f"compare: {cfg.run_dir} holds {what} made with other settings; give this comparison "
+                          "another name (name=...) or delete that folder")
 
 
 def _with(cfg: Config, key: str, value: str) -> Config:
@@ -203,23 +235,26 @@ def select_stage(cfg: Config, method: str, baselines: Path) -> Path:
     names = data_classes(cfg.data)
     k = max(cfg.evaluate.ipc or cfg.sample.ipc)
     train, _ = load_data(cfg.data, need_val=False)
+    index_of = {c: (train.labels == c).nonzero().squeeze(1) for c in range(len(names))}  # train-set order
     if cfg.select.space == "latents":
-        real = RealLatents(cfg, device)
+        real = RealLatents(cfg, device, train)
         space = f"autoencoder latents ({real.source})"
-        rows = {c: real.of_class(c).flatten(1) for c in range(len(names))}
-        index = {c: real.indices(c) for c in range(len(names))}
+        if not torch.equal(real.labels, train.labels):  # the cache's rows are the train set's, in its order
+            raise StageError(f"select: {real.source} does not list the train set's images in its order; "
+                             "run `diffdistill prepare --force` with this config")
+
+        def rows_of(c: int) -> torch.Tensor:
+            return real.of_class(c).flatten(1)  # [n_c, D]
     else:
         model, norm = _full_model(cfg, train, baselines, device)
-        net = cfg.evaluate.nets[0]
-        space = f"penultimate features of the {net} trained on the full real train set (seed 0)"
-        x = _at_eval_size(train.images, cfg).to(device)
-        index = {c: (train.labels == c).nonzero().squeeze(1) for c in range(len(names))}
-        rows = {c: features(model, x[index[c]], norm) for c in range(len(names))}
+        space = f"penultimate features of the {cfg.evaluate.nets[0]} trained on the full real train set (seed 0)"
+
+        def rows_of(c: int) -> torch.Tensor:
+            return features(model, _at_eval_size(train.images[index_of[c]], cfg).to(device), norm)  # [n_c, F]
     picks, records = [], []
-    for c, name in enumerate(names):
-        chosen = SELECTORS[method](rows[c], k, derive_seed(cfg.seed, "select", method, name))
-        for i, j in enumerate(chosen.tolist()):
-            picks.append((name, i, int(index[c][j])))
+    for c, name in enumerate(names):  # one class's rows on the device at a time
+        chosen = SELECTORS[method](rows_of(c), k, derive_seed(cfg.seed, "select", method, name))
+        picks += [(name, i, int(index_of[c][j])) for i, j in enumerate(chosen.tolist())]
     final = stage_dir(cfg.run_dir, "sample")
     with staged_dir(final, False) as out:
         for name, i, row in picks:
@@ -252,10 +287,18 @@ def _full_model(cfg: Config, train, baselines: Path, device: torch.device):
     return model.to(device), channel_stats(train, size, device)
 
 
-def _rows(name: str, seed: int, run_dir: Path) -> list[dict]:
+def baseline_seconds(baselines: Path, trained_in: Path | None = None) -> float:
+    """Training time of the shared random-real and full-data classifiers (those trained during one run)."""
+    records = [json.loads(f.read_text()) for f in baselines.glob("*.json")]
+    return sum(r.get("seconds", 0.0) for r in records if trained_in is None or r.get("trained_in") == str(trained_in))
+
+
+def _rows(name: str, seed: int, run_dir: Path, baselines: Path) -> list[dict]:
     res = json.loads(results_file(run_dir).read_text())
     timing = run_dir / TIME_FILE
-    seconds = json.loads(timing.read_text())["seconds"] if timing.is_file() else None
+    seconds = json.loads(timing.read_text()).get("seconds") if timing.is_file() else None
+    if seconds is not None:  # the shared baselines trained during this run are the comparison's, not the method's
+        seconds = round(seconds - baseline_seconds(baselines, run_dir), 1)
     out = []
     for net, entry in res["by_net"].items():
         for ipc, e in entry["ipc"].items():
@@ -308,12 +351,14 @@ def _pm(v: tuple | None, digits: int = 1) -> str:
     return "—" if v is None else f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}"
 
 
-def compare_table(summary: list[dict], seeds: list[int], shared_seconds: float | None) -> str:
+def compare_table(summary: list[dict], seeds: list[int], shared_seconds: float | None,
+                  baselines_seconds: float) -> str:
+    shared = f"the shared pretraining took {shared_seconds / 60:.1f} min, " if shared_seconds else ""
     lines = [f"Final-epoch accuracy (%) on the real val set, mean ± std over {len(seeds)} seed(s) "
              f"({', '.join(map(str, seeds))}); each seed's value is the mean over the evaluation's classifier seeds. "
              "Gap = method − random real images (same nets, seeds and draws). Time = the method's own wall time "
-             "per seed (fine-tuning, sampling or selection, evaluation)"
-             + (f"; the shared pretraining took {shared_seconds / 60:.1f} min more." if shared_seconds else "."),
+             f"per seed (fine-tuning, sampling or selection, its evaluation); {shared}the shared random-real and "
+             f"full-data classifiers {baselines_seconds / 60 / max(len(seeds), 1):.1f} min per seed.",
              "", "| method | net | IPC | accuracy | gap to random | fidelity | diversity | precision | coverage | "
              "time / seed |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     random = {(e["net"], e["ipc"]): e["accuracy"][0] for e in summary if e["method"] == "random"}
@@ -339,5 +384,6 @@ def _write_outputs(root: Path, table: list[dict], methods: list[str], seeds: lis
     summary.sort(key=lambda e: order[e["method"]])
     shared = root / "shared" / TIME_FILE
     shared_seconds = json.loads(shared.read_text())["seconds"] if shared.is_file() else None
-    atomic_write_text(root / "compare.md", compare_table(summary, seeds, shared_seconds) + "\n")
+    baselines = sum(baseline_seconds(root / f"baselines-s{seed}") for seed in seeds)
+    atomic_write_text(root / "compare.md", compare_table(summary, seeds, shared_seconds, baselines) + "\n")
     atomic_write_bytes(root / "compare.png", compare_plot(summary))

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import Tensor
 
@@ -202,9 +203,11 @@ class Plan:
         """The saved result of `job` if it was made with everything this plan would use, else None."""
         file = self.job_file(job)
         record = json.loads(file.read_text()) if file.is_file() else None
-        if job[1] == "full" and not file.with_suffix(".safetensors").is_file():
+        if record is None or record.get("key") != self.key(job):
+            return None
+        if job[1] == "full" and _weights_key(file.with_suffix(".safetensors")) != str(record["key"]):
             return None  # fidelity and the metrics' features come from the weights kept beside the record
-        return record if record is not None and record.get("key") == self.key(job) else None
+        return record
 
     def key(self, job: Job) -> int:
         parts = {k: v for k, v in self.key_parts.items() if not (job[1] in BASELINES and k == "distilled")}
@@ -299,9 +302,10 @@ def run_jobs(plan: Plan) -> None:
         record, model = _run_job(plan, job, val_xy)
         record["key"] = plan.key(job)
         file = plan.job_file(job)
-        if job[1] == "full":  # weights first: a record implies its weights exist
+        if job[1] == "full":  # weights first (with the record's key): a record implies its weights exist
             atomic_write_bytes(file.with_suffix(".safetensors"), save(
-                {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
+                {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                metadata={"key": str(record["key"])}))
         atomic_write_json(file, record)
 
 
@@ -324,10 +328,20 @@ def _run_job(plan: Plan, job: Job, val_xy: tuple[Tensor, Tensor]) -> tuple[dict,
     else:
         subset = plan.train
     epochs = ecfg.full_epochs if kind == "full" else ecfg.epochs or epochs_for_ipc(ipc)
+    t0 = time.perf_counter()
     res = train_classifier(net, *plan.prepare(subset), *val_xy, plan.norm, len(plan.names), epochs, seed, ecfg,
                            cfg.data.hflip)
-    record.update(final=res.final, best=res.best, best_epoch=res.best_epoch, curve=res.curve, epochs=epochs)
+    record.update(final=res.final, best=res.best, best_epoch=res.best_epoch, curve=res.curve, epochs=epochs,
+                  seconds=round(time.perf_counter() - t0, 2), trained_in=str(cfg.run_dir))
     return record, res.model
+
+
+def _weights_key(path: Path) -> str | None:
+    """The job key stored in a kept classifier's weights file (None: no file, or one without a key)."""
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("key")
 
 
 def collect_records(plan: Plan) -> dict:

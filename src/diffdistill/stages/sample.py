@@ -74,11 +74,12 @@ def sample_latents(model, scfg: SampleConfig, betas: Tensor, labels: Tensor, gen
     if first and hasattr(scheduler, "set_begin_index"):  # multistep solvers count their steps from here
         scheduler.set_begin_index(first)
     guided = round(len(timesteps) * scfg.mode_guidance.stop) if scfg.mode_guidance.scale > 0 else 0
-    if (guided or first) and modes is None:
+    prototype = scfg.start == "prototype"
+    if (guided or prototype) and modes is None:
         raise ValueError("mode guidance and the prototype start need each image's mode")
     b = labels.shape[0]
     x = randn_tensor((b, *latent_shape), generator=generators, device=torch.device("cpu")).to(device)
-    if first:  # [B, C, H, W] prototypes noised to the first step run
+    if prototype:  # [B, C, H, W] prototypes noised to the first step run (strength 1: the first step of all)
         x = noised_start(modes.to(device), x, alpha_bar[int(timesteps[0])])
     else:
         x = x * scheduler.init_noise_sigma

@@ -242,6 +242,7 @@ class TrainLoop:
         if log_file:  # the log of the steps before a resumed checkpoint
             log_file.writelines(json.dumps(r) + "\n" for r in self.log_rows)
         t_start = self.t_log = time.perf_counter()  # this session's share
+        self.timed_steps = 0  # steps since t_log (after a resume, fewer than the log row's mean covers)
         bar = progress(range(self.step + 1, tcfg.steps + 1), desc=self.stage, unit="step",
                        initial=self.step, total=tcfg.steps, disable=not dist.is_main())
         row: dict = self.log_rows[-1] if self.log_rows else {}
@@ -250,6 +251,7 @@ class TrainLoop:
                 self.step = step
                 for k, v in self.train_step().items():
                     self.sums[k] = self.sums.get(k, 0.0) + v.detach().double()
+                self.timed_steps += 1
                 log_now = step % tcfg.log_every == 0 or step == tcfg.steps
                 save_now = bool(tcfg.checkpoint_every) and step % tcfg.checkpoint_every == 0 and step < tcfg.steps
                 if log_now or save_now:  # the only host reads: before a log row or a checkpoint
@@ -273,10 +275,10 @@ class TrainLoop:
     def _log_row(self, step: int) -> dict:
         n = (step - 1) % self.tcfg.log_every + 1
         sums = {k: float(v) for k, v in self.sums.items()}
-        now = time.perf_counter()
-        speed = {"ms_per_step": round(1000 * (now - self.t_log) / n, 2),
-                 "images_per_s": round(n * self.tcfg.batch_size / max(now - self.t_log, 1e-9), 1)}
-        self.t_log = now
+        now, k = time.perf_counter(), max(self.timed_steps, 1)
+        speed = {"ms_per_step": round(1000 * (now - self.t_log) / k, 2),
+                 "images_per_s": round(k * self.tcfg.batch_size / max(now - self.t_log, 1e-9), 1)}
+        self.t_log, self.timed_steps = now, 0
         self.mem_timer.seconds()  # folds the recorded events in (this is a sync point anyway)
         if dist.enabled():  # the mean over ranks; and a check that the ranks still hold the same weights
             every = dist.all_gather_object(sums)
