@@ -87,3 +87,10 @@ def dd_ranking(distilled: list[float], random_real: list[float], full: list[floa
         out[f"{key}_mean"] = round(sum(vals) / len(vals), 2)
     out["weight"] = weight
     return out
+
+
+def spread(values: list[float]) -> tuple[float, float, float, float]:
+    """(mean, sample std, min, max) of a few values (one value: std 0)."""
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return mean, std, min(values), max(values)

@@ -39,6 +39,7 @@ from diffdistill.data.datasets import data_classes, load_data, to_uint8
 from diffdistill.errors import StageError
 from diffdistill.files import atomic_write_bytes, atomic_write_json, atomic_write_text, staged_dir
 from diffdistill.latents import RealLatents, cache_root
+from diffdistill.metrics import spread
 from diffdistill.models.classifiers import build_classifier
 from diffdistill.plots import compare_plot
 from diffdistill.preflight import check_plan
@@ -341,8 +342,7 @@ def summarize(table: list[dict]) -> list[dict]:
         for key in ("accuracy", "fidelity", "diversity", "precision", "coverage", "seconds"):
             vals = [r[key] for r in rs if r[key] is not None]
             if vals:
-                t = torch.tensor(vals, dtype=torch.float64)
-                entry[key] = (float(t.mean()), float(t.std()) if len(vals) > 1 else 0.0, min(vals), max(vals))
+                entry[key] = spread(vals)
         out.append(entry)
     return out
 

@@ -34,6 +34,7 @@ import yaml
 from diffdistill.config import Config, ConfigError, build_config, read_yaml, to_dict
 from diffdistill.errors import StageError
 from diffdistill.files import atomic_write_bytes, atomic_write_text
+from diffdistill.metrics import spread
 from diffdistill.plots import fig4_plot
 from diffdistill.recipe import describe, resolve_config
 from diffdistill.runs import results_file, stage_dir
@@ -194,9 +195,7 @@ def summarize(table: list[dict]) -> list[dict]:
         for key in ("distilled", "random_real", "gap", "fidelity", "diversity", "precision", "coverage"):
             vals = [r[key] for r in rs if r[key] is not None]
             if vals:
-                mean = sum(vals) / len(vals)
-                std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
-                entry[key] = (mean, std, min(vals), max(vals))
+                entry[key] = spread(vals)
         out.append(entry)
     return out
 
