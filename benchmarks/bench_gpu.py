@@ -5,7 +5,8 @@ memories 64/64, bf16 autocast. CPU: the demo's tiny DiT, latents 4×8×8, batch 
 - `finetune_step`: ms per training step (the project's TrainLoop: draw, losses, update, memory pushes) for
   memory policy none / fifo / adaptive, and for none with the stock diffusers conditioning (each block
   recomputing the timestep and label embedding, the path before it was shared) as the in-project comparison;
-  the memory share = adaptive over none;
+  the memory share = adaptive over none; on a GPU also adaptive with `compile: true` (mode default, and
+  reduce-overhead = CUDA graphs), timed after the compiling warm-up steps;
 - `flops`: forward + backward FLOPs of one step (torch.utils.flop_counter), the achieved FLOP/s and, on a
   known GPU, the share of its dense bf16 peak;
 - `sampling`: DDPM-50 with CFG 4 (one doubled batch), images per second;
@@ -47,20 +48,23 @@ class RandomLatents:
     def describe(self) -> dict:
         return {}
 
-    def sample(self, idx, generator, device):
-        return torch.randn((len(idx), *self.shape), generator=generator).to(device)
+    def sample(self, idx, generator, device, noise_generator=None, upcoming=None):
+        g = noise_generator or generator  # drawn on the device, as the loop draws its noise
+        return torch.randn((len(idx), *self.shape), generator=g, device=g.device).to(device)
 
 
 def synced(device: torch.device):
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
-def step_ms(setting: dict, policy: str, stock_embedding: bool, device: torch.device, out: str) -> float:
+def step_ms(setting: dict, policy: str, stock_embedding: bool, device: torch.device, out: str,
+            compile_mode: str | None = None) -> float:
     shape = setting["latent"]
+    compiling = [] if compile_mode is None else ["compile=true", f"compile_mode={compile_mode}"]
     cfg = build_config({}, [f"out_dir={out}", "name=bench", f"precision={setting['precision']}",
                             f"finetune.batch_size={setting['batch']}", f"finetune.memory.policy={policy}",
                             f"finetune.trainable={setting['trainable']}", "finetune.memory.size_real=64",
-                            "finetune.memory.size_gen=64", "finetune.log_every=1000000"])
+                            "finetune.memory.size_gen=64", "finetune.log_every=1000000", *compiling])
     torch.manual_seed(0)
     model = build_dit(setting["size"], shape[0], shape[1], 1000, learn_sigma=setting["learn_sigma"]).to(device)
     if stock_embedding:  # the plain diffusers embedder class: recomputed by every block
@@ -131,7 +135,7 @@ def main() -> None:
     gpu = torch.cuda.is_available()
     device = setup(build_config({}, ["threads=2"] if not gpu else []))
     setting = dict(size="DiT-XL/2", latent=(4, 32, 32), batch=8, learn_sigma=True, trainable="difffit",
-                   precision="bf16", warmup=5, steps=20, sample_images=64, sample_steps=50) if gpu else \
+                   precision="bf16", warmup=10, steps=30, sample_images=64, sample_steps=50) if gpu else \
         dict(size="tiny", latent=(4, 8, 8), batch=32, learn_sigma=False, trainable="full", precision="fp32",
              warmup=3, steps=20, sample_images=20, sample_steps=10)
     name = torch.cuda.get_device_name() if gpu else "cpu"
@@ -140,6 +144,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         steps = {p: step_ms(setting, p, False, device, out) for p in ("none", "fifo", "adaptive")}
         steps["none, stock diffusers conditioning"] = step_ms(setting, "none", True, device, out)
+        if gpu:  # compiling takes minutes on a small CPU, for nothing to learn there
+            for mode in ("default", "reduce-overhead"):
+                steps[f"adaptive, compile {mode}"] = step_ms(setting, "adaptive", False, device, out, mode)
     result["finetune_step_ms"] = {k: round(v, 2) for k, v in steps.items()}
     result["memory_share_percent"] = round(100 * (steps["adaptive"] - steps["none"]) / steps["adaptive"], 2)
     f = flops(setting, device)
@@ -151,7 +158,6 @@ def main() -> None:
     evals = [("convnet6", 128, 3, 1024), ("resnet18", 224, 3, 1024)] if gpu else [("convnet3", 16, 1, 256)]
     result["evaluation_images_per_s"] = {f"{net} {size} px": round(evaluation_images_per_s(net, size, c, n, device), 1)
                                          for net, size, c, n in evals}
-    result["compile"] = "not implemented yet (sample.compile / compile: true is still to come)"
     result["versions"] = package_versions()
     print(json.dumps(result, indent=2))
 

@@ -94,3 +94,21 @@ def test_dense_terms_equal_the_per_class_reference_in_value_and_gradient():
     (ga,) = torch.autograd.grad((0.3 * r1 + 0.7 * d1).sum(), x0)
     (gb,) = torch.autograd.grad((0.3 * r2 + 0.7 * d2).sum(), x0)
     assert torch.allclose(ga, gb) and ga.abs().sum() > 0
+
+
+@pytest.mark.parametrize("accumulation", ["per_class", "authors"])
+def test_dense_terms_over_padded_slots_combine_like_the_reference(accumulation):
+    from diffdistill.losses import combine_terms, memory_loss_terms_dense
+    from diffdistill.memory import MemoryBank
+
+    g = torch.Generator().manual_seed(8)
+    real, gen = MemoryBank(6, 3, 4, "fifo"), MemoryBank(6, 3, 4, "fifo")
+    real.push(torch.randn(12, 4, generator=g), torch.randint(0, 6, (12,), generator=g))
+    gen.push(torch.randn(12, 4, generator=g), torch.randint(0, 6, (12,), generator=g))
+    x0, labels = torch.randn(5, 4, generator=g), torch.tensor([3, 1, 3, 1, 5])  # 3 classes in 5 slots
+    classes, reps, divs = memory_loss_terms_dense(x0, labels, real.rows, real.counts, gen.rows, gen.counts)
+    present = classes >= 0
+    assert classes.tolist() == [1, 3, 5, -1, -1] and not reps[~present].any() and not divs[~present].any()
+    expected = memory_loss(x0, labels, real, gen, 0.3, 0.6, accumulation)
+    got = combine_terms(reps, divs, 0.3, 0.6, accumulation, present)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)

@@ -285,3 +285,25 @@ def test_pushing_no_rows_changes_nothing():
     before = {k: v.clone() for k, v in bank.state_dict().items()}
     bank.push(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
     assert all(torch.equal(before[k], v) for k, v in bank.state_dict().items())
+
+
+def test_class_slots_lay_out_the_batch_in_fixed_slots():
+    from diffdistill.memory import class_slots
+
+    classes, inv, rank = class_slots(torch.tensor([4, 1, 4, 7, 1, 4]), 5)
+    assert classes.tolist() == [1, 4, 7, -1, -1]  # ascending, then unused slots
+    assert inv.tolist() == [1, 0, 1, 2, 0, 1]
+    assert rank.tolist() == [0, 0, 1, 0, 1, 2]  # batch order within each class
+
+
+def test_push_with_an_accept_mask_equals_pushing_the_accepted_rows():
+    g = torch.Generator().manual_seed(6)
+    for policy in ("adaptive", "fifo"):
+        masked, subset = MemoryBank(3, 4, 5, policy), MemoryBank(3, 4, 5, policy)
+        for _ in range(4):
+            rows, labels = torch.randn(9, 5, generator=g), torch.randint(0, 3, (9,), generator=g)
+            accept = torch.rand(9, generator=g) < 0.6
+            masked.push(rows, labels, accept)
+            subset.push(rows[accept], labels[accept])
+        assert all(torch.equal(a, b) for a, b in zip(masked.state_dict().values(), subset.state_dict().values()))
+        assert masked.counts.sum() > 0

@@ -113,3 +113,22 @@ def test_modes_are_required_when_asked_for():
     scfg = SampleConfig(scheduler="ddim", steps=4, guidance=1.0, start="prototype")
     with pytest.raises(ValueError, match="need each image's mode"):
         _sample(_model(), scfg)
+
+
+def test_a_batch_that_runs_out_of_memory_is_sampled_in_halves(capsys):
+    from diffdistill.stages.sample import _sample_fitting
+
+    sizes = []
+
+    def make(part):
+        sizes.append(len(part))
+        if len(part) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return torch.tensor(part)[:, None]
+
+    out = _sample_fitting(make, list(range(7)))
+    assert out.squeeze(1).tolist() == list(range(7))  # every image, in order
+    assert sizes == [7, 3, 1, 2, 4, 2, 2]
+    assert "sample.batch_size=3" in capsys.readouterr().out
+    with pytest.raises(torch.OutOfMemoryError):
+        _sample_fitting(lambda part: (_ for _ in ()).throw(torch.OutOfMemoryError("x")), [0])

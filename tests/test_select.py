@@ -66,3 +66,28 @@ def test_identical_points_are_still_picked_once_each():
     assert kcenter(same, 3).tolist() == [0, 1, 2]
     c, assign = kmeans(same, 3, seed=0)
     assert c.shape == (3, 2) and sorted(nearest(same, c).tolist()) == [0, 1, 2]
+
+
+def test_herding_toward_a_target_mean():
+    x = torch.tensor([[0.0, 0], [10, 0], [0, 10]])
+    assert herding(x, 1).tolist() == [0]  # default: x's own mean (10/3, 10/3) is nearest (0, 0)
+    assert herding(x, 3, target=torch.tensor([3.0, 2])).tolist() == [0, 1, 2]  # (3,2): A, then A+B = (5,0)
+    assert herding(x, 1, target=torch.tensor([1.0, 9])).tolist() == [2]
+
+
+def test_modes_come_in_herding_order_so_ipc_1_gets_the_mode_nearest_the_class_mean():
+    from types import SimpleNamespace
+
+    from diffdistill.config import build_config
+    from diffdistill.stages.sample import Modes
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.tensor([[0.0, 0], [10, 0], [0, 10]])
+    z = torch.cat([centers[i] + 0.1 * torch.randn(n, 2, generator=g) for i, n in enumerate((50, 30, 20))])
+    for seed in range(4):  # whatever k-means++ picks first
+        modes = Modes.__new__(Modes)
+        modes.real = SimpleNamespace(of_class=lambda c: z[:, :, None, None])  # [n, 2, 1, 1] "latents"
+        modes.cfg = build_config({}, [f"seed={seed}"])
+        modes.classes, modes.k, modes.cached = ["a"], 3, {}
+        got = modes.of_class(0).flatten(1)
+        assert torch.allclose(got, centers, atol=0.1), seed  # mean (3, 2): A nearest; then A+B = (5, 0); then C

@@ -2,10 +2,12 @@
 take, and that the memory losses reach the DiT's weights in the direction they should."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from diffdistill.config import load_config
 from diffdistill.latents import BatchOrder, latent_source
@@ -89,16 +91,22 @@ def test_generated_memory_takes_only_small_t_when_push_max_t_is_set():
         assert torch.equal(gen[c], x0_hat.detach()[small & (batch.labels == c)])
 
 
+@pytest.mark.parametrize("latents", ["images", "cache"])
+@pytest.mark.parametrize("policy", ["none", "fifo", "adaptive"])
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
-def test_steps_between_log_steps_read_nothing_back_from_the_device(stage, tmp_path, monkeypatch):
-    """No host synchronization inside the training loop between two log steps (without memories, images
-    encoded every step): the loss parts and the non-finite check stay on the device until a log row. Counted
-    are the calls made from diffdistill's own code (torch's CPU AdamW reads its step counter itself)."""
+def test_steps_between_log_steps_read_nothing_back_from_the_device(stage, policy, latents, tmp_path, monkeypatch):
+    """No host synchronization inside the training loop between two log steps: the loss parts, the non-finite
+    check and the memories (push, prune, loss terms) stay on the device until a log row. Counted are the calls
+    made from diffdistill's own code (torch's CPU AdamW reads its step counter itself), except in
+    `LatentCache.read`: it reads shard rows by index, and the index is host data (the data order drawn on the
+    CPU), never a device tensor. The memories are full after the first steps, so pruning runs in the watched
+    steps."""
     import traceback
 
     import diffdistill
     from diffdistill.config import load_config
     from diffdistill.stages import train as T
+    from diffdistill.stages.prepare import prepare_stage
 
     package = str(Path(diffdistill.__file__).parent)
     calls: list[str] = []
@@ -110,12 +118,19 @@ def test_steps_between_log_steps_read_nothing_back_from_the_device(stage, tmp_pa
         def wrapper(*args, **kwargs):
             if active[0]:
                 caller = traceback.extract_stack(limit=2)[0]
-                if caller.filename.startswith(package):
+                if caller.filename.startswith(package) and caller.name != "read":
                     calls.append(f"{name} at {Path(caller.filename).name}:{caller.lineno}")
             return original(*args, **kwargs)
 
         monkeypatch.setattr(owner, name, wrapper)
 
+    cfg = load_config("configs/demo-digits.yaml", [
+        f"out_dir={tmp_path}", f"{stage}.steps=12", f"{stage}.log_every=6", f"{stage}.batch_size=8", "threads=1",
+        "finetune.init=null", f"{stage}.memory.policy={policy}", f"{stage}.memory.size_real=4",
+        f"{stage}.memory.size_gen=4", f"{stage}.latents={latents}", "pretrain.check_images=0",
+        f"prepare.dir={tmp_path / 'cache'}", "data.hflip=true"])
+    if latents == "cache":
+        prepare_stage(cfg)
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy", "nonzero", "unique"):
         counting(torch.Tensor, name)
     counting(torch, "nonzero")
@@ -130,10 +145,58 @@ def test_steps_between_log_steps_read_nothing_back_from_the_device(stage, tmp_pa
             active[0] = False
 
     monkeypatch.setattr(T.TrainLoop, "train_step", watched)
-    cfg = load_config("configs/demo-digits.yaml", [
-        f"out_dir={tmp_path}", f"{stage}.steps=12", f"{stage}.log_every=6", f"{stage}.batch_size=8", "threads=1",
-        "finetune.init=null", f"{stage}.memory.policy=none", "pretrain.check_images=0"])
     T.train_stage(cfg, stage, force=True)
     assert calls == []
     rows = [json.loads(r) for r in (tmp_path / "demo-digits" / stage / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [6, 12] and all(r["ms_per_step"] > 0 and r["images_per_s"] > 0 for r in rows)
+    if policy != "none":  # the memories did their work: (nearly) full banks, similarities logged
+        counts = load_file(tmp_path / "demo-digits" / stage / "memory.safetensors")["real.counts"]
+        assert counts.tolist().count(4) >= 8 and math.isfinite(rows[-1]["gen_bank_similarity"])
+
+
+def test_reading_the_cache_ahead_changes_no_draw(tmp_path):
+    """The next step's rows are read in a thread while a step runs; z0 and the generator's stream are those
+    of reading each batch when it is drawn, and `peek` names exactly the indices `next` then returns."""
+    from diffdistill.latents import CachedLatents, open_cache
+    from diffdistill.stages.prepare import prepare_stage
+
+    cfg = load_config("configs/demo-digits.yaml", [f"out_dir={tmp_path}", f"prepare.dir={tmp_path / 'cache'}",
+                                                   "data.hflip=true"])
+    prepare_stage(cfg)
+    draws = {}
+    for ahead in (False, True):
+        source = CachedLatents(open_cache(cfg), None, hflip=True)
+        generator = torch.Generator().manual_seed(0)
+        order = BatchOrder(100, 32, generator)  # 3 batches per epoch: a new permutation at steps 1, 4, 7
+        out, named = [], None
+        for step in range(8):
+            idx = next(order)
+            if named is not None:
+                assert torch.equal(idx, named)
+            named = order.peek() if ahead else None
+            assert (named is None) == (not ahead or step % 3 == 2)  # unknown before a new permutation
+            out.append(source.sample(idx, generator, torch.device("cpu"), upcoming=named))
+        source.close()
+        draws[ahead] = (out, generator.get_state())
+    assert all(torch.equal(a, b) for a, b in zip(draws[False][0], draws[True][0]))
+    assert torch.equal(draws[False][1], draws[True][1])
+
+
+def test_compile_runs_the_training_step_through_torch_compile(monkeypatch):
+    """`compile: true` sends the DiT through torch.compile (here with the eager backend, so the test needs no C
+    compiler and stays fast): the step is the same step, to the bit."""
+    real_compile, modes = torch.compile, []
+
+    def eager(model, mode=None):
+        modes.append(mode)
+        return real_compile(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager)
+    weights = {}
+    for flag in ("false", "true"):
+        loop = _loop(f"compile={flag}", "compile_mode=reduce-overhead", "finetune.memory.policy=adaptive")
+        for loop.step in range(1, 4):
+            loop.train_step()
+        weights[flag] = _weights(loop)
+    assert modes == ["reduce-overhead"]
+    assert all(torch.equal(a, b) for a, b in zip(weights["false"], weights["true"]))

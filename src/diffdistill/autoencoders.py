@@ -94,10 +94,12 @@ class KLAutoencoder:
 
 def sample_latent(mean: Tensor, std: Tensor | None, scaling_factor: float,
                   generator: torch.Generator | None = None) -> Tensor:
-    """s · (mean + std · ε), ε ~ N(0, I) drawn on the CPU from `generator` (device-independent streams)."""
+    """s · (mean + std · ε), ε ~ N(0, I) drawn from `generator` on its device (default: the CPU, whose stream
+    is the same on every machine), then moved to mean's."""
     if std is None:
         return mean * scaling_factor
-    noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+    where = generator.device if generator is not None else "cpu"
+    noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=where).to(mean.device)
     return (mean + std * noise) * scaling_factor
 
 

@@ -170,7 +170,9 @@ class SampleConfig:
     # ddpm / ddim: clip each step's x̂0 to the data range (pixel space only, improved-DDPM's default); the
     # cosine schedule needs it where sampling starts at t = T − 1, whose ᾱ ≈ 2e-9 magnifies ε̂'s error 20,000×
     clip_denoised: bool = False
-    batch_size: int = _num(64, POSITIVE)
+    # images per batch (a guided batch runs the DiT on twice as many); auto: 64 on a CPU, 256 on a GPU (any
+    # batch that runs out of GPU memory is split in halves: each image has its own generator, so the same set)
+    batch_size: int | Literal["auto"] = _num(AUTO, _check(lambda v: v == AUTO or v > 0, "a positive number or auto"))
     mode_guidance: ModeGuidanceConfig = field(default_factory=ModeGuidanceConfig)
     # noise: pure noise at t = T − 1; prototype (D4M-style, adapted): image i of a class starts from its class's
     # i-th k-means prototype of the real latents, noised to `prototype_strength` of the schedule
@@ -253,6 +255,10 @@ class Config:
     # autocast dtype for the DiT (training and sampling); "fp32" = no autocast. fp16 adds loss scaling.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     tf32: bool = True  # CUDA only: TF32 tensor cores for fp32 matmuls and convolutions
+    # torch.compile the DiT for training and sampling (the first steps compile; worth it for long GPU runs).
+    # compile_mode: torch.compile's mode; "reduce-overhead" adds CUDA graphs (training has a fixed batch shape)
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     data: DataConfig = field(default_factory=DataConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -31,7 +31,8 @@ SCHEDULES: dict[str, Callable[[int, float, float], Tensor]] = {"linear": linear_
 
 
 class NoiseSchedule:
-    """ᾱ_t for t = 0..T-1 and the formulas that use it. Tensors are float64 on CPU; results take x's dtype."""
+    """ᾱ_t for t = 0..T-1 and the formulas that use it. Tensors are float64 (on the CPU unless moved with
+    `to`); results take x's dtype."""
 
     def __init__(self, betas: Tensor) -> None:
         self.betas = betas.double()
@@ -40,6 +41,13 @@ class NoiseSchedule:
     @classmethod
     def from_config(cls, cfg: DiffusionConfig) -> NoiseSchedule:
         return cls(SCHEDULES[cfg.schedule](cfg.train_steps, cfg.beta_start, cfg.beta_end))
+
+    def to(self, device: torch.device | str) -> NoiseSchedule:
+        """The same tables on `device` (computed on the CPU, so every device holds the same values): formulas
+        then gather their coefficients there, with no host-to-device copy per call."""
+        out = NoiseSchedule.__new__(NoiseSchedule)
+        out.betas, out.alphas_cumprod = self.betas.to(device), self.alphas_cumprod.to(device)
+        return out
 
     @property
     def num_steps(self) -> int:

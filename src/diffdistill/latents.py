@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from diffdistill.autoencoders import build_autoencoder, sample_latent
 from diffdistill.config import Config, TrainConfig
 from diffdistill.data.datasets import BUILTINS, ImageSet, data_classes, file_listing, list_images, load_data
 from diffdistill.errors import StageError
+from diffdistill.runtime import to_device
 
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
@@ -96,17 +98,33 @@ class LatentCache:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
+    def read(self, index: Tensor, mirrors: bool = False) -> dict[str, Tensor]:
+        """float32 [B, C, H, W] "mean" (and "std" for a stochastic autoencoder) of rows `index`, plus "mean_flip"
+        ("std_flip") when `mirrors`: host I/O on a host index (the data order), safe to run in a thread."""
+        keys = [k + suffix for suffix in ("", "_flip")[: 1 + mirrors]
+                for k in ("mean", "std")[: 1 + self.manifest["stochastic"]]]
+        parts: dict[str, list[Tensor]] = {k: [] for k in keys}
+        for i in index.tolist():
+            handle, row = self.handles[i // self.shard_size], i % self.shard_size
+            for k in keys:
+                parts[k].append(handle.get_slice(k)[row : row + 1])
+        return {k: torch.cat(v).float() for k, v in parts.items()}
+
     def moments(self, index: Tensor, flip: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """float32 (mean, std) [B, C, H, W] of rows `index`, mirrored where `flip` [B] is True."""
-        means, stds = [], []
-        for j, i in enumerate(index.tolist()):
-            handle, row = self.handles[i // self.shard_size], i % self.shard_size
-            suffix = "_flip" if flip is not None and bool(flip[j]) else ""
-            means.append(handle.get_slice("mean" + suffix)[row : row + 1])
-            if self.manifest["stochastic"]:
-                stds.append(handle.get_slice("std" + suffix)[row : row + 1])
-        mean = torch.cat(means).float()
-        return mean, (torch.cat(stds).float() if stds else None)
+        return pick_mirrors(self.read(index, flip is not None), flip)
+
+
+def pick_mirrors(rows: dict[str, Tensor], flip: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """(mean, std) from `LatentCache.read`'s rows: the mirrored ones where `flip` [B] is True."""
+    def pick(k: str) -> Tensor | None:
+        if k not in rows:
+            return None
+        if flip is None:
+            return rows[k]
+        return torch.where(flip.view(-1, *[1] * (rows[k].dim() - 1)), rows[k + "_flip"], rows[k])
+
+    return pick("mean"), pick("std")
 
 
 def open_cache(cfg: Config) -> LatentCache:
@@ -131,21 +149,32 @@ class ImageLatents:
     def describe(self) -> dict:
         return {"latents": "encoded every step", "data_sha256": self.data.sha256()}
 
-    def sample(self, idx: Tensor, generator: torch.Generator, device: torch.device) -> Tensor:
-        x = self.data.images[idx].to(device).float().div_(127.5).sub_(1)  # [B, C, H, W] in [-1, 1]
+    def sample(self, idx: Tensor, generator: torch.Generator, device: torch.device,
+               noise_generator: torch.Generator | None = None, upcoming: Tensor | None = None) -> Tensor:
+        """z0 [B, C', H', W'] of rows `idx`: mirror draws from `generator`, the posterior's ε from
+        `noise_generator` (default `generator`) on its device."""
+        x = to_device(self.data.images[idx], device).float().div_(127.5).sub_(1)  # [B, C, H, W] in [-1, 1]
         if self.hflip:
-            flip = (torch.rand(len(idx), generator=generator) < 0.5).to(device)
+            flip = to_device(torch.rand(len(idx), generator=generator) < 0.5, device)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return sample_latent(*self.ae.moments(x), self.ae.scaling_factor, generator)  # [B, C', H', W']
+        return sample_latent(*self.ae.moments(x), self.ae.scaling_factor, noise_generator or generator)
+
+    def close(self) -> None:
+        pass
 
 
 class CachedLatents:
-    """Train latents drawn from the posterior moments that `diffdistill prepare` stored (no VAE here)."""
+    """Train latents drawn from the posterior moments that `diffdistill prepare` stored (no VAE here).
+
+    The rows of the next step are read from the shards in a background thread while this step runs, when the
+    data order already knows them (`upcoming`); the draws stay on the main thread, in their order."""
 
     def __init__(self, cache: LatentCache, scaling_factor: float | None, hflip: bool) -> None:
         self.cache, self.hflip = cache, hflip
         self.scaling_factor = scaling_factor or cache.manifest["scaling_factor"]
         self.labels, self.classes = cache.labels, cache.classes
+        self._reader: ThreadPoolExecutor | None = None
+        self._ahead: tuple[Tensor, Future] | None = None  # (indices, their rows being read)
 
     def __len__(self) -> int:
         return len(self.cache)
@@ -153,11 +182,29 @@ class CachedLatents:
     def describe(self) -> dict:
         return {"latents": f"cache {self.cache.folder}", "data_sha256": self.cache.manifest["data_sha256"]}
 
-    def sample(self, idx: Tensor, generator: torch.Generator, device: torch.device) -> Tensor:
+    def sample(self, idx: Tensor, generator: torch.Generator, device: torch.device,
+               noise_generator: torch.Generator | None = None, upcoming: Tensor | None = None) -> Tensor:
+        """z0 [B, C, H, W] of rows `idx` (see ImageLatents.sample); `upcoming`: the next call's rows, if known."""
         flip = torch.rand(len(idx), generator=generator) < 0.5 if self.hflip else None
-        mean, std = self.cache.moments(idx, flip)
-        return sample_latent(mean.to(device), None if std is None else std.to(device), self.scaling_factor,
-                             generator)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and torch.equal(ahead[0], idx):
+            rows = ahead[1].result()
+        else:
+            if ahead is not None:
+                ahead[1].result()  # one reader of the shards at a time
+            rows = self.cache.read(idx, self.hflip)
+        if upcoming is not None:
+            self._reader = self._reader or ThreadPoolExecutor(1, thread_name_prefix="latent-cache")
+            self._ahead = (upcoming, self._reader.submit(self.cache.read, upcoming, self.hflip))
+        mean, std = pick_mirrors(rows, flip)
+        return sample_latent(to_device(mean, device), None if std is None else to_device(std, device),
+                             self.scaling_factor, noise_generator or generator)
+
+    def close(self) -> None:
+        """Stop the reader thread (waiting for a read in flight)."""
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
+            self._reader, self._ahead = None, None
 
 
 def latent_source(cfg: Config, tcfg: TrainConfig,
@@ -225,14 +272,24 @@ class BatchOrder:
         self.perm: Tensor | None = None
         self.pos = 0
 
-    def __next__(self) -> Tensor:
+    def _epoch_done(self) -> bool:
         stop = self.n - self.n % self.batch_size if self.n >= self.batch_size else self.n
-        if self.perm is None or self.pos >= max(stop, 1):
+        return self.perm is None or self.pos >= max(stop, 1)
+
+    def __next__(self) -> Tensor:
+        if self._epoch_done():
             self.perm, self.pos = torch.randperm(self.n, generator=self.generator), 0
-        lo = self.pos + self.rank * self.local
-        idx = self.perm[lo : lo + self.local]
+        idx = self.peek()
         self.pos += self.batch_size
         return idx
+
+    def peek(self) -> Tensor | None:
+        """The indices the next call returns, if this epoch's permutation already holds them (else None: the
+        next call draws a new permutation). Draws nothing."""
+        if self._epoch_done():
+            return None
+        lo = self.pos + self.rank * self.local
+        return self.perm[lo : lo + self.local]
 
     def state_dict(self) -> dict:
         state = {"perm": self.perm if self.perm is not None else torch.empty(0, dtype=torch.long), "pos": self.pos}

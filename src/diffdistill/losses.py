@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from diffdistill.memory import cosine_matrix, group_by_class, unit_rows
+from diffdistill.memory import class_slots, cosine_matrix, unit_rows
 
 Banks = Sequence[Tensor] | Mapping[int, Tensor]
 
@@ -59,30 +59,32 @@ def memory_loss_terms(
 def memory_loss_terms_dense(x0: Tensor, labels: Tensor, real: Tensor, real_counts: Tensor, gen: Tensor,
                             gen_counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """`memory_loss_terms` for banks held as padded tensors [C, N, D] with row counts [C] (a class's rows
-    first): every class of the batch at once, no Python loop over classes. Returns (classes, R, D)."""
+    first): every class of the batch at once, with no Python loop over classes and no host synchronization.
+    Returns (classes [S], R [S], D [S]) over S = min(B, C) fixed slots: the batch's classes ascending, then
+    unused slots (class -1, R = D = 0)."""
     x0 = unit_rows(x0.flatten(1))  # [B, D]
-    classes, inv, rank = group_by_class(labels)  # [K], [B], [B]
-    grouped = x0.new_zeros(len(classes), int(rank.max()) + 1 if len(labels) else 0, x0.shape[1])
-    grouped = grouped.index_put((inv, rank), x0)  # [K, Bmax, D]: each class's samples
+    b = x0.shape[0]
+    classes, inv, _ = class_slots(labels, min(b, real.shape[0]))  # [S], [B]
+    present = classes >= 0
+    own = classes.clamp_min(0)  # [S] (unused slots read class 0, then count for nothing)
+    rows = torch.arange(b, device=x0.device)
 
     def sims(bank: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
-        unit = unit_rows(bank[classes].to(x0.dtype))  # [K, N, D] the batch's classes' banks
-        own = torch.bmm(grouped, unit.transpose(1, 2))[inv, rank]  # [B, N] each sample vs its class's bank
+        unit = unit_rows(bank[own].to(x0.dtype))  # [S, N, D] the batch's classes' banks
+        mine = (unit @ x0.T)[inv, :, rows]  # [B, N] each sample vs its class's bank
         valid = torch.arange(bank.shape[1], device=x0.device)[None] < counts.to(x0.device)[labels][:, None]
-        return own, valid
+        return mine, valid
 
-    k = len(classes)
     real_sim, real_ok = sims(real, real_counts)
     gen_sim, gen_ok = sims(gen, gen_counts)
-    inf = torch.tensor(float("inf"), dtype=x0.dtype, device=x0.device)
-    least = torch.where(real_ok, real_sim, inf).amin(1)  # [B] each sample's least similar real row
-    most = torch.where(gen_ok, gen_sim, -inf).amax(1)  # [B] each sample's most similar generated row
-    least = x0.new_zeros(k).scatter_reduce(0, inv, least, "amin", include_self=False)  # [K]
-    most = x0.new_zeros(k).scatter_reduce(0, inv, most, "amax", include_self=False)
-    has_gen = gen_counts.to(x0.device)[classes] > 0
-    has_real = real_counts.to(x0.device)[classes] > 0
-    reps = torch.where(has_gen & has_real, 1 - least, x0.new_zeros(()))
-    divs = torch.where(has_gen, most, x0.new_zeros(()))
+    least = torch.where(real_ok, real_sim, torch.inf).amin(1)  # [B] each sample's least similar real row
+    most = torch.where(gen_ok, gen_sim, -torch.inf).amax(1)  # [B] each sample's most similar generated row
+    least = x0.new_zeros(len(classes)).scatter_reduce(0, inv, least, "amin", include_self=False)  # [S]
+    most = x0.new_zeros(len(classes)).scatter_reduce(0, inv, most, "amax", include_self=False)
+    has_gen = present & (gen_counts.to(x0.device)[own] > 0)
+    has_real = real_counts.to(x0.device)[own] > 0
+    reps = torch.where(has_gen & has_real, 1 - least, 0.0)
+    divs = torch.where(has_gen, most, 0.0)
     return classes, reps, divs
 
 
@@ -101,19 +103,22 @@ def memory_loss(
 
 
 def combine_terms(reps: Tensor, divs: Tensor, lambda_real: float, lambda_gen: float,
-                  accumulation: str = "per_class") -> Tensor:
+                  accumulation: str = "per_class", present: Tensor | None = None) -> Tensor:
     """Σ_c (λ_r R_c + λ_g D_c) / K over the K classes of the batch.
 
-    accumulation="authors" reproduces the released code, which adds the running sum inside the class
-    loop: the class visited first (smallest id) counts K times, the next K−1 times, and so on.
+    `present` [S] (optional): which entries are classes of the batch, the first K of them (the slots of
+    `memory_loss_terms_dense`); without it every entry is. accumulation="authors" reproduces the released
+    code, which adds the running sum inside the class loop: the class visited first (smallest id) counts K
+    times, the next K−1 times, and so on.
     """
-    k = reps.shape[0]
-    if k == 0:
+    if accumulation not in ("per_class", "authors"):
+        raise ValueError(f"memory loss accumulation {accumulation!r}: expected 'per_class' or 'authors'")
+    if present is None:
+        present = torch.ones(reps.shape, dtype=torch.bool, device=reps.device)
+    if reps.shape[0] == 0:
         return reps.new_zeros(())
-    per_class = (lambda_real * reps + lambda_gen * divs) / k  # [K]
-    if accumulation == "per_class":
-        return per_class.sum()
-    if accumulation == "authors":
-        weights = torch.arange(k, 0, -1, dtype=per_class.dtype, device=per_class.device)  # K, K-1, ..., 1
-        return (weights * per_class).sum()
-    raise ValueError(f"memory loss accumulation {accumulation!r}: expected 'per_class' or 'authors'")
+    k = present.sum()  # a tensor: K is never read back to the host
+    per_class = torch.where(present, (lambda_real * reps + lambda_gen * divs) / k, 0.0)  # [S]
+    if accumulation == "authors":  # K, K-1, ..., 1 over the present entries (they come first)
+        per_class = per_class * (k - torch.arange(reps.shape[0], device=reps.device)).clamp_min(0)
+    return per_class.sum()

@@ -49,14 +49,21 @@ def _on_grid(sim: Tensor, nonzero: Tensor) -> Tensor:
     return torch.round(sim / SIMILARITY_GRID) * SIMILARITY_GRID
 
 
-def group_by_class(labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(classes [K] ascending, inv [B]: each row's class index, rank [B]: its index within its class in
-    batch order). Rows can then be laid out as a padded [K, max count, ...] tensor at [inv, rank]."""
-    classes, inv = torch.unique(labels, return_inverse=True)
-    new = torch.bincount(inv, minlength=len(classes))
-    order = torch.argsort(inv, stable=True)  # rows grouped by class, batch order kept
-    rank = torch.empty_like(inv)
-    rank[order] = torch.arange(len(inv), device=inv.device) - (torch.cumsum(new, 0) - new)[inv[order]]
+def class_slots(labels: Tensor, slots: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The batch's classes in `slots` fixed slots, with no host synchronization (no unique, no data-dependent
+    shapes): (classes [S]: the distinct labels ascending, then -1 for unused slots; inv [B]: each row's slot;
+    rank [B]: its index among its class's rows in batch order). `slots` must be at least the number of distinct
+    labels (min(B, number of classes) always is)."""
+    b, device = labels.shape[0], labels.device
+    ordered, order = torch.sort(labels, stable=True)  # [B]
+    first = torch.ones(b, dtype=torch.bool, device=device)  # [B] the first sorted row of each class
+    first[1:] = ordered[1:] != ordered[:-1]
+    slot = torch.cumsum(first, 0) - 1  # [B] slot of each sorted row
+    pos = torch.arange(b, device=device)
+    start = torch.cummax(torch.where(first, pos, 0), 0).values  # [B] where the sorted row's class begins
+    inv = torch.empty_like(slot).scatter_(0, order, slot)
+    rank = torch.empty_like(slot).scatter_(0, order, pos - start)
+    classes = torch.full((slots,), -1, dtype=labels.dtype, device=device).scatter_(0, slot, ordered)
     return classes, inv, rank
 
 
@@ -68,20 +75,25 @@ def similarity_matrix(bank: Tensor) -> Tensor:
     return _on_grid(unit @ unit.transpose(-1, -2), bank.norm(dim=-1) > COSINE_EPS)
 
 
-def adaptive_keep_mask(sim: Tensor, valid: Tensor, size: int) -> Tensor:
+def adaptive_keep_mask(sim: Tensor, valid: Tensor, size: int, rounds: int) -> Tensor:
     """Batched self-adaptive pruning. sim [K, M, M] (`similarity_matrix` of each bank) with valid [K, M]
-    -> alive [K, M]: each bank keeps min(#valid, size) rows. Invalid rows must have zero similarity."""
-    score = sim.sum(dim=-1)  # [K, M] similarity vectors
-    alive = valid.clone()
+    -> alive [K, M]: each bank keeps min(#valid, size) rows. Invalid rows must have zero similarity.
+
+    `rounds` is a bound on the removals any bank needs (a push of b rows into banks held at <= size needs at
+    most b), so the loop runs a fixed number of times and never reads a count back from the device; a round
+    changes nothing in a bank that is already small enough."""
+    k, m = valid.shape
+    score = torch.where(valid, sim.sum(dim=-1), -torch.inf)  # [K, M] similarity vectors; -inf: not a row
     excess = valid.sum(1) - size  # [K] removals each bank needs
-    gone = torch.tensor(-float("inf"), dtype=score.dtype, device=score.device)
-    for r in range(int(excess.max()) if len(excess) else 0):
-        active = (excess > r).nonzero().squeeze(1)  # banks still too large
-        # argmax returns the first maximal index: ties remove the oldest row
-        i = torch.where(alive[active], score[active], gone).argmax(dim=1)  # [A]
-        alive[active, i] = False
-        score[active] -= sim[active, :, i]  # drop the removed row's column from each sum
-    return alive
+    due = excess[None] > torch.arange(rounds, device=sim.device)[:, None]  # [R, K] bank k removes in round r
+    scale = -due.to(score.dtype)[..., None]  # [R, K, 1]: -1 subtracts the removed row's column, 0 keeps
+    drop = torch.where(due, -torch.inf, torch.inf).to(score.dtype)[..., None]  # [R, K, 1] for amin
+    for r in range(rounds):
+        i = score.argmax(dim=1, keepdim=True)  # [K, 1] the first maximal index: ties remove the oldest row
+        column = torch.gather(sim, 1, i[..., None].expand(k, 1, m)).squeeze(1)  # [K, M] row i_k = its column
+        score.addcmul_(column, scale[r])  # drop the removed row's column from each sum (exact on the grid)
+        score.scatter_reduce_(1, i, drop[r], "amin")  # the removed row leaves: -inf
+    return score > -torch.inf
 
 
 def select_fifo(bank: Tensor, size: int) -> Tensor:
@@ -97,7 +109,7 @@ def select_adaptive(bank: Tensor, size: int) -> Tensor:
     if m <= size:
         return torch.arange(m, device=bank.device)
     valid = torch.ones(1, m, dtype=torch.bool, device=bank.device)
-    return adaptive_keep_mask(similarity_matrix(bank[None]), valid, size)[0].nonzero().squeeze(1)
+    return adaptive_keep_mask(similarity_matrix(bank[None]), valid, size, m - size)[0].nonzero().squeeze(1)
 
 
 POLICIES = ("adaptive", "fifo")  # the policies a MemoryBank prunes with ("none" = no banks at all)
@@ -109,8 +121,12 @@ class MemoryBank:
     Rows of a class are kept in insertion order (oldest first); `bank[c]` is class c's [n, D] view. The
     adaptive policy also keeps each bank's similarity matrix, so a push computes only the new rows'
     similarities ([n + B_c] × B_c dot products instead of (n + B_c)²). Size: C·N·D rows in `dtype`
-    plus C·N² float64 similarities; a push works on the batch's classes only ([K, n + B_c, D] in float32,
-    similarities in float64).
+    plus C·N² float64 similarities.
+
+    A push never reads anything back from the device: counts live on the bank's device, the batch's classes
+    take fixed slots (`class_slots`), every shape depends on the batch size alone, and the adaptive rule runs
+    a fixed number of rounds. One extra class row (index C, "spare") receives what empty slots and rejected
+    rows write, so writes need no masks; it is never read as a class.
     """
 
     def __init__(
@@ -124,11 +140,12 @@ class MemoryBank:
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"memory policy {policy!r}: expected one of {', '.join(POLICIES)}")
-        self.size, self.policy = size, policy
-        self.rows = torch.zeros(num_classes, size, dim, device=device, dtype=dtype)  # [C, N, D]
-        self.counts = torch.zeros(num_classes, dtype=torch.long)  # [C] on CPU: read every step
+        self.size, self.policy, self.spare = size, policy, num_classes
         gram_size = size if policy == "adaptive" else 0
-        self.gram = torch.zeros(num_classes, gram_size, gram_size, device=device, dtype=torch.float64)
+        self._rows = torch.zeros(num_classes + 1, size, dim, device=device, dtype=dtype)  # [C + 1, N, D]
+        self._counts = torch.zeros(num_classes + 1, dtype=torch.long, device=device)  # [C + 1]
+        self._gram = torch.zeros(num_classes + 1, gram_size, gram_size, device=device, dtype=torch.float64)
+        self.rows, self.counts, self.gram = self._rows[:-1], self._counts[:-1], self._gram[:-1]  # the classes' views
         # optional: gathers a push's rows (and labels) from every process, so all hold the same banks
         self.sync: Callable[[Tensor], Tensor] | None = None
 
@@ -139,73 +156,89 @@ class MemoryBank:
         return self.rows.shape[0]
 
     @torch.no_grad()
-    def push(self, rows: Tensor, labels: Tensor) -> None:
-        """Append each class's rows in batch order, then shrink that class's bank to `size`.
+    def push(self, rows: Tensor, labels: Tensor, accept: Tensor | None = None) -> None:
+        """Append each class's rows in batch order, then shrink that class's bank to `size`. `accept` [B]
+        (optional, bool): only those rows are pushed.
 
-        All classes of the batch are handled at once, as one padded tensor [K, M, D] (K classes in the
-        batch, M = the largest bank after the new rows arrive):
+        All classes of the batch are handled at once. Each of S = min(B, C + 1) slots holds one class: its
+        N held rows at candidate positions 0..N-1 (valid below its count), then its new rows at N + their rank
+        among the class's rows of the batch, so position order is insertion order (W = N + B candidates):
           1. round the rows to the storage dtype (so cached similarities are those of the stored rows);
-          2. lay out each class's old rows followed by its new ones (`merged`);
-          3. mark the rows each bank keeps: the newest `size` (fifo) or the adaptive rule on the
-             similarity matrix, whose old-row block comes from the cache (adaptive);
+          2. lay out the slots: held counts, arriving counts, the valid candidates [S, W];
+          3. mark the rows each bank keeps: the newest `size` (fifo) or the adaptive rule on the candidates'
+             similarity matrix, whose held block comes from the cache (adaptive);
           4. compact the kept rows to the front, in order, and write them back with the new counts;
           5. (adaptive) store the kept rows' similarity matrix as the new cache."""
         # 1. half-precision banks are computed on in float32
         compute = torch.promote_types(self.rows.dtype, torch.float32)
         rows = rows.detach().flatten(1).to(self.rows.dtype).to(compute)  # [B, D]
-        labels = labels.to(self.rows.device)
+        labels = labels.to(self._rows.device)
+        if accept is not None:  # rejected rows go to the spare row
+            labels = torch.where(accept.to(labels.device), labels, self.spare)
         if self.sync is not None:
             rows, labels = self.sync(rows), self.sync(labels)  # every process's rows, in process order
         if labels.numel() == 0:
             return
-        # 2. merged [K, M + 1, D]; one spare all-zero row at index M, onto which dropped slots are compacted
-        classes, inv, rank = group_by_class(labels)  # [K], [B], [B]
-        k, n = len(classes), self.counts[classes.cpu()].to(labels.device)  # n: rows held now, [K]
-        total = n + torch.bincount(inv, minlength=k)  # [K] after the new rows arrive
-        width = int(total.max())
-        held = min(self.size, width)
-        merged = rows.new_zeros(k, width + 1, rows.shape[1])
-        merged[:, :held] = self.rows[classes, :held].to(compute)  # rows beyond a count are zero (invariant)
-        merged[inv, n[inv] + rank] = rows
-        # 3. alive [K, M]
-        pos = torch.arange(width, device=labels.device)
-        valid = pos[None] < total[:, None]  # [K, M]
+        # 2. slots [S]; candidates [S, W]
+        b, size = labels.shape[0], self.size
+        classes, inv, rank = class_slots(labels, min(b, self.spare + 1))  # [S], [B], [B]
+        dest = torch.where(classes >= 0, classes, self.spare)  # [S] the bank row each slot reads and writes
+        s = classes.shape[0]
+        held = torch.where(classes >= 0, self._counts[dest], 0)  # [S] rows held now
+        arriving = torch.zeros_like(held).index_add_(0, inv, torch.ones_like(inv))  # [S]
+        total = held + arriving
+        pos = torch.arange(size + b, device=labels.device)[None]  # [1, W]
+        valid = (pos < held[:, None]) | ((pos >= size) & (pos < size + arriving[:, None]))  # [S, W]
+        old = self._rows[dest].to(compute)  # [S, N, D] rows beyond a count are zero (invariant)
+        # 3. alive [S, W]
         if self.policy == "fifo":
-            alive = valid & (pos[None] >= (total - self.size)[:, None])
+            alive = valid & (torch.cumsum(valid, 1) > (total - size)[:, None])  # all but the oldest excess
         else:
-            sim = self._similarities(merged[:, :width], rows, classes, inv, n, rank, held)  # [K, M, M]
+            sim = self._similarities(old, rows, dest, inv, rank, held)  # [S, W, W]
             sim.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0.0)  # stale cache beyond the counts
-            alive = adaptive_keep_mask(sim, valid, self.size)
-        # 4. survivors to the front, order kept; the slots left over read the zero row
-        keep = torch.argsort((~alive).to(torch.int8), dim=1, stable=True)[:, : self.size]  # [K, <=N]
-        count = alive.sum(1)  # [K]
-        slots = torch.arange(keep.shape[1], device=keep.device)[None] < count[:, None]
-        src = torch.where(slots, keep, width)
-        kept = torch.gather(merged, 1, src[..., None].expand(-1, -1, merged.shape[2]))
-        self.rows[classes, : kept.shape[1]] = kept.to(self.rows.dtype)
-        self.counts[classes.cpu()] = count.cpu()
+            alive = adaptive_keep_mask(sim, valid, size, rounds=b)
+        # 4. survivors to the front, order kept; the slots left over read a zero row. Sources, flat: the held
+        # rows (slot k's row p at k·N + p), then the batch's rows, then one zero row
+        table = torch.cat([old.reshape(s * size, -1), rows, rows.new_zeros(1, rows.shape[1])])  # [S·N + B + 1, D]
+        at_new = torch.full((s, b), s * size + b, dtype=torch.long, device=labels.device)  # [S, B]
+        at_new[inv, rank] = s * size + torch.arange(b, device=labels.device)
+        source = torch.cat([torch.arange(s, device=labels.device)[:, None] * size + pos[:, :size], at_new], 1)
+        keep = torch.argsort((~alive).to(torch.int8), dim=1, stable=True)[:, :size]  # [S, N] candidate positions
+        count = alive.sum(1)  # [S]
+        filled = pos[:, :size] < count[:, None]  # [S, N]
+        src = torch.where(filled, torch.gather(source, 1, keep), s * size + b)
+        self._rows[dest] = table[src].to(self.rows.dtype)
+        self._counts[dest] = count
         # 5. the kept rows' similarities, for the next push
         if self.policy == "adaptive":
+            width = sim.shape[-1]
             sim = torch.gather(sim, 1, keep[..., None].expand(-1, -1, width))
-            self.gram[classes, : keep.shape[1], : keep.shape[1]] = torch.gather(
-                sim, 2, keep[:, None, :].expand(-1, keep.shape[1], -1))
+            self._gram[dest] = torch.gather(sim, 2, keep[:, None, :].expand(-1, size, -1))
 
-    def _similarities(self, merged: Tensor, rows: Tensor, classes: Tensor, inv: Tensor, n: Tensor,
-                      rank: Tensor, held: int) -> Tensor:
-        """similarity_matrix(merged) with the old rows' block taken from the cache. In float64, like
-        `similarity_matrix`: a cached similarity and a fresh one of the same two rows then land on the same
-        grid point, so a new copy of a held row ties with it exactly (in float32 they differ by ~1e-7)."""
-        merged = merged.double()
-        norms = merged.norm(dim=-1)  # [K, M]
-        new_pad = merged.new_zeros(len(classes), int(rank.max()) + 1, rows.shape[1])  # [K, Bmax, D]
-        new_pad[inv, rank] = unit_rows(rows.double())
-        cross = (merged @ new_pad.transpose(1, 2)) / norms.clamp_min(COSINE_EPS)[..., None]  # [K, M, Bmax]
-        sim = torch.zeros(merged.shape[0], merged.shape[1], merged.shape[1], dtype=torch.float64,
-                          device=merged.device)
-        sim[:, :held, :held] = self.gram[classes, :held, :held]
-        col = n[inv] + rank  # position of each new row in its class's merged bank
-        sim[inv, :, col] = cross[inv, :, rank]
-        return _on_grid(sim, norms > COSINE_EPS)  # keeps the upper triangle: (earlier, later) pairs
+    def _similarities(self, old: Tensor, rows: Tensor, dest: Tensor, inv: Tensor, rank: Tensor,
+                      held: Tensor) -> Tensor:
+        """similarity_matrix of each slot's candidates [S, W, W] (W = N + B: held rows, then new rows at
+        N + rank), the held block taken from the cache. In float64, like `similarity_matrix`: a cached
+        similarity and a fresh one of the same two rows then land on the same grid point, so a new copy of a
+        held row ties with it exactly (in float32 they differ by ~1e-7)."""
+        s, size, b = old.shape[0], self.size, rows.shape[0]
+        old, new = old.double(), rows.double()  # [S, N, D], [B, D]
+        unit_new = unit_rows(new)
+        old_norms, new_norms = old.norm(dim=-1), new.norm(dim=-1)  # [S, N], [B]
+        sim = old.new_zeros(s + 1, size + b, size + b)  # slot S: a sink for pairs of rows of different slots
+        sim[:s, :size, :size] = self._gram[dest]
+        # held row p of slot k vs each new row of k: (held · unit(new)) / |held|, as in similarity_matrix
+        cross = (old @ unit_new.T) / old_norms.clamp_min(COSINE_EPS)[..., None]  # [S, N, B]
+        col = size + rank  # [B] each new row's position in its slot
+        sim[inv, :size, col] = cross[inv, :, torch.arange(b, device=rows.device)]
+        # new row i vs new row j of the same slot (pairs of different slots land in the sink)
+        pair = (new @ unit_new.T) / new_norms.clamp_min(COSINE_EPS)[:, None]  # [B, B]
+        into = torch.where(inv[:, None] == inv[None, :], inv[:, None], s)  # [B, B]
+        sim[into, col[:, None], col[None, :]] = pair
+        nonzero = torch.zeros(s + 1, size + b, dtype=torch.bool, device=rows.device)
+        nonzero[:s, :size] = old_norms > COSINE_EPS
+        nonzero[inv, col] = new_norms > COSINE_EPS
+        return _on_grid(sim, nonzero)[:s]  # keeps the upper triangle: (earlier, later) pairs
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"rows": self.rows, "counts": self.counts, "gram": self.gram}
@@ -222,8 +255,8 @@ class MemoryBank:
     def mean_similarity(self, chunk: int = 64) -> float:
         """Mean off-diagonal cosine similarity inside the banks (0 when no bank has two rows). Adaptive banks
         read their cached similarity matrices; others are computed `chunk` classes at a time."""
-        valid = torch.arange(self.size)[None] < self.counts[:, None]  # [C, N]
-        pairs = (valid[:, :, None] & valid[:, None, :]).to(self.rows.device)  # [C, N, N]
+        valid = torch.arange(self.size, device=self.counts.device)[None] < self.counts[:, None]  # [C, N]
+        pairs = valid[:, :, None] & valid[:, None, :]  # [C, N, N]
         pairs.diagonal(dim1=1, dim2=2).fill_(False)
         count = int(pairs.sum())
         if count == 0:

@@ -139,6 +139,7 @@ def _dit_minutes(cfg: Config, order: list[str], classes: int, channels: int, dev
 
     from diffdistill.autoencoders import IdentityAutoencoder
     from diffdistill.models.dit import build_dit
+    from diffdistill.runtime import sample_batch
 
     latent = IdentityAutoencoder(cfg.autoencoder.unshuffle).latent_shape(channels, cfg.data.image_size)
     dit = build_dit(cfg.model.size, *latent[:2], classes, cfg.model.learn_sigma).to(device)
@@ -160,7 +161,7 @@ def _dit_minutes(cfg: Config, order: list[str], classes: int, channels: int, dev
            for s in TRAINING_STAGES if s in order}
     if "sample" in order:
         images = max(cfg.sample.ipc) * classes
-        batch = min(cfg.sample.batch_size, images)
+        batch = min(sample_batch(cfg.sample.batch_size, device), images)
         out["sample"] = _seconds_per_call(lambda: guided_forward(batch)) * cfg.sample.steps * -(-images // batch) / 60
     return out
 

@@ -42,6 +42,28 @@ def setup(cfg: Config) -> torch.device:
     return resolve_device(cfg.device)
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without making the host wait: on CUDA it is pinned and copied
+    asynchronously (a plain copy from pageable memory first waits for the queued GPU work)."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
+SAMPLE_BATCH = {"cpu": 64, "cuda": 256}  # sample.batch_size=auto: images per batch by device type
+
+
+def sample_batch(size: int | str, device: torch.device) -> int:
+    """`sample.batch_size` as a number: `auto` by the device (SAMPLE_BATCH; 64 elsewhere)."""
+    return SAMPLE_BATCH.get(device.type, 64) if size == "auto" else int(size)
+
+
+def compiled(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
+    """`model` through torch.compile when the config asks for it (`compile`, `compile_mode`), else itself. The
+    compiled module forwards attribute reads (config, ...) to the model; weights stay shared."""
+    return torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
+
+
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -28,11 +28,11 @@ def _argmin(values: Tensor) -> int:
     return int((values == values.min()).nonzero()[0, 0])
 
 
-def herding(x: Tensor, k: int) -> Tensor:
-    """Indices [k] of x [N, D] in selection order."""
+def herding(x: Tensor, k: int, target: Tensor | None = None) -> Tensor:
+    """Indices [k] of x [N, D] in selection order; the running mean tracks `target` [D] (default: x's mean)."""
     _check(x, k)
     x = x.double()
-    mu = x.mean(0)  # [D]
+    mu = x.mean(0) if target is None else target.double().to(x.device)  # [D]
     chosen: list[int] = []
     total = torch.zeros_like(mu)
     taken = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)

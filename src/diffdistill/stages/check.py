@@ -23,7 +23,7 @@ from diffdistill.errors import StageError
 from diffdistill.files import atomic_write_json
 from diffdistill.models.dit import load_dit
 from diffdistill.runs import generator_check_file, model_source
-from diffdistill.runtime import derive_seed, setup
+from diffdistill.runtime import derive_seed, sample_batch, setup
 from diffdistill.stages.evaluate import accuracy, channel_stats, on_device, train_classifier
 from diffdistill.stages.report import FIDELITY_GOAL
 from diffdistill.stages.sample import sample_images
@@ -37,8 +37,9 @@ def _generate(cfg: Config, source: str, classes: list[str], per_class: int, devi
     cond, _ = condition_ids(classes, cfg.model.class_ids)
     jobs = [(c, i) for c in range(len(classes)) for i in range(per_class)]
     images = []
-    for lo in range(0, len(jobs), cfg.sample.batch_size):
-        batch = jobs[lo : lo + cfg.sample.batch_size]
+    size = sample_batch(cfg.sample.batch_size, device)
+    for lo in range(0, len(jobs), size):
+        batch = jobs[lo : lo + size]
         generators = [torch.Generator().manual_seed(derive_seed(cfg.seed, "check", classes[c], i)) for c, i in batch]
         images.append(sample_images(model, decoder, cfg, torch.tensor([cond[c] for c, _ in batch]), generators,
                                     device))

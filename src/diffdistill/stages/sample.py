@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,8 +30,8 @@ from diffdistill.latents import RealLatents, cache_key
 from diffdistill.models.dit import eps_prediction, learns_sigma, load_dit, null_class
 from diffdistill.progress import progress
 from diffdistill.runs import model_source, samples_partial, stage_dir
-from diffdistill.runtime import autocast, derive_seed, setup, write_run_info
-from diffdistill.select import kmeans
+from diffdistill.runtime import autocast, compiled, derive_seed, sample_batch, setup, write_run_info
+from diffdistill.select import herding, kmeans
 
 
 def image_file(class_name: str, index: int) -> str:
@@ -85,11 +86,12 @@ def sample_latents(model, scfg: SampleConfig, betas: Tensor, labels: Tensor, gen
         x = x * scheduler.init_noise_sigma
     guide = scfg.guidance != 1.0
     y = torch.cat([labels, torch.full_like(labels, null_class(model))]) if guide else labels
+    y, on_device = y.to(device), timesteps.to(device)  # copied once, not at every step
     for i, t in enumerate(timesteps):
         x_in = scheduler.scale_model_input(x, t)
         x_in = torch.cat([x_in, x_in]) if guide else x_in
         with autocast(device, precision):
-            out = model(x_in, t.expand(x_in.shape[0]).to(device), y.to(device)).sample
+            out = model(x_in, on_device[i].expand(x_in.shape[0]), y).sample
         out = out.float()  # [B or 2B, C or 2C, H, W]
         eps, var = eps_prediction(out, channels), out[:b, channels:]
         if guide:
@@ -111,13 +113,29 @@ def sample_images(model, decoder, cfg: Config, labels: Tensor, generators: list[
     return to_uint8(decoder.decode(z)).cpu()
 
 
+def _sample_fitting(make: Callable[[list], Tensor], batch: list) -> Tensor:
+    """make(batch), or, where the device runs out of memory, the halves of the batch made one after the other
+    (each image has its own generator: the same images)."""
+    try:
+        return make(batch)
+    except torch.OutOfMemoryError:
+        if len(batch) == 1:
+            raise
+    torch.cuda.empty_cache()
+    half = len(batch) // 2
+    print(f"sample: a batch of {len(batch)} images does not fit in GPU memory; sampling it in halves (set "
+          f"sample.batch_size={half} to start there)", flush=True)
+    return torch.cat([_sample_fitting(make, batch[:half]), _sample_fitting(make, batch[half:])])
+
+
 def needs_modes(scfg: SampleConfig) -> bool:
     return scfg.mode_guidance.scale > 0 or scfg.start == "prototype"
 
 
 class Modes:
     """Per class the k-means centroids (k = the IPC made, k-means++ start seeded by (seed, class)) of its
-    real latents; image i of a class gets mode i. Computed when a batch first needs the class."""
+    real latents in herding order; image i of a class gets mode i. Computed when a batch first needs the
+    class."""
 
     def __init__(self, cfg: Config, classes: list[str], k: int, device: torch.device) -> None:
         self.real, self.cfg, self.classes, self.k = RealLatents(cfg, device), cfg, classes, k
@@ -130,6 +148,9 @@ class Modes:
                 raise StageError(f"sample: class {self.classes[c]} has {len(z)} real images; {self.k} modes "
                                  f"(IPC {self.k}) need at least {self.k}")
             centroids, _ = kmeans(z.flatten(1), self.k, derive_seed(self.cfg.seed, "modes", self.classes[c]))
+            # herding order: the first j modes track the class mean, so a smaller IPC (a prefix) still covers
+            # the class (IPC 1 gets the mode nearest the mean, not k-means++'s random first pick)
+            centroids = centroids[herding(centroids, self.k, target=z.flatten(1).mean(0))]
             if len(self.cached) > 1:  # batches run class by class: keep the last two
                 self.cached.pop(next(iter(self.cached)))
             self.cached[c] = centroids.view(self.k, *z.shape[1:])  # [k, C, H, W]
@@ -164,12 +185,13 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
     if dist.is_main():
         _open_work_dir(work, spec, classes)
     dist.barrier()
-    model = load_dit(source, key="sample.checkpoint").to(device).eval()
+    model = compiled(load_dit(source, key="sample.checkpoint").to(device).eval(), cfg)
     ae = build_decoder(cfg.autoencoder).to(device)
     modes = Modes(cfg, classes, ipc, device) if needs_modes(scfg) else None
     jobs = [(c, i) for c in range(len(classes)) for i in range(ipc)]
     seeds = {job: derive_seed(cfg.seed, "sample", classes[job[0]], job[1]) for job in jobs}
-    batches = [jobs[k : k + scfg.batch_size] for k in range(0, len(jobs), scfg.batch_size)]
+    size = sample_batch(scfg.batch_size, device)
+    batches = [jobs[k : k + size] for k in range(0, len(jobs), size)]
     mine = [b for n, b in enumerate(batches) if n % dist.world_size() == dist.rank()
             and not all((work / image_file(classes[c], i)).is_file() for c, i in b)]
     bar = progress(total=sum(map(len, mine)), desc="sample", unit="img", disable=not dist.is_main())
@@ -177,9 +199,10 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
     with ThreadPoolExecutor(max_workers=4) as pool:
         pending: list[Future] = []
         for batch in mine:
-            generators = [torch.Generator().manual_seed(seeds[job]) for job in batch]
-            images = sample_images(model, ae, cfg, torch.tensor([cond[c] for c, _ in batch]), generators, device,
-                                   modes.batch(batch) if modes else None)
+            images = _sample_fitting(lambda part: sample_images(
+                model, ae, cfg, torch.tensor([cond[c] for c, _ in part]),
+                [torch.Generator().manual_seed(seeds[job]) for job in part], device,
+                modes.batch(part) if modes else None), batch)
             for future in pending:
                 future.result()
             pending = [pool.submit(save_png, hwc(img), work / image_file(classes[c], i))

@@ -4,8 +4,9 @@ Per step: z0 = s·encode(x) (or from the latent cache); t ~ U{0..T-1}; z_t = q(z
 ε̂ = DiT(z_t, t, y with label dropout); L = MSE(ε̂, ε) [+ the variational bound for learned-sigma models]
 + Σ_c a_c(x̂0); then the real memory takes z0 and the generated memory takes x̂0 (detached).
 All randomness of a process comes from one CPU generator seeded from (seed, stage[, rank]) — under torchrun
-the data order from a second one seeded alike on every rank — so a run is reproducible and a checkpoint
-can restore it exactly (checkpoint.py).
+the data order from a second one seeded alike on every rank; on a GPU timesteps and noise from a generator
+there — so a run is reproducible and a checkpoint can restore it exactly (checkpoint.py). Between two log
+steps nothing is read back from the device: loss parts, the non-finite check and the memories stay there.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from diffdistill.models.dit import (
 )
 from diffdistill.progress import progress
 from diffdistill.runs import checkpoint_root, model_source, stage_dir
-from diffdistill.runtime import DeviceTimer, autocast, derive_seed, setup, write_run_info
+from diffdistill.runtime import DeviceTimer, autocast, compiled, derive_seed, setup, to_device, write_run_info
 
 
 def train_stage(cfg: Config, stage: str, force: bool = False, resume: bool = False) -> Path:
@@ -95,7 +96,10 @@ def train_stage(cfg: Config, stage: str, force: bool = False, resume: bool = Fal
         loop = TrainLoop(cfg, stage, model, trainable, source, latent, torch.tensor(cond), device)
         if resume and found:
             loop.load(found[0])
-        summary = loop.run(out, ckpt_root)
+        try:
+            summary = loop.run(out, ckpt_root)
+        finally:
+            source.close()  # the latent cache's reader thread
         if dist.is_main():
             save_dit(out / "raw", model, trainable.folded_state_dict(model))
             save_dit(out / "ema", model, trainable.folded_state_dict(model, loop.ema.shadow))
@@ -160,9 +164,13 @@ class TrainLoop:
         self.model, self.trainable, self.source, self.latent = model, trainable, source, latent
         self.cond, self.device = cond, device
         tcfg, mem = self.tcfg, self.tcfg.memory
-        self.schedule = NoiseSchedule.from_config(cfg.diffusion)
+        self.schedule = NoiseSchedule.from_config(cfg.diffusion).to(device)
         rank_part = ("rank", dist.rank()) if dist.enabled() else ()
         self.generator = torch.Generator().manual_seed(derive_seed(cfg.seed, stage, *rank_part))
+        # timesteps and noise: drawn where they are used. On the CPU that is the run's generator itself (the
+        # draws of every earlier version); on a GPU a generator there, so nothing crosses from the host
+        self.device_generator = self.generator if device.type == "cpu" else torch.Generator(device).manual_seed(
+            derive_seed(cfg.seed, stage, *rank_part, "device"))
         # fused: one kernel for all parameters on CUDA (the same update; CPU keeps the reference loop)
         self.opt = torch.optim.AdamW(trainable.params, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
                                      fused=device.type == "cuda" or None)
@@ -190,9 +198,9 @@ class TrainLoop:
         self.mem_timer = DeviceTimer(device)  # the memory work (loss terms and pushes)
         if dist.enabled():
             ids = [device.index] if device.type == "cuda" else None
-            self.net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            self.net = compiled(torch.nn.parallel.DistributedDataParallel(model, device_ids=ids), cfg)
         else:
-            self.net = model
+            self.net = compiled(model, cfg)
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def save(self, root: Path) -> None:
@@ -204,7 +212,8 @@ class TrainLoop:
             optimizer = {"optimizer": self.opt.state_dict(), "lr_scheduler": self.lr_sched.state_dict(),
                          "scaler": self.scaler.state_dict()}
         sums = {k: v.cpu() if isinstance(v, Tensor) else v for k, v in self.sums.items()}
-        rank_state = {"generator": self.generator.get_state(), "order": self.order.state_dict(), "sums": sums,
+        rank_state = {"generator": self.generator.get_state(), "device_generator": self.device_generator.get_state(),
+                      "order": self.order.state_dict(), "sums": sums,
                       "banks": {k: {n: v.cpu() for n, v in b.state_dict().items()} for k, b in self.banks.items()}}
         save_checkpoint(root, Checkpoint(self.step, tensors, optimizer, rank_state, self.log_rows),
                         resume_spec(self.cfg, self.stage), self.tcfg.keep_checkpoints)
@@ -227,6 +236,8 @@ class TrainLoop:
         self.lr_sched.load_state_dict(ckpt.optimizer["lr_scheduler"])
         self.scaler.load_state_dict(ckpt.optimizer["scaler"])
         self.generator.set_state(ckpt.rank["generator"])
+        if self.device_generator is not self.generator:  # on a CPU they are one generator
+            self.device_generator.set_state(ckpt.rank["device_generator"])
         self.order.load_state_dict(ckpt.rank["order"])
         self.sums = {k: torch.as_tensor(v, dtype=torch.float64, device=self.device)
                      for k, v in ckpt.rank["sums"].items()}
@@ -269,8 +280,9 @@ class TrainLoop:
             if log_file:
                 log_file.close()
         seconds = time.perf_counter() - t_start
-        return {"steps": tcfg.steps, "seconds": round(seconds, 2),
-                "memory_seconds": round(self.mem_timer.seconds(), 3), "last_log": row}
+        memory = self.mem_timer.seconds()  # device time of the memory work (CUDA events on a GPU)
+        return {"steps": tcfg.steps, "seconds": round(seconds, 2), "memory_seconds": round(memory, 3),
+                "memory_share_percent": round(100 * memory / max(seconds, 1e-9), 2), "last_log": row}
 
     def _log_row(self, step: int) -> dict:
         n = (step - 1) % self.tcfg.log_every + 1
@@ -320,17 +332,20 @@ class TrainLoop:
                          f"data{keep}")
 
     def draw(self) -> Batch:
-        """The step's random draws, all from this rank's generator (CPU), in a fixed order."""
-        generator, device = self.generator, self.device
+        """The step's random draws in a fixed order: data order, mirrors and label dropout from this rank's
+        generator (CPU); the latent's ε, timesteps and noise from the device generator (the same one on a CPU).
+        Host tensors reach the device by asynchronous copies: the host never waits for the GPU here."""
+        generator, device, drawn = self.generator, self.device, self.device_generator
         idx = next(self.order)
-        z0 = self.source.sample(idx, generator, device)  # [B, C, H, W]
+        z0 = self.source.sample(idx, generator, device, drawn, upcoming=self.order.peek())  # [B, C, H, W]
         labels = self.source.labels[idx]  # [B]
-        t = torch.randint(0, self.schedule.num_steps, (len(idx),), generator=generator)
-        noise = torch.randn(z0.shape, generator=generator).to(device)
+        t = torch.randint(0, self.schedule.num_steps, (len(idx),), generator=drawn, device=drawn.device)
+        noise = torch.randn(z0.shape, generator=drawn, device=drawn.device)
         model_labels = drop_labels(self.cond[labels], null_class(self.model), self.cfg.model.class_dropout,
                                    generator)
-        t = t.to(device)
-        return Batch(z0, labels.to(device), t, noise, self.schedule.q_sample(z0, t, noise), model_labels.to(device))
+        t, noise = t.to(device), noise.to(device)  # no-ops: drawn there
+        return Batch(z0, to_device(labels, device), t, noise, self.schedule.q_sample(z0, t, noise),
+                     to_device(model_labels, device))
 
     def losses(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
         """(total loss, its parts for the log, x̂0 [B, D] when there are memories)."""
@@ -349,10 +364,12 @@ class TrainLoop:
         timing = self.mem_timer.start()
         x0_hat = schedule.x0_from_eps(batch.zt, batch.t, eps).flatten(1)  # [B, D], gradient flows through ε̂
         real, generated = self.banks["real"], self.banks["gen"]
-        _, reps, divs = memory_loss_terms_dense(x0_hat, batch.labels, real.rows, real.counts, generated.rows,
-                                                generated.counts)
-        loss_mem = combine_terms(reps, divs, mem.lambda_real, mem.lambda_gen, mem.loss_accumulation)
-        parts.update(representativeness=reps.mean(), diversity=divs.mean(), memory=loss_mem)
+        classes, reps, divs = memory_loss_terms_dense(x0_hat, batch.labels, real.rows, real.counts,
+                                                      generated.rows, generated.counts)  # [S] slots
+        present = classes >= 0
+        loss_mem = combine_terms(reps, divs, mem.lambda_real, mem.lambda_gen, mem.loss_accumulation, present)
+        k = present.sum()  # the batch's classes: means over them, without reading K back
+        parts.update(representativeness=reps.sum() / k, diversity=divs.sum() / k, memory=loss_mem)
         self.mem_timer.stop(timing)
         return loss + loss_mem, parts, x0_hat
 
@@ -372,6 +389,6 @@ class TrainLoop:
         timing = self.mem_timer.start()
         push_max_t = self.tcfg.memory.push_max_t
         self.banks["real"].push(batch.z0.flatten(1), batch.labels)
-        keep = slice(None) if push_max_t is None else batch.t <= push_max_t
-        self.banks["gen"].push(x0_hat.detach()[keep], batch.labels[keep])
+        accept = None if push_max_t is None else batch.t <= push_max_t  # a mask, not a gather: no sync
+        self.banks["gen"].push(x0_hat.detach(), batch.labels, accept)
         self.mem_timer.stop(timing)
