@@ -25,7 +25,8 @@ from diffdistill.models.dit import build_dit, save_dit
 
 CFG = "configs/demo-digits.yaml"
 FAST = ["finetune.init=null", "finetune.steps=2", "finetune.batch_size=4", "sample.steps=2", "sample.ipc=[2]",
-        "evaluate.epochs=1", "evaluate.full=false", "evaluate.seeds=1", "evaluate.width=8", "threads=1"]
+        "evaluate.epochs=1", "evaluate.full=false", "evaluate.labels=[hard]", "evaluate.seeds=1", "evaluate.width=8",
+        "threads=1"]
 
 
 def folders(root: Path) -> list[str]:

@@ -161,7 +161,8 @@ def test_three_nets_full_recipe_and_resume(tmp_path, monkeypatch):
             Image.fromarray(img[0].numpy()).save(real / str(c) / f"{i}.png")
     args = ["evaluate", "configs/demo-digits.yaml", f"out_dir={tmp_path}",
             "evaluate.nets=[convnet3,resnetap10,resnet18]", "evaluate.ipc=[2]", "evaluate.epochs=2",
-            "evaluate.full=false", "evaluate.seeds=2", "evaluate.width=16", "evaluate.color_jitter=0.4",
+            "evaluate.full=false", "evaluate.labels=[hard]", "evaluate.seeds=2", "evaluate.width=16",
+            "evaluate.color_jitter=0.4",
             "evaluate.cutmix_prob=1.0"]
     where = ["--distilled", str(real)]
     assert main(args + ["evaluate.lighting=0.1", "--pool"] + where) == 0  # a run named after the set

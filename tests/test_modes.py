@@ -123,12 +123,14 @@ def test_a_batch_that_runs_out_of_memory_is_sampled_in_halves(capsys):
     def make(part):
         sizes.append(len(part))
         if len(part) > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return torch.tensor(part)[:, None]
 
-    out = _sample_fitting(make, list(range(7)))
+    fits = [7]
+    out = _sample_fitting(make, list(range(7)), fits)
     assert out.squeeze(1).tolist() == list(range(7))  # every image, in order
-    assert sizes == [7, 3, 1, 2, 4, 2, 2]
+    assert sizes == [7, 3, 1, 1, 1, 1, 1, 1, 1] and fits == [1]  # 7 -> 3 -> 1 (3 // 2), kept for what follows
     assert "sample.batch_size=3" in capsys.readouterr().out
-    with pytest.raises(torch.OutOfMemoryError):
-        _sample_fitting(lambda part: (_ for _ in ()).throw(torch.OutOfMemoryError("x")), [0])
+    assert _sample_fitting(make, list(range(4)), [2]).squeeze(1).tolist() == [0, 1, 2, 3]
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        _sample_fitting(lambda part: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("x")), [0], [1])

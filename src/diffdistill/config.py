@@ -211,6 +211,25 @@ def epochs_for_ipc(ipc: int) -> int:
 
 
 @dataclass(frozen=True)
+class SoftLabelConfig:
+    """The soft-label protocol of RDED / SRe²L (evaluate.labels: soft): a teacher labels every augmented (and
+    CutMix-ed) batch the student sees, and the student minimizes KL(teacher_T ‖ student_T), with AdamW and
+    RDED's cosine schedule (configs/evaluate-imagenet1k-soft.yaml gives the sources)."""
+
+    # full: the full-data classifier this tool trains (same net and seed as the student); else a file
+    # (.safetensors, or a weights-only .pth / .pt) or a folder holding model.safetensors, with torchvision-layout
+    # weights of `teacher_net` (1000 ImageNet classes are mapped to the data's wnids)
+    teacher: str = "full"
+    teacher_net: Literal["resnet18", "resnet50", "resnet101"] = "resnet18"
+    temperature: float = _num(20.0, POSITIVE)  # RDED with CutMix
+    lr: float = _num(0.001, POSITIVE)  # AdamW, betas (0.9, 0.999)
+    weight_decay: float = _num(0.01, NON_NEGATIVE)
+
+
+LABEL_PROTOCOLS = ("hard", "soft")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     nets: tuple[str, ...] = field(default=("convnet6",), metadata=_check(lambda v: len(v) > 0, "a non-empty list"))
     width: int = _num(128, POSITIVE)  # ConvNet width (ResNets keep their standard widths)
@@ -243,6 +262,12 @@ class EvalConfig:
     cutmix_beta: float = _num(1.0, POSITIVE)
     # classifier training under bf16 autocast (channels-last on CUDA); fp32 everywhere by default
     precision: Literal["fp32", "bf16"] = "fp32"
+    # hard: cross-entropy on the set's labels (SGD, the settings above); soft: a teacher's labels (`soft`).
+    # Both: every distilled and random-real classifier is trained under each, reported side by side
+    labels: tuple[str, ...] = field(default=("hard",), metadata=_check(
+        lambda v: len(v) > 0 and len(set(v)) == len(v) and set(v) <= set(LABEL_PROTOCOLS),
+        "a non-empty list of hard and/or soft"))
+    soft: SoftLabelConfig = field(default_factory=SoftLabelConfig)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Representativeness and diversity losses of the memory method. Pure functions of tensors.
+"""Representativeness and diversity losses of the memory method, and the soft-label (knowledge distillation)
+loss of the evaluation. Pure functions of tensors.
 
 For each class c in the batch whose generated memory is non-empty (X_c = the batch's x̂0 rows of class c):
     R_c = 1 − min_{i∈c, j} cos(X_c,i, M_r[c]_j)      pull the least similar pair toward the real memory
@@ -16,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from diffdistill.memory import class_slots, cosine_matrix, unit_rows
@@ -122,3 +124,16 @@ def combine_terms(reps: Tensor, divs: Tensor, lambda_real: float, lambda_gen: fl
     if accumulation == "authors":  # K, K-1, ..., 1 over the present entries (they come first)
         per_class = per_class * (k - torch.arange(reps.shape[0], device=reps.device)).clamp_min(0)
     return per_class.sum()
+
+
+def soft_targets(teacher_logits: Tensor, temperature: float) -> Tensor:
+    """[B, K] the teacher's probabilities at `temperature`: softmax(logits / T)."""
+    return F.softmax(teacher_logits.float() / temperature, dim=1)
+
+
+def soft_label_loss(student_logits: Tensor, targets: Tensor, temperature: float) -> Tensor:
+    """KL(targets ‖ softmax(student / T)) summed over classes, averaged over the batch (PyTorch's KLDivLoss with
+    reduction "batchmean", as RDED and SRe²L use it; no T² factor). targets [B, K] are probabilities (0 log 0
+    = 0); with T = 1 and one-hot targets this is the cross-entropy."""
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=1)
+    return (torch.xlogy(targets, targets) - targets * log_q).sum(1).mean()

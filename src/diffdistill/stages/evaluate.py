@@ -13,8 +13,10 @@ that determines its result, so an interrupted evaluation resumes where it stoppe
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,19 +42,23 @@ from diffdistill.data.datasets import (
 )
 from diffdistill.errors import StageError
 from diffdistill.files import atomic_write_bytes, atomic_write_json, check_output_free, staged_dir
+from diffdistill.losses import soft_label_loss, soft_targets
 from diffdistill.metrics import dd_ranking, per_class_metrics
 from diffdistill.models.classifiers import DEFAULT_NORM, build_classifier
 from diffdistill.plots import EXAMPLE_CLASSES, EXAMPLES_PER_CLASS
 from diffdistill.progress import progress
 from diffdistill.runs import REAL_EXAMPLES, evaluate_jobs, stage_dir
 from diffdistill.runtime import autocast, derive_seed, setup, write_run_info
+from diffdistill.teachers import IMAGENET_MEAN, IMAGENET_STD, Teacher, load_teacher, renormalize
 
 BEST_LABEL = "best epoch, selected on the validation set (optimistic)"
 # part of every job record's key: bump when the protocol's arithmetic changes, so old records are not reused
 # (2: sets held as uint8 at the classifier size, resized sets rounded to uint8; 3: baselines keyed without the
 # distilled set, every full-data net's weights kept, fidelity scored from them)
 RECIPE_VERSION = 3
-BASELINES = ("random_real", "full")  # jobs that do not depend on the distilled set: shareable between sets
+# the jobs each label protocol trains (a soft job's teacher labels every batch; see train_classifier)
+KINDS = {"hard": ("distilled", "random_real"), "soft": ("distilled_soft", "random_real_soft")}
+BASELINES = ("random_real", "random_real_soft", "full")  # jobs that do not depend on the distilled set: shareable
 # without the full-data baseline the train set is only listed; its normalization statistics come from a sample
 NORM_IMAGES_PER_CLASS = 10
 
@@ -85,17 +91,33 @@ def accuracy(model: torch.nn.Module, x: Tensor, y: Tensor, norm: tuple[Tensor, T
     return 100.0 * correct / max(len(y), 1)
 
 
+def rded_cosine(epochs: int) -> Callable[[int], float]:
+    """RDED's learning-rate factor per epoch: ½ (1 + cos(π e / (2 E))), from 1 down to ½ at the last epoch."""
+    return lambda e: 0.5 * (1 + math.cos(math.pi * e / epochs / 2)) if e <= epochs else 0.0
+
+
 def train_classifier(net: str, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor, norm: tuple[Tensor, Tensor],
-                     num_classes: int, epochs: int, seed: int, ecfg: EvalConfig, flip: bool) -> TrainResult:
-    """SGD + momentum, lr × 0.2 at 2/3 and 5/6 of the epochs. x and x_val: uint8 images on the device at the
-    classifier's size; `norm` = (mean, std) applied to each (augmented) batch."""
+                     num_classes: int, epochs: int, seed: int, ecfg: EvalConfig, flip: bool,
+                     teacher: torch.nn.Module | None = None) -> TrainResult:
+    """Hard labels: SGD + momentum, lr × 0.2 at 2/3 and 5/6 of the epochs, cross-entropy (CutMix mixes the two
+    labels' losses). Soft labels (`teacher` given): AdamW with RDED's cosine factor, and the teacher labels the
+    very batch the student sees (after crop, flip, jitter and CutMix): KL at `evaluate.soft.temperature`.
+    x and x_val: uint8 images on the device at the classifier's size; `norm` = (mean, std) applied to each
+    (augmented) batch."""
     torch.manual_seed(seed)
     generator, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
     model = build_classifier(net, x.shape[1], num_classes, x.shape[-1], ecfg.width, ecfg.norm).to(x.device)
     layout = torch.channels_last if x.device.type == "cuda" else torch.contiguous_format
     model = model.to(memory_format=layout)
-    opt = torch.optim.SGD(model.parameters(), lr=ecfg.lr, momentum=ecfg.momentum, weight_decay=ecfg.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, lr_milestones(epochs), gamma=0.2)
+    if teacher is None:
+        opt = torch.optim.SGD(model.parameters(), lr=ecfg.lr, momentum=ecfg.momentum,
+                              weight_decay=ecfg.weight_decay)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, lr_milestones(epochs), gamma=0.2)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=ecfg.soft.lr, betas=(0.9, 0.999),
+                                weight_decay=ecfg.soft.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, rded_cosine(epochs))
+        teacher = teacher.to(memory_format=layout)
     crop = ecfg.crop_scale != (1.0, 1.0) or flip
     curve = []
     for epoch in range(1, epochs + 1):
@@ -112,10 +134,16 @@ def train_classifier(net: str, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tenso
             mixed = ecfg.cutmix_prob > 0 and rng.random() < ecfg.cutmix_prob
             if mixed:
                 xb, perm, lam = cutmix(xb, ecfg.cutmix_beta, generator, rng)
+            xb = xb.contiguous(memory_format=layout)
             with autocast(x.device, ecfg.precision):
-                out = model(xb.contiguous(memory_format=layout)).float()
-            loss = lam * F.cross_entropy(out, yb) + (1 - lam) * F.cross_entropy(out, yb[perm]) if mixed \
-                else F.cross_entropy(out, yb)
+                out = model(xb).float()
+                labels = None if teacher is None else soft_targets(teacher(xb), ecfg.soft.temperature)
+            if labels is not None:
+                loss = soft_label_loss(out, labels, ecfg.soft.temperature)
+            elif mixed:
+                loss = lam * F.cross_entropy(out, yb) + (1 - lam) * F.cross_entropy(out, yb[perm])
+            else:
+                loss = F.cross_entropy(out, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -190,6 +218,7 @@ class Plan:
     jobs: list[Job]
     key_parts: dict  # everything besides the job itself that determines a job's result
     baselines_dir: Path  # where random-real and full-data records live (shared by `compare`'s methods)
+    teacher_file: tuple[torch.nn.Module, list[int] | None, str] | None = None  # evaluate.soft.teacher, loaded
 
     def prepare(self, s: ImageSet) -> tuple[Tensor, Tensor]:
         return on_device(s, self.size, self.device)
@@ -211,7 +240,18 @@ class Plan:
 
     def key(self, job: Job) -> int:
         parts = {k: v for k, v in self.key_parts.items() if not (job[1] in BASELINES and k == "distilled")}
+        if job[1].endswith("_soft"):  # the soft recipe and the teacher's identity (its file, or its record)
+            teacher = self.teacher_file[2] if self.teacher_file else self.key((job[0], "full", None, job[3]))
+            parts["soft"] = {**to_dict(self.cfg)["evaluate"]["soft"], "teacher": teacher}
         return derive_seed(json.dumps({**parts, "job": list(job)}, sort_keys=True))
+
+    def teacher(self, net: str, s: int) -> Teacher:
+        """The teacher of a soft job on `net` with seed index `s`: the file's net, or that job's full-data net."""
+        if self.teacher_file is not None:
+            model, columns, _ = self.teacher_file
+            stats = tuple(torch.tensor(v, device=self.device).view(1, -1, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+            return Teacher(model.to(self.device), columns, renormalize(self.norm, stats))
+        return Teacher(self.full_model(net, s))
 
     def full_model(self, net: str, s: int) -> torch.nn.Module:
         """The full-data classifier of (net, seed index s), from its saved weights."""
@@ -272,16 +312,24 @@ def plan_evaluation(cfg: Config, syn_dir: Path, device: torch.device, baselines:
     ipcs = sorted(set(ecfg.ipc or cfg.sample.ipc))
     for labels, where in ((syn.labels, "distilled set"), (train.labels, "random-real baseline (real train set)")):
         per_class_indices(labels, names, max(ipcs), None, where)  # too few images: say so before any training
-    jobs: list[Job] = [(net, kind, ipc, s) for net in ecfg.nets for ipc in ipcs
-                       for kind in ("distilled", "random_real") for s in range(ecfg.seeds)]
-    if ecfg.full:
-        jobs += [(net, "full", None, s) for net in ecfg.nets for s in range(ecfg.seeds)]
-    protocol = {k: v for k, v in to_dict(cfg)["evaluate"].items() if k != "ipc"}  # the IPC is part of each job
+    soft_full = "soft" in ecfg.labels and ecfg.soft.teacher == "full"
+    if soft_full and not ecfg.full:
+        raise StageError("evaluate.soft.teacher=full needs the full-data classifiers: set evaluate.full=true, or "
+                         "name a teacher file")
+    teacher_file = None
+    if "soft" in ecfg.labels and not soft_full:  # a missing or wrong teacher fails here, before any training
+        teacher_file = load_teacher(ecfg.soft.teacher, ecfg.soft.teacher_net, names, val.channels)
+    full = [(net, "full", None, s) for net in ecfg.nets for s in range(ecfg.seeds)] if ecfg.full else []
+    # full-data jobs first: the soft jobs of a `full` teacher read their weights
+    jobs: list[Job] = full + [(net, kind, ipc, s) for protocol in ecfg.labels for net in ecfg.nets
+                              for ipc in ipcs for kind in KINDS[protocol] for s in range(ecfg.seeds)]
+    # the IPC is part of each job; the label protocol is its kind; a soft job adds the soft recipe (Plan.key)
+    protocol = {k: v for k, v in to_dict(cfg)["evaluate"].items() if k not in ("ipc", "labels", "soft")}
     key_parts = {"recipe": RECIPE_VERSION, "evaluate": protocol, "hflip": cfg.data.hflip,
                  "seed": cfg.seed, "train": train.sha256(), "normalization": stats_from, "val": val.sha256(),
                  "distilled": syn.sha256(), "torch": torch.__version__}
     return Plan(cfg, names, train, val, syn, syn_dir, stats_from, size, norm, device, ipcs, jobs, key_parts,
-                baselines or evaluate_jobs(cfg.run_dir))
+                baselines or evaluate_jobs(cfg.run_dir), teacher_file)
 
 
 def run_jobs(plan: Plan) -> None:
@@ -294,33 +342,49 @@ def run_jobs(plan: Plan) -> None:
         print(f"evaluate: {len(saved)} of {len(plan.jobs)} classifier results are reused from {folders}: each was "
               "made with the same data, set, recipe, seed and torch version, so training it again gives the same "
               "numbers; delete the folder to retrain them", flush=True)
-    bar = progress(mine, desc="evaluate", unit="model", disable=not dist.is_main())
-    for job in bar:
-        bar.set_postfix_str("{} {} ipc={} seed={}".format(*job))
-        if job in saved:
-            continue
-        record, model = _run_job(plan, job, val_xy)
-        record["key"] = plan.key(job)
-        file = plan.job_file(job)
-        if job[1] == "full":  # weights first (with the record's key): a record implies its weights exist
-            atomic_write_bytes(file.with_suffix(".safetensors"), save(
-                {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                metadata={"key": str(record["key"])}))
-        atomic_write_json(file, record)
+    ecfg = plan.cfg.evaluate
+    # with full-data teachers: every rank trains its share of the full-data nets, then all wait for all of them
+    # (the soft jobs read their weights), then the rest; plan.jobs lists the full-data jobs first
+    teachers = "soft" in ecfg.labels and ecfg.soft.teacher == "full"
+    phases = [[j for j in mine if j[1] == "full"], [j for j in mine if j[1] != "full"]] if teachers else [mine]
+    bar = progress(total=len(mine), desc="evaluate", unit="model", disable=not dist.is_main())
+    for n, phase in enumerate(phases):
+        if n:
+            dist.barrier()
+        for job in phase:
+            bar.set_postfix_str("{} {} ipc={} seed={}".format(*job))
+            _train_and_save(plan, job, val_xy, job in saved)
+            bar.update()
+    bar.close()
+
+
+def _train_and_save(plan: Plan, job: Job, val_xy: tuple[Tensor, Tensor], saved: bool) -> None:
+    """Train `job` (unless its record is `saved`) and write its record (and a full-data net's weights)."""
+    if saved:
+        return
+    record, model = _run_job(plan, job, val_xy)
+    record["key"] = plan.key(job)
+    file = plan.job_file(job)
+    if job[1] == "full":  # weights first (with the record's key): a record implies its weights exist
+        atomic_write_bytes(file.with_suffix(".safetensors"), save(
+            {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+            metadata={"key": str(record["key"])}))
+    atomic_write_json(file, record)
 
 
 def _run_job(plan: Plan, job: Job, val_xy: tuple[Tensor, Tensor]) -> tuple[dict, torch.nn.Module]:
     """Train one classifier; the record holds what the report needs (and which images were used)."""
     cfg, ecfg, (net, kind, ipc, s) = plan.cfg, plan.cfg.evaluate, job
-    seed = derive_seed(cfg.seed, "evaluate", net, kind, ipc, s)
+    # hard and soft jobs of one (net, set, IPC, seed) share their seed: the same images, init and batches
+    seed = derive_seed(cfg.seed, "evaluate", net, kind.removesuffix("_soft"), ipc, s)
     generator = torch.Generator().manual_seed(seed)
     record: dict = {"net": net, "kind": kind, "ipc": ipc, "seed": s}
-    if kind == "distilled":
+    if kind.startswith("distilled"):
         idx = per_class_indices(plan.syn.labels, plan.names, ipc, generator if ecfg.pool else None, "distilled set")
         subset = plan.syn.subset(idx)
         if ecfg.pool:
             record["indices"] = idx.tolist()
-    elif kind == "random_real":
+    elif kind.startswith("random_real"):
         idx = per_class_indices(plan.train.labels, plan.names, ipc, generator,
                                 "random-real baseline (real train set)")
         record["indices"] = idx.tolist()
@@ -329,8 +393,9 @@ def _run_job(plan: Plan, job: Job, val_xy: tuple[Tensor, Tensor]) -> tuple[dict,
         subset = plan.train
     epochs = ecfg.full_epochs if kind == "full" else ecfg.epochs or epochs_for_ipc(ipc)
     t0 = time.perf_counter()
+    teacher = plan.teacher(net, s) if kind.endswith("_soft") else None
     res = train_classifier(net, *plan.prepare(subset), *val_xy, plan.norm, len(plan.names), epochs, seed, ecfg,
-                           cfg.data.hflip)
+                           cfg.data.hflip, teacher)
     record.update(final=res.final, best=res.best, best_epoch=res.best_epoch, curve=res.curve, epochs=epochs,
                   seconds=round(time.perf_counter() - t0, 2), trained_in=str(cfg.run_dir))
     return record, res.model
@@ -365,14 +430,19 @@ def aggregate(plan: Plan, records: dict) -> dict:
         entry: dict = {"norm": ecfg.norm or DEFAULT_NORM[net], "ipc": {}}
         full = [r["final"] for r in kinds["full"][None]] if "full" in kinds else None
         for ipc in plan.ipcs:
-            e = {kind: _result(kinds[kind][ipc]) for kind in ("distilled", "random_real")}
-            e["gap_over_random_real"] = round(e["distilled"]["mean"] - e["random_real"]["mean"], 2)
-            e["random_real"]["indices"] = [r["indices"] for r in kinds["random_real"][ipc]]
-            if ecfg.pool:
-                e["distilled"]["indices"] = [r["indices"] for r in kinds["distilled"][ipc]]
-            e["dd_ranking"] = dd_ranking([r["final"] for r in kinds["distilled"][ipc]],
-                                         [r["final"] for r in kinds["random_real"][ipc]], full)
-            entry["ipc"][str(ipc)] = e
+            by_labels = {}
+            for protocol in ecfg.labels:
+                distilled, random_real = KINDS[protocol]
+                e = {"distilled": _result(kinds[distilled][ipc]), "random_real": _result(kinds[random_real][ipc])}
+                e["gap_over_random_real"] = round(e["distilled"]["mean"] - e["random_real"]["mean"], 2)
+                e["random_real"]["indices"] = [r["indices"] for r in kinds[random_real][ipc]]
+                if ecfg.pool:
+                    e["distilled"]["indices"] = [r["indices"] for r in kinds[distilled][ipc]]
+                e["dd_ranking"] = dd_ranking([r["final"] for r in kinds[distilled][ipc]],
+                                             [r["final"] for r in kinds[random_real][ipc]], full)
+                by_labels[protocol] = e
+            # the first protocol's numbers at the top (what single-protocol readers use), every one by name
+            entry["ipc"][str(ipc)] = {**by_labels[ecfg.labels[0]], "labels": ecfg.labels[0], "by_labels": by_labels}
         if "full" in kinds:
             runs = kinds["full"][None]
             entry["full"] = _result(runs)
@@ -394,12 +464,24 @@ def aggregate(plan: Plan, records: dict) -> dict:
         "epochs": {str(ipc): ecfg.epochs or epochs_for_ipc(ipc) for ipc in plan.ipcs},
         "full_epochs": ecfg.full_epochs, "seeds": ecfg.seeds, "image_size": plan.size, "precision": ecfg.precision,
         "headline": "final-epoch accuracy (%), mean ± std over seeds",
+        "labels": {protocol: label_protocol(cfg, protocol, plan) for protocol in ecfg.labels},
         "augmentation": {"crop_scale": list(ecfg.crop_scale), "hflip": cfg.data.hflip,
                          "color_jitter": ecfg.color_jitter, "lighting": ecfg.lighting,
                          "cutmix_prob": ecfg.cutmix_prob, "cutmix_beta": ecfg.cutmix_beta}}
     results["config"] = to_dict(cfg)
     results["world_size"] = dist.world_size()
     return results
+
+
+def label_protocol(cfg: Config, protocol: str, plan: Plan) -> str:
+    """One line naming a label protocol's recipe, for results.json and every report row."""
+    e = cfg.evaluate
+    if protocol == "hard":
+        return f"hard labels: cross-entropy, SGD lr {e.lr} momentum {e.momentum}, lr × 0.2 at 2/3 and 5/6"
+    teacher = ("the full-data classifier of the same net and seed" if plan.teacher_file is None
+               else f"{e.soft.teacher_net} from {e.soft.teacher} (sha256 {plan.teacher_file[2][:12]})")
+    return (f"soft labels (RDED): teacher {teacher} labels every augmented batch; KL at temperature "
+            f"{e.soft.temperature}, AdamW lr {e.soft.lr} weight decay {e.soft.weight_decay}, cosine to ½")
 
 
 def save_real_examples(plan: Plan, out: Path) -> None:
@@ -435,11 +517,12 @@ def feature_metrics(plan: Plan, records: dict) -> dict:
         "k": ecfg.knn, "reference": f"the real train set ({len(plan.train)} images)",
         "real_train_diversity": real_div, "ipc": {},
     }
+    distilled, random_real = KINDS[ecfg.labels[0]]  # the protocols share their images: any one will do
     for ipc in plan.ipcs:
-        drawn = records[net]["distilled"][ipc][0].get("indices")  # --pool: seed 0's draw
+        drawn = records[net][distilled][ipc][0].get("indices")  # --pool: seed 0's draw
         d_idx = torch.tensor(drawn) if drawn is not None else per_class_indices(plan.syn.labels, names, ipc,
                                                                                 None, "")
-        r_idx = torch.tensor(records[net]["random_real"][ipc][0]["indices"])
+        r_idx = torch.tensor(records[net][random_real][ipc][0]["indices"])
         out["ipc"][str(ipc)] = {
             "distilled": per_class_metrics(real, real_y, fake_all[d_idx], plan.syn.labels[d_idx], names, ecfg.knn),
             "random_real": per_class_metrics(real, real_y, real[r_idx], real_y[r_idx], names, ecfg.knn),

@@ -53,19 +53,30 @@ def _augmentation(protocol: dict) -> str:
     return ", ".join(p for p in parts if p) or "none"
 
 
+def protocols(entry: dict) -> list[str]:
+    """The label protocols of a net's results ("hard", "soft"), in the order they ran."""
+    first = next(iter(entry["ipc"].values()), {})
+    return list(first.get("by_labels", {"hard": None}))
+
+
 def accuracy_table(results: dict) -> str:
-    """Markdown table: per IPC, distilled vs random-real (final epoch), gap, and best-epoch numbers."""
-    lines = [
-        "| IPC | distilled | random real | gap | distilled (best epoch*) | random real (best epoch*) |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
-    for ipc, e in results["ipc"].items():
-        d, r = e["distilled"], e["random_real"]
-        lines.append(f"| {ipc} | **{_fmt(d)}** | {_fmt(r)} | {e['gap_over_random_real']:+.1f} | "
-                     f"{_fmt(d['best_epoch'])} | {_fmt(r['best_epoch'])} |")
+    """Markdown table: per IPC (and label protocol, when soft labels ran), distilled vs random-real (final
+    epoch), gap, and best-epoch numbers."""
+    labels = protocols(results)
+    named = labels != ["hard"]
+    head = "| IPC | labels " if named else "| IPC "
+    lines = [head + "| distilled | random real | gap | distilled (best epoch*) | random real (best epoch*) |",
+             "|---:" + ("|---" if named else "") + "|---:|---:|---:|---:|---:|"]
+    for ipc, entry in results["ipc"].items():
+        for protocol in labels:
+            e = entry.get("by_labels", {}).get(protocol, entry)
+            d, r = e["distilled"], e["random_real"]
+            lines.append(f"| {ipc} " + (f"| {protocol} " if named else "") +
+                         f"| **{_fmt(d)}** | {_fmt(r)} | {e['gap_over_random_real']:+.1f} | "
+                         f"{_fmt(d['best_epoch'])} | {_fmt(r['best_epoch'])} |")
     if results.get("full"):
         f = results["full"]
-        lines.append(f"| full | {_fmt(f)} | | | {_fmt(f['best_epoch'])} | |")
+        lines.append("| full " + ("| hard " if named else "") + f"| {_fmt(f)} | | | {_fmt(f['best_epoch'])} | |")
     return "\n".join(lines)
 
 
@@ -169,13 +180,17 @@ def metrics_table(metrics: dict) -> str:
 
 
 def dd_ranking_table(by_net: dict) -> str:
-    lines = ["| net | IPC | IOR (gap over random real) | HLR (full − distilled) | LRS |", "|---|---:|---:|---:|---:|"]
+    labels = protocols(next(iter(by_net.values())))
+    named = labels != ["hard"]
+    lines = ["| net | IPC " + ("| labels " if named else "") + "| IOR (gap over random real) | HLR (full − distilled) "
+             "| LRS |", "|---|---:" + ("|---" if named else "") + "|---:|---:|---:|"]
     for net, entry in by_net.items():
         for ipc, e in entry["ipc"].items():
-            d = e.get("dd_ranking")
-            if d:
-                lines.append(f"| {net} | {ipc} | {d['ior_mean']:+.1f} | "
-                             f"{_num(d.get('hlr_mean'), 1)} | {_num(d.get('lrs_mean'), 1)} |")
+            for protocol in labels:
+                d = e.get("by_labels", {}).get(protocol, e).get("dd_ranking")
+                if d:
+                    scores = f"| {d['ior_mean']:+.1f} | {_num(d.get('hlr_mean'), 1)} | {_num(d.get('lrs_mean'), 1)} |"
+                    lines.append(f"| {net} | {ipc} " + (f"| {protocol} " if named else "") + scores)
     return "\n".join(lines)
 
 
@@ -214,6 +229,7 @@ def accuracy_section(run_dir: Path, results: dict) -> list[str]:
              f"mean ± std over {protocol['seeds']} seeds, **final epoch** (epochs by IPC: "
              f"{', '.join(f'{k}: {v}' for k, v in protocol['epochs'].items())}; full data "
              f"{protocol['full_epochs']}). Augmentation: {_augmentation(protocol)}.", "",
+             *([*(f"- {text}" for text in protocol["labels"].values()), ""] if protocol.get("labels") else []),
              accuracy_tables(results), "",
              "\\* best epoch = the maximum over evaluated epochs, selected on the validation set: optimistic, "
              "shown only for comparison with papers that report it.", ""]
@@ -260,7 +276,8 @@ def dd_ranking_section(run_dir: Path, results: dict) -> list[str]:
     return ["## DD-Ranking scores", "",
             "IOR = acc(distilled) − acc(random real); HLR = acc(full) − acc(distilled); "
             "LRS = (e^(λ·IOR − (1−λ)·HLR) − e^−1) / (e − e^−1) with accuracies as fractions and λ = 0.5, "
-            "shown × 100 (DD-Ranking, Li et al. 2025). Per seed, then the mean; hard labels.", "",
+            "shown × 100 (DD-Ranking, Li et al. 2025). Per seed, then the mean; HLR against the full-data "
+            "classifiers, which are trained with hard labels.", "",
             dd_ranking_table(by_net), ""]
 
 

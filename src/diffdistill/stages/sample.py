@@ -113,19 +113,26 @@ def sample_images(model, decoder, cfg: Config, labels: Tensor, generators: list[
     return to_uint8(decoder.decode(z)).cpu()
 
 
-def _sample_fitting(make: Callable[[list], Tensor], batch: list) -> Tensor:
-    """make(batch), or, where the device runs out of memory, the halves of the batch made one after the other
-    (each image has its own generator: the same images)."""
-    try:
-        return make(batch)
-    except torch.OutOfMemoryError:
-        if len(batch) == 1:
-            raise
-    torch.cuda.empty_cache()
-    half = len(batch) // 2
-    print(f"sample: a batch of {len(batch)} images does not fit in GPU memory; sampling it in halves (set "
-          f"sample.batch_size={half} to start there)", flush=True)
-    return torch.cat([_sample_fitting(make, batch[:half]), _sample_fitting(make, batch[half:])])
+def _sample_fitting(make: Callable[[list], Tensor], batch: list, fits: list[int]) -> Tensor:
+    """make(batch) in chunks of at most fits[0] images; a chunk that runs out of GPU memory is tried again at
+    half the size, and fits[0] keeps the size that fit for the batches after it (each image has its own
+    generator: the same images whatever the chunks)."""
+    out, lo = [], 0
+    while lo < len(batch):
+        chunk = batch[lo : lo + fits[0]]
+        try:
+            out.append(make(chunk))
+        except torch.cuda.OutOfMemoryError:
+            if len(chunk) == 1:
+                raise
+        else:
+            lo += len(chunk)
+            continue
+        torch.cuda.empty_cache()  # outside the handler: the failed attempt's tensors are freed by now
+        fits[0] = len(chunk) // 2
+        print(f"sample: a batch of {len(chunk)} images does not fit in GPU memory; sampling {fits[0]} at a time "
+              f"(set sample.batch_size={fits[0]} to start there)", flush=True)
+    return torch.cat(out)
 
 
 def needs_modes(scfg: SampleConfig) -> bool:
@@ -182,6 +189,7 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
             "autoencoder": full["autoencoder"], "diffusion": full["diffusion"], "precision": cfg.precision}
     if needs_modes(scfg):  # the modes come from the real train set: another set, other images
         spec["modes_from"] = cache_key(cfg)
+        spec["modes_order"] = "herding"  # image i gets mode i: an older order made other images
     if dist.is_main():
         _open_work_dir(work, spec, classes)
     dist.barrier()
@@ -191,6 +199,7 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
     jobs = [(c, i) for c in range(len(classes)) for i in range(ipc)]
     seeds = {job: derive_seed(cfg.seed, "sample", classes[job[0]], job[1]) for job in jobs}
     size = sample_batch(scfg.batch_size, device)
+    fits = [size]  # the images per forward that fit in memory (lowered on an out-of-memory error)
     batches = [jobs[k : k + size] for k in range(0, len(jobs), size)]
     mine = [b for n, b in enumerate(batches) if n % dist.world_size() == dist.rank()
             and not all((work / image_file(classes[c], i)).is_file() for c, i in b)]
@@ -202,7 +211,7 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
             images = _sample_fitting(lambda part: sample_images(
                 model, ae, cfg, torch.tensor([cond[c] for c, _ in part]),
                 [torch.Generator().manual_seed(seeds[job]) for job in part], device,
-                modes.batch(part) if modes else None), batch)
+                modes.batch(part) if modes else None), batch, fits)
             for future in pending:
                 future.result()
             pending = [pool.submit(save_png, hwc(img), work / image_file(classes[c], i))

@@ -6,7 +6,8 @@ Per step: z0 = s·encode(x) (or from the latent cache); t ~ U{0..T-1}; z_t = q(z
 All randomness of a process comes from one CPU generator seeded from (seed, stage[, rank]) — under torchrun
 the data order from a second one seeded alike on every rank; on a GPU timesteps and noise from a generator
 there — so a run is reproducible and a checkpoint can restore it exactly (checkpoint.py). Between two log
-steps nothing is read back from the device: loss parts, the non-finite check and the memories stay there.
+steps nothing is read back from the device: loss parts, the non-finite check and the memories stay there
+(precision=fp16 excepted: its loss scaler reads its overflow check every step; fp32 and bf16 need none).
 """
 
 from __future__ import annotations
@@ -216,10 +217,15 @@ class TrainLoop:
                       "order": self.order.state_dict(), "sums": sums,
                       "banks": {k: {n: v.cpu() for n, v in b.state_dict().items()} for k, b in self.banks.items()}}
         save_checkpoint(root, Checkpoint(self.step, tensors, optimizer, rank_state, self.log_rows),
-                        resume_spec(self.cfg, self.stage), self.tcfg.keep_checkpoints)
+                        self._spec(), self.tcfg.keep_checkpoints)
+
+    def _spec(self) -> dict:
+        """What a checkpoint must match; the device type too: a GPU draws timesteps and noise from a generator
+        of its own, whose state a CPU checkpoint does not hold."""
+        return {**resume_spec(self.cfg, self.stage), "device": self.device.type}
 
     def load(self, folder: Path) -> None:
-        ckpt = load_checkpoint(folder, resume_spec(self.cfg, self.stage))
+        ckpt = load_checkpoint(folder, self._spec())
         n = len(self.trainable.params)
         if any(f"param.{i}" not in ckpt.tensors for i in range(n)) or f"param.{n}" in ckpt.tensors:
             raise StageError(f"checkpoint {folder} holds a different set of trainable parameters than "
@@ -236,7 +242,7 @@ class TrainLoop:
         self.lr_sched.load_state_dict(ckpt.optimizer["lr_scheduler"])
         self.scaler.load_state_dict(ckpt.optimizer["scaler"])
         self.generator.set_state(ckpt.rank["generator"])
-        if self.device_generator is not self.generator:  # on a CPU they are one generator
+        if self.device_generator is not self.generator:  # on a CPU they are one generator (the spec holds the device)
             self.device_generator.set_state(ckpt.rank["device_generator"])
         self.order.load_state_dict(ckpt.rank["order"])
         self.sums = {k: torch.as_tensor(v, dtype=torch.float64, device=self.device)
