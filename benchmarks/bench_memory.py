@@ -49,7 +49,8 @@ def prune(rows: int = 72, keep: int = 64, dim: int = 4096, trials: int = 20) -> 
 def finetune_steps(policy: str, steps: int, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cfg = build_config({}, ["name=bench", f"out_dir={out}", "threads=2", "data.hflip=false",
-                                "autoencoder.unshuffle=2", "diffusion.schedule=cosine", "finetune.init=null",
+                                "autoencoder.unshuffle=2", "diffusion.schedule=cosine", "sample.clip_denoised=true",
+                                "finetune.init=null",
                                 f"finetune.steps={steps}", "finetune.batch_size=32", f"finetune.log_every={steps}",
                                 f"finetune.memory.policy={policy}", *overrides])
         folder = train_stage(cfg, "finetune")

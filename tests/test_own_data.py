@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -51,3 +52,23 @@ def test_one_tiny_run_gives_the_table(tmp_path, capsys, monkeypatch):
                    "--out", str(tmp_path), "--keep", *tiny])
     out = capsys.readouterr().out
     assert json.loads(out[out.index('{\n  "benchmark"'):])["runs"] == [run]
+
+
+def test_the_generator_check_samples_from_noise_when_the_run_starts_from_prototypes(tmp_path, monkeypatch):
+    """own-data.yaml starts sampling from prototypes; the check right after pretraining measures the generator
+    alone (from noise, no modes), so it needs no real latents and cannot borrow them."""
+    from diffdistill.config import load_config
+    from diffdistill.stages import check
+
+    data = own_data.make_set(tmp_path / "data", "glyphs", 4, 2)
+    cfg = load_config("configs/own-data.yaml", [f"data.train={data}/train", f"data.val={data}/val",
+                                                f"out_dir={tmp_path}", "model.size=tiny", "autoencoder.unshuffle=2",
+                                                "pretrain.steps=4", "sample.steps=2"])
+    assert cfg.sample.start == "prototype"
+    seen = []
+    monkeypatch.setattr(check, "sample_images", lambda model, dec, c, labels, *a, **k: seen.append(c.sample) or
+                        torch.zeros(len(labels), 1, 16, 16, dtype=torch.uint8))
+    from diffdistill.stages.train import train_stage
+
+    check._generate(cfg, str(train_stage(cfg, "pretrain") / "ema"), ["A", "C"], 2, torch.device("cpu"))
+    assert seen and all(s.start == "noise" and s.mode_guidance.scale == 0 for s in seen)

@@ -1,7 +1,7 @@
 """`diffdistill check`: is the pretrained generator good enough to distill from?
 
 Right after pretraining (before fine-tuning and sampling are spent on it), sample `pretrain.check_images`
-images per class from the pretrained EMA model with the run's sampler, train the first evaluation net on
+images per class from the pretrained EMA model with the run's sampler (from noise), train the first evaluation net on
 the real train set (the full-data recipe, `evaluate.full_epochs`), and report the share of generated images
 it assigns to their class: a fidelity estimate on a small sample. The result goes to
 <run>/pretrain/check.json and to the terminal, with a hint when it is below the report's fidelity goal.
@@ -10,6 +10,7 @@ it assigns to their class: a fidelity estimate on a small sample. The result goe
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,7 +32,11 @@ from diffdistill.stages.sample import sample_images
 
 @torch.no_grad()
 def _generate(cfg: Config, source: str, classes: list[str], per_class: int, device: torch.device) -> ImageSet:
-    """`per_class` images of each class from the model folder `source`, uint8 at data.image_size."""
+    """`per_class` images of each class from the model folder `source`, uint8 at data.image_size: the run's
+    sampler from pure noise, without mode guidance (a prototype start or modes would lend the generator the
+    real images they come from)."""
+    plain = replace(cfg.sample, start="noise", mode_guidance=replace(cfg.sample.mode_guidance, scale=0.0))
+    cfg = replace(cfg, sample=plain)
     model = load_dit(source, key="pretrain").to(device).eval()
     decoder = build_decoder(cfg.autoencoder).to(device)
     cond, _ = condition_ids(classes, cfg.model.class_ids)

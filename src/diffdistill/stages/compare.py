@@ -14,7 +14,8 @@ Methods (the registry `METHODS`):
 
 What can be shared is shared: one pretrained model (or `finetune.init`), one fine-tune per fine-tuning method
 and seed, and one set of random-real and full-data classifiers per seed (`<compare>/baselines-s<seed>/`),
-so every method is scored by the same nets, seeds and protocol. A method whose set for IPC k is not the first
+so every method is scored by the same nets, seeds and protocol (the config's first `evaluate.labels`: hard
+or soft labels, one of them). A method whose set for IPC k is not the first
 k images of a larger one (k-means, mgd3, d4m) runs once per IPC. Each method and seed is a run folder
 `<compare>/<method>[-ipc<k>]-s<seed>/`; a finished one is not recomputed. Outputs: compare.csv (one row per
 method, IPC, net and seed), compare.md (mean ± std over seeds, gap to random, fidelity, diversity and
@@ -108,8 +109,10 @@ def method_config(raw: dict, user: list[str], name: str, seed: int, root: Path, 
     m = METHODS[name]
     label = f"{name}-ipc{ipc}-s{seed}" if ipc is not None else f"{name}-s{seed}"
     only = [f"sample.ipc=[{ipc}]", f"evaluate.ipc=[{ipc}]"] if ipc is not None else []
-    return _build(raw, [*m.defaults, *user, *m.pins, *model, *only, f"seed={seed}", f"out_dir={root}",
-                        f"name={label}"])
+    # one label protocol, the config's first (what the tables show): a second would double every evaluation
+    first = _build(raw, user).evaluate.labels[0]
+    return _build(raw, [*m.defaults, *user, *m.pins, *model, *only, f"evaluate.labels=[{first}]", f"seed={seed}",
+                        f"out_dir={root}", f"name={label}"])
 
 
 def run_compare(config: str | Path, methods: list[str], seeds: list[int], overrides: list[str],
