@@ -19,7 +19,7 @@ from diffdistill.config import Config, epochs_for_ipc
 from diffdistill.data.datasets import data_classes, list_images, train_counts
 from diffdistill.errors import StageError
 from diffdistill.runs import TRAINING_STAGES, stage_dir
-from diffdistill.teachers import weights_file
+from diffdistill.teachers import check_teacher
 
 # how many classifier trainings evaluation runs per (net, seed): distilled and random real per IPC, + full
 SETS_PER_IPC = 2
@@ -267,12 +267,7 @@ def _check_evaluation(cfg: Config, counts: dict[str, int], order: list[str], dis
     if distilled is None and "sample" not in order and not stage_dir(cfg.run_dir, "sample").is_dir():
         raise StageError(f"distilled set {stage_dir(cfg.run_dir, 'sample')} does not exist: run `diffdistill sample` "
                          "with this config first, or score another folder with --distilled DIR")
-    if "soft" in ecfg.labels:  # the teacher is needed last: a missing one must fail before the first stage
-        if ecfg.soft.teacher == "full" and not ecfg.full:
-            raise StageError("evaluate.soft.teacher=full needs the full-data classifiers: set evaluate.full=true, "
-                             "or name a teacher file")
-        if ecfg.soft.teacher != "full":
-            weights_file(ecfg.soft.teacher, ecfg.soft.teacher_net)
+    check_teacher(ecfg)  # the teacher is needed last: a missing one must fail before the first stage
     jobs = len(ecfg.nets) * ecfg.seeds * (SETS_PER_IPC * len(ipcs) * len(ecfg.labels) + int(ecfg.full))
     labels = f" × {' / '.join(ecfg.labels)} labels" if ecfg.labels != ("hard",) else ""
     out.say(f"evaluate: {jobs} classifier trainings ({', '.join(ecfg.nets)} × {ecfg.seeds} seeds × "

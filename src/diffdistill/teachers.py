@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from diffdistill.config import EvalConfig
 from diffdistill.data.classes import imagenet_ids, imagenet_wnids
 from diffdistill.errors import StageError
 from diffdistill.models.classifiers import build_classifier, load_torchvision_resnet
@@ -50,6 +51,18 @@ def renormalize(student: tuple[Tensor, Tensor], teacher: tuple[Tensor, Tensor]) 
     """(a, b) with a · (x − m_s) / s_s + b = (x − m_t) / s_t: the student's normalized batch in the teacher's."""
     (ms, ss), (mt, st) = student, teacher
     return ss / st, (ms - mt) / st
+
+
+def check_teacher(ecfg: EvalConfig) -> None:
+    """Fail in one line, before any training, when soft labels are asked for without a teacher to give them:
+    a `full` teacher without the full-data classifiers, or a teacher file that is not there."""
+    if "soft" not in ecfg.labels:
+        return
+    if ecfg.soft.teacher == "full" and not ecfg.full:
+        raise StageError("evaluate.soft.teacher=full needs the full-data classifiers: set evaluate.full=true, or "
+                         "name a teacher file")
+    if ecfg.soft.teacher != "full":
+        weights_file(ecfg.soft.teacher, ecfg.soft.teacher_net)
 
 
 def weights_file(spec: str, net: str) -> Path:

@@ -109,10 +109,8 @@ def method_config(raw: dict, user: list[str], name: str, seed: int, root: Path, 
     m = METHODS[name]
     label = f"{name}-ipc{ipc}-s{seed}" if ipc is not None else f"{name}-s{seed}"
     only = [f"sample.ipc=[{ipc}]", f"evaluate.ipc=[{ipc}]"] if ipc is not None else []
-    # one label protocol, the config's first (what the tables show): a second would double every evaluation
-    first = _build(raw, user).evaluate.labels[0]
-    return _build(raw, [*m.defaults, *user, *m.pins, *model, *only, f"evaluate.labels=[{first}]", f"seed={seed}",
-                        f"out_dir={root}", f"name={label}"])
+    return _build(raw, [*m.defaults, *user, *m.pins, *model, *only, f"seed={seed}", f"out_dir={root}",
+                        f"name={label}"])
 
 
 def run_compare(config: str | Path, methods: list[str], seeds: list[int], overrides: list[str],
@@ -171,7 +169,9 @@ def run_compare(config: str | Path, methods: list[str], seeds: list[int], overri
             model.append(f"finetune.init={base.finetune.init}")
     runs = [(name, seed, ipc) for seed in seeds for name in sorted(methods, key=lambda m: METHODS[m].family ==
             "select") if name != "random" for ipc in (ipcs if METHODS[name].per_ipc else [None])]
-    configs = {run: method_config(raw, overrides, *run[:2], root, model, run[2]) for run in runs}
+    # one label protocol, the config's first (what the tables show): a second would double every evaluation
+    user = [*overrides, f"evaluate.labels=[{base.evaluate.labels[0]}]"]
+    configs = {run: method_config(raw, user, *run[:2], root, model, run[2]) for run in runs}
     for (name, _, _), cfg in configs.items():  # a folder made with other settings is never mixed in
         _same_settings(cfg, f"the {name} run")
     table = []

@@ -49,7 +49,7 @@ from diffdistill.plots import EXAMPLE_CLASSES, EXAMPLES_PER_CLASS
 from diffdistill.progress import progress
 from diffdistill.runs import REAL_EXAMPLES, evaluate_jobs, stage_dir
 from diffdistill.runtime import autocast, derive_seed, setup, write_run_info
-from diffdistill.teachers import IMAGENET_MEAN, IMAGENET_STD, Teacher, load_teacher, renormalize
+from diffdistill.teachers import IMAGENET_MEAN, IMAGENET_STD, Teacher, check_teacher, load_teacher, renormalize
 
 BEST_LABEL = "best epoch, selected on the validation set (optimistic)"
 # part of every job record's key: bump when the protocol's arithmetic changes, so old records are not reused
@@ -312,12 +312,9 @@ def plan_evaluation(cfg: Config, syn_dir: Path, device: torch.device, baselines:
     ipcs = sorted(set(ecfg.ipc or cfg.sample.ipc))
     for labels, where in ((syn.labels, "distilled set"), (train.labels, "random-real baseline (real train set)")):
         per_class_indices(labels, names, max(ipcs), None, where)  # too few images: say so before any training
-    soft_full = "soft" in ecfg.labels and ecfg.soft.teacher == "full"
-    if soft_full and not ecfg.full:
-        raise StageError("evaluate.soft.teacher=full needs the full-data classifiers: set evaluate.full=true, or "
-                         "name a teacher file")
+    check_teacher(ecfg)
     teacher_file = None
-    if "soft" in ecfg.labels and not soft_full:  # a missing or wrong teacher fails here, before any training
+    if "soft" in ecfg.labels and ecfg.soft.teacher != "full":  # a wrong teacher fails here, before any training
         teacher_file = load_teacher(ecfg.soft.teacher, ecfg.soft.teacher_net, names, val.channels)
     full = [(net, "full", None, s) for net in ecfg.nets for s in range(ecfg.seeds)] if ecfg.full else []
     # full-data jobs first: the soft jobs of a `full` teacher read their weights
