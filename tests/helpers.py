@@ -35,6 +35,19 @@ def make_shapes(root: Path, per_class: int, size: int = 24, seed: int = 0, class
     return root
 
 
+def digits_set(root: Path, per_class: int) -> Path:
+    """The first `per_class` digits train images of each class as a folder set (a stand-in distilled set)."""
+    from diffdistill.config import DataConfig
+    from diffdistill.data.datasets import load_data
+
+    train, _ = load_data(DataConfig())
+    for c in range(10):
+        (root / str(c)).mkdir(parents=True)
+        for i, img in enumerate(train.images[train.labels == c][:per_class]):
+            Image.fromarray(img[0].numpy()).save(root / str(c) / f"{i}.png")
+    return root
+
+
 # torchvision's ResNets: block kind and blocks per stage (from its published architecture, not its code)
 LAYOUT = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet50": ("bottleneck", (3, 4, 6, 3)),
           "resnet101": ("bottleneck", (3, 4, 23, 3))}

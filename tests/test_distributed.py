@@ -98,3 +98,30 @@ def test_torchrun_finetune_killed_and_resumed_repeats_the_uninterrupted_run(tmp_
     for name in ("raw/diffusion_pytorch_model.safetensors", "memory.safetensors", "memory-rank1.safetensors"):
         ref, got = (load_file(str(tmp_path / run / "finetune" / name)) for run in ("ref", "killed"))
         assert all(torch.equal(ref[k], got[k]) for k in ref), name  # weights and both ranks' banks, bit for bit
+
+
+def test_evaluation_workers_give_the_results_of_one_process(tmp_path):
+    """evaluate.workers=2 on 2 threads: two local processes of one thread each, the full-data teachers first; the
+    same records as one process on one thread."""
+    from helpers import digits_set
+
+    from diffdistill.cli import main
+
+    syn = digits_set(tmp_path / "set", 2)
+    common = ["evaluate", "configs/demo-digits.yaml", "evaluate.ipc=[1,2]", "evaluate.epochs=2",
+              "evaluate.full_epochs=1", "evaluate.seeds=2", "evaluate.width=8", "evaluate.eval_every=1",
+              "evaluate.labels=[hard,soft]", "evaluate.metrics=false", "device=cpu", "--distilled", str(syn)]
+    assert main([*common, f"out_dir={tmp_path / 'two'}", "evaluate.workers=2", "threads=2"]) == 0
+    assert main([*common, f"out_dir={tmp_path / 'one'}", "evaluate.workers=1", "threads=1"]) == 0
+    two, one = (json.loads(next((tmp_path / n).rglob("evaluate/results.json")).read_text()) for n in ("two", "one"))
+    assert two["world_size"] == 2 and one["world_size"] == 1 and two["by_net"] == one["by_net"]
+
+
+def test_a_failing_evaluation_worker_is_a_one_line_error(tmp_path):
+    from diffdistill.config import load_config
+    from diffdistill.errors import StageError
+    from diffdistill.stages.evaluate import in_workers
+
+    cfg = load_config("configs/demo-digits.yaml", [f"out_dir={tmp_path}", "evaluate.workers=2", "device=cpu"])
+    with pytest.raises(StageError, match=r"^distilled set .*nowhere does not exist: run `diffdistill sample` first$"):
+        in_workers(cfg, False, str(tmp_path / "nowhere"), None)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from helpers import digits_set
 from safetensors.torch import save_file
 
 from diffdistill.config import EvalConfig, SoftLabelConfig
@@ -80,23 +81,10 @@ def test_the_teacher_labels_the_very_batch_the_student_sees(monkeypatch):
     assert (out.argmax(1) == 3).all()
 
 
-def _digits_set(tmp_path):
-    from diffdistill.config import DataConfig
-    from diffdistill.data.datasets import load_data
-
-    real = tmp_path / "set"
-    train, _ = load_data(DataConfig())
-    for c in range(10):
-        (real / str(c)).mkdir(parents=True)
-        for i, img in enumerate(train.images[train.labels == c][:2]):
-            Image.fromarray(img[0].numpy()).save(real / str(c) / f"{i}.png")
-    return real
-
-
 def test_hard_and_soft_side_by_side_with_the_full_data_teacher(tmp_path):
     from diffdistill.cli import main
 
-    real = _digits_set(tmp_path)
+    real = digits_set(tmp_path / "set", 2)
     args = ["evaluate", "configs/demo-digits.yaml", f"out_dir={tmp_path}", "evaluate.nets=[convnet3]",
             "evaluate.ipc=[1,2]", "evaluate.epochs=3", "evaluate.full_epochs=1", "evaluate.seeds=1",
             "evaluate.width=16", "evaluate.labels=[soft,hard]", "--distilled", str(real)]
@@ -121,7 +109,7 @@ def test_bad_teachers_fail_in_one_line_before_training(tmp_path, monkeypatch):
 
     from diffdistill.models.classifiers import build_classifier
 
-    real = _digits_set(tmp_path)
+    real = digits_set(tmp_path / "set", 2)
     ran = []
     monkeypatch.setattr(evaluate, "train_classifier", lambda *a, **k: ran.append(a))
 

@@ -262,6 +262,12 @@ class EvalConfig:
     cutmix_beta: float = _num(1.0, POSITIVE)
     # classifier training under bf16 autocast (channels-last on CUDA); fp32 everywhere by default
     precision: Literal["fp32", "bf16"] = "fp32"
+    # GiB a set (distilled, random-real subset, val) may take as uint8 at the classifier size to be held whole on
+    # the device; a larger one is streamed from its files batch by batch. null: 20 % of the GPU's memory, 1 on CPU
+    resident_gb: float | None = _num(None, NON_NEGATIVE_OR_NULL)
+    # CPU only: processes training classifiers at once, each with threads / workers torch threads (results are
+    # those of one process with that many threads); on a GPU the jobs run in one process
+    workers: int = _num(1, POSITIVE)
     # hard: cross-entropy on the set's labels (SGD, the settings above); soft: a teacher's labels (`soft`).
     # Both: every distilled and random-real classifier is trained under each, reported side by side
     labels: tuple[str, ...] = field(default=("hard",), metadata=_check(

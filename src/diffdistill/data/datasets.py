@@ -74,6 +74,15 @@ class ImageFiles:
         return read_images([self.files[i] for i in idx], self.labels[index].tolist(), self.classes,
                            self.image_size, self.channels, self.root)
 
+    def select(self, index: Tensor) -> ImageFiles:
+        """The images at `index`, still listed, not read."""
+        return ImageFiles([self.files[i] for i in index.tolist()], self.labels[index], self.classes, self.root,
+                          self.image_size, self.channels)
+
+    def nbytes(self, size: int | None = None) -> int:
+        """Bytes of the set's uint8 pixels at `size` px (default: image_size) once read."""
+        return len(self) * self.channels * (size or self.image_size) ** 2
+
     def sha256(self) -> str:
         """Hash of the listing (relative paths, byte sizes, labels), not of the pixels."""
         h = hashlib.sha256()
@@ -198,9 +207,8 @@ def read_val_labels(path: str | Path) -> dict[str, str]:
     return out
 
 
-def load_flat_folder(root: str | Path, labels_file: str | Path, classes: list[str], image_size: int,
-                     channels: int | None) -> ImageSet:
-    """ImageNet val layout: images of `classes` from one flat folder, labelled by `labels_file`."""
+def list_flat_folder(root: str | Path, labels_file: str | Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    """ImageNet val layout: the images of `classes` in one flat folder and their labels from `labels_file`."""
     root = Path(root)
     if not root.is_dir():
         raise StageError(f"data.val: folder {root} does not exist")
@@ -213,7 +221,7 @@ def load_flat_folder(root: str | Path, labels_file: str | Path, classes: list[st
     missing = [c for c in classes if c not in found]
     if missing:
         raise StageError(f"data.val: no image of class {', '.join(missing[:5])} in {root} per {labels_file}")
-    return read_images(files, labels, classes, image_size, channels, root)
+    return files, labels
 
 
 def _read_images(files: list[Path], size: int, root: Path) -> list[tuple[np.ndarray, bool]]:
@@ -289,12 +297,23 @@ def load_data(cfg: DataConfig, need_val: bool = True) -> tuple[ImageSet, ImageSe
 
 def load_val(cfg: DataConfig, names: list[str], channels: int | None) -> ImageSet:
     """`data.val`: class subfolders, or the ImageNet flat layout with `data.val_labels`."""
+    files, labels = _val_files(cfg, names)
+    return read_images(files, labels, names, cfg.image_size, channels, cfg.val)
+
+
+def list_val(cfg: DataConfig, names: list[str], channels: int) -> ImageFiles:
+    """`data.val` listed, not read (see ImageFiles)."""
+    files, labels = _val_files(cfg, names)
+    return ImageFiles(files, torch.tensor(labels, dtype=torch.long), names, Path(cfg.val), cfg.image_size, channels)
+
+
+def _val_files(cfg: DataConfig, names: list[str]) -> tuple[list[Path], list[int]]:
     if cfg.val is None:
         raise StageError("data.val is not set: evaluation needs a folder of real validation images")
     if cfg.val_labels:
-        return load_flat_folder(cfg.val, cfg.val_labels, names, cfg.image_size, channels)
+        return list_flat_folder(cfg.val, cfg.val_labels, names)
     list_class_folders(Path(cfg.val), "data.val")
-    return load_image_folder(cfg.val, names, cfg.image_size, channels, "data.val")
+    return list_images(cfg.val, names, "data.val")
 
 
 def list_train(cfg: DataConfig, channels: int) -> ImageFiles:

@@ -20,12 +20,13 @@ from diffdistill.autoencoders import build_decoder
 from diffdistill.config import Config
 from diffdistill.data.classes import condition_ids
 from diffdistill.data.datasets import ImageSet, load_data
+from diffdistill.data.pixels import channel_stats
 from diffdistill.errors import StageError
 from diffdistill.files import atomic_write_json
 from diffdistill.models.dit import load_dit
 from diffdistill.runs import generator_check_file, model_source
 from diffdistill.runtime import derive_seed, sample_batch, setup
-from diffdistill.stages.evaluate import accuracy, channel_stats, on_device, train_classifier
+from diffdistill.stages.evaluate import accuracy, on_device, train_classifier
 from diffdistill.stages.report import FIDELITY_GOAL
 from diffdistill.stages.sample import sample_images
 

@@ -37,6 +37,7 @@ from safetensors.torch import load_file
 
 from diffdistill.config import Config, ConfigError, build_config, read_yaml, to_dict
 from diffdistill.data.datasets import data_classes, load_data, to_uint8
+from diffdistill.data.pixels import channel_stats
 from diffdistill.errors import StageError
 from diffdistill.files import atomic_write_bytes, atomic_write_json, atomic_write_text, staged_dir
 from diffdistill.latents import RealLatents, cache_root
@@ -48,7 +49,7 @@ from diffdistill.recipe import describe, resolve_config
 from diffdistill.runs import TRAINING_STAGES, results_file, run_order, stage_dir
 from diffdistill.runtime import derive_seed, setup, write_run_info
 from diffdistill.select import PREFIX_STABLE, SELECTORS
-from diffdistill.stages.evaluate import channel_stats, evaluate_stage, features
+from diffdistill.stages.evaluate import evaluate_stage, features
 from diffdistill.stages.prepare import prepare_stage
 from diffdistill.stages.report import write_report
 from diffdistill.stages.sample import hwc, image_file, sample_stage, save_png

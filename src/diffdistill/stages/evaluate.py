@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,17 +34,19 @@ from torch import Tensor
 
 from diffdistill import distributed as dist
 from diffdistill.augment import color_jitter, cutmix, lighting, random_resized_crop
-from diffdistill.config import Config, EvalConfig, epochs_for_ipc, to_dict
+from diffdistill.config import Config, EvalConfig, build_config, epochs_for_ipc, to_dict
 from diffdistill.data.datasets import (
     ImageFiles,
     ImageSet,
     data_classes,
+    list_images,
     list_train,
+    list_val,
     load_data,
-    load_image_folder,
     load_val,
-    to_uint8,
+    peek_channels,
 )
+from diffdistill.data.pixels import Pixels, batches, channel_stats, pixel_sha256, place, resident_budget
 from diffdistill.errors import StageError
 from diffdistill.files import atomic_write_bytes, atomic_write_json, check_output_free, staged_dir
 from diffdistill.losses import soft_label_loss, soft_targets
@@ -48,7 +55,7 @@ from diffdistill.models.classifiers import DEFAULT_NORM, build_classifier
 from diffdistill.plots import EXAMPLE_CLASSES, EXAMPLES_PER_CLASS
 from diffdistill.progress import progress
 from diffdistill.runs import REAL_EXAMPLES, evaluate_jobs, stage_dir
-from diffdistill.runtime import autocast, derive_seed, setup, write_run_info
+from diffdistill.runtime import autocast, derive_seed, resolve_device, setup, write_run_info
 from diffdistill.teachers import IMAGENET_MEAN, IMAGENET_STD, Teacher, check_teacher, load_teacher, renormalize
 
 BEST_LABEL = "best epoch, selected on the validation set (optimistic)"
@@ -83,11 +90,12 @@ def to_unit(x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, x: Tensor, y: Tensor, norm: tuple[Tensor, Tensor], batch: int = 512) -> float:
+def accuracy(model: torch.nn.Module, x: Pixels, y: Tensor, norm: tuple[Tensor, Tensor], batch: int = 512) -> float:
     """Top-1 (%) of `model` on uint8 images x, normalized batch by batch (sets stay uint8 on the device)."""
     model.eval()
-    correct = sum(int((model((to_unit(x[i : i + batch]) - norm[0]) / norm[1]).argmax(1) == y[i : i + batch]).sum())
-                  for i in range(0, len(y), batch))
+    order = torch.arange(len(y)).split(batch)
+    correct = sum(int((model((to_unit(xb) - norm[0]) / norm[1]).argmax(1) == y[idx.to(y.device)]).sum())
+                  for idx, xb in zip(order, batches(x, order)))
     return 100.0 * correct / max(len(y), 1)
 
 
@@ -96,14 +104,14 @@ def rded_cosine(epochs: int) -> Callable[[int], float]:
     return lambda e: 0.5 * (1 + math.cos(math.pi * e / epochs / 2)) if e <= epochs else 0.0
 
 
-def train_classifier(net: str, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor, norm: tuple[Tensor, Tensor],
+def train_classifier(net: str, x: Pixels, y: Tensor, x_val: Pixels, y_val: Tensor, norm: tuple[Tensor, Tensor],
                      num_classes: int, epochs: int, seed: int, ecfg: EvalConfig, flip: bool,
                      teacher: torch.nn.Module | None = None) -> TrainResult:
     """Hard labels: SGD + momentum, lr × 0.2 at 2/3 and 5/6 of the epochs, cross-entropy (CutMix mixes the two
     labels' losses). Soft labels (`teacher` given): AdamW with RDED's cosine factor, and the teacher labels the
     very batch the student sees (after crop, flip, jitter and CutMix): KL at `evaluate.soft.temperature`.
-    x and x_val: uint8 images on the device at the classifier's size; `norm` = (mean, std) applied to each
-    (augmented) batch."""
+    x and x_val: uint8 images at the classifier's size, on the device or streamed (data/pixels.py); `norm` =
+    (mean, std) applied to each (augmented) batch."""
     torch.manual_seed(seed)
     generator, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
     model = build_classifier(net, x.shape[1], num_classes, x.shape[-1], ecfg.width, ecfg.norm).to(x.device)
@@ -122,8 +130,9 @@ def train_classifier(net: str, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tenso
     curve = []
     for epoch in range(1, epochs + 1):
         model.train()
-        for idx in torch.randperm(len(y), generator=generator).split(ecfg.batch_size):
-            xb, yb = to_unit(x[idx]), y[idx]
+        order = torch.randperm(len(y), generator=generator).split(ecfg.batch_size)
+        for idx, xb in zip(order, batches(x, order)):
+            xb, yb = to_unit(xb), y[idx]
             if crop:
                 xb = random_resized_crop(xb, ecfg.crop_scale, flip, generator)
             if ecfg.color_jitter > 0:
@@ -181,20 +190,17 @@ def _result(records: list[dict]) -> dict:
     return out
 
 
-def _resize(x: Tensor, size: int) -> Tensor:
-    return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+def on_device(s: ImageSet | ImageFiles, size: int, device: torch.device,
+              budget: int = sys.maxsize) -> tuple[Pixels, Tensor]:
+    """Pixels at the classifier size (on the device within `budget` bytes, else streamed; see data/pixels.py) and
+    the labels on the device."""
+    return place(s, size, device, budget), s.labels.to(device)
 
 
-def on_device(s: ImageSet, size: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """uint8 pixels at the classifier size and labels, on the device."""
-    x = s.images if s.images.shape[-1] == size else to_uint8(_resize(s.as_float(), size))
-    return x.to(device), s.labels.to(device)
-
-
-def channel_stats(s: ImageSet, size: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Per-channel (mean, std) [1, C, 1, 1] of a set's pixels in [0, 1] at the classifier size."""
-    x01 = _resize(s.as_float() / 2 + 0.5, size)
-    return (x01.mean((0, 2, 3), keepdim=True).to(device), x01.std((0, 2, 3), keepdim=True).clamp_min(1e-3).to(device))
+def read_or_list(files: ImageFiles, budget: int) -> ImageSet | ImageFiles:
+    """A set read whole when its pixels fit `budget` bytes (as every set of the subsets and the demo), else
+    left listed, to be streamed or moved to the device shard by shard."""
+    return files.subset(torch.arange(len(files))) if files.nbytes() <= budget else files
 
 
 Job = tuple[str, str, "int | None", int]  # (net, kind: distilled | random_real | full, IPC, seed index)
@@ -207,21 +213,22 @@ class Plan:
     cfg: Config
     names: list[str]  # class names, in label order
     train: ImageSet | ImageFiles  # the real train set (listed only when no full-data job needs it)
-    val: ImageSet
-    syn: ImageSet  # the distilled set
+    val: ImageSet | ImageFiles  # listed when larger than `budget` (ImageNet-1K)
+    syn: ImageSet | ImageFiles  # the distilled set, likewise
     syn_dir: Path
     stats_from: str  # which real images gave the normalization statistics
     size: int  # classifier input size (px)
     norm: tuple[Tensor, Tensor]  # per-channel (mean, std) [1, C, 1, 1] on the device
     device: torch.device
+    budget: int  # bytes a set may take on the device at the classifier size (evaluate.resident_gb); else streamed
     ipcs: list[int]
     jobs: list[Job]
     key_parts: dict  # everything besides the job itself that determines a job's result
     baselines_dir: Path  # where random-real and full-data records live (shared by `compare`'s methods)
     teacher_file: tuple[torch.nn.Module, list[int] | None, str] | None = None  # evaluate.soft.teacher, loaded
 
-    def prepare(self, s: ImageSet) -> tuple[Tensor, Tensor]:
-        return on_device(s, self.size, self.device)
+    def prepare(self, s: ImageSet | ImageFiles) -> tuple[Pixels, Tensor]:
+        return on_device(s, self.size, self.device, self.budget)
 
     def job_file(self, job: Job) -> Path:
         net, kind, ipc, s = job
@@ -255,8 +262,7 @@ class Plan:
 
     def full_model(self, net: str, s: int) -> torch.nn.Module:
         """The full-data classifier of (net, seed index s), from its saved weights."""
-        x = self.val.images
-        model = build_classifier(net, x.shape[1], len(self.names), self.size, self.cfg.evaluate.width,
+        model = build_classifier(net, self.val.channels, len(self.names), self.size, self.cfg.evaluate.width,
                                  self.cfg.evaluate.norm)
         model.load_state_dict(load_file(str(self.job_file((net, "full", None, s)).with_suffix(".safetensors"))))
         return model.to(self.device)
@@ -267,12 +273,14 @@ def evaluate_stage(cfg: Config, force: bool = False, distilled: str | None = Non
     """Score the distilled set (default: <run>/samples) -> <run>/evaluate/results.json. Under torchrun the
     classifier jobs are dealt to the ranks round-robin; rank 0 merges their records. `baselines`: a folder
     for the random-real and full-data records that other sets of the same data reuse (default: the run's)."""
-    device = dist.init(setup(cfg))
     final = stage_dir(cfg.run_dir, "evaluate")
     syn_dir = Path(distilled) if distilled else stage_dir(cfg.run_dir, "sample")
     if not syn_dir.is_dir():
         raise StageError(f"distilled set {syn_dir} does not exist: run `diffdistill sample` first")
     check_output_free(final, force)  # on every rank, before any work
+    if cfg.evaluate.workers > 1 and not dist.enabled() and resolve_device(cfg.device).type == "cpu":
+        return in_workers(cfg, force, distilled, baselines)
+    device = dist.init(setup(cfg))
     t0 = time.perf_counter()
     plan = plan_evaluation(cfg, syn_dir, device, baselines)
     run_jobs(plan)
@@ -291,23 +299,78 @@ def evaluate_stage(cfg: Config, force: bool = False, distilled: str | None = Non
     return final
 
 
+def in_workers(cfg: Config, force: bool, distilled: str | None, baselines: Path | None) -> Path:
+    """evaluate_stage in `evaluate.workers` local processes on the CPU, each with threads / workers torch threads
+    (small classifiers use two threads poorly; two processes train two nets at once). It is the torchrun path
+    on one machine (jobs dealt round-robin, gloo), so a job's result is that of one process with the same
+    threads. Each worker is a fresh `python -c` process (a user's script is never imported again); a failing
+    worker stops the others, and its one-line error is this stage's."""
+    n = cfg.evaluate.workers
+    threads = max(1, (cfg.threads or torch.get_num_threads()) // n)
+    with socket.socket() as probe:  # a free port for the process group
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        args = Path(tmp) / "args.json"
+        args.write_text(json.dumps({"cfg": to_dict(replace(cfg, threads=threads)), "auto": cfg.auto,
+                                    "force": force, "distilled": distilled,
+                                    "baselines": None if baselines is None else str(baselines)}))
+        env = {**os.environ, "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}
+        procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(args), str(Path(tmp) / f"error-{r}")],
+                                  env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(n)]
+        while any(proc.poll() is None for proc in procs):
+            if any(proc.poll() for proc in procs):  # one failed: the others would wait for it at a barrier
+                for proc in procs:
+                    proc.terminate()
+            time.sleep(0.2)
+        failed = [r for r, proc in enumerate(procs) if proc.returncode]
+        if failed:
+            told = [f for f in (Path(tmp) / f"error-{r}" for r in failed) if f.is_file()]
+            raise StageError(told[0].read_text() if told else
+                             f"evaluate: worker process {failed[0]} ended with exit code {procs[failed[0]].returncode}")
+    return stage_dir(cfg.run_dir, "evaluate")
+
+
+_WORKER = "import sys; from diffdistill.stages.evaluate import worker_main; worker_main(*sys.argv[1:])"
+
+
+def worker_main(args: str, error_file: str) -> None:
+    """One worker of `in_workers` (its rank in the environment): run the stage, or write its error and exit 1."""
+    a = json.loads(Path(args).read_text())
+    try:
+        cfg = replace(build_config(a["cfg"]), auto=tuple(tuple(pair) for pair in a["auto"]))
+        evaluate_stage(cfg, a["force"], a["distilled"], None if a["baselines"] is None else Path(a["baselines"]))
+    except Exception as err:
+        Path(error_file).write_text(str(err) if isinstance(err, StageError) else
+                                    f"evaluate worker {os.environ.get('RANK')}: {type(err).__name__}: {err}")
+        sys.exit(1)
+
+
 def plan_evaluation(cfg: Config, syn_dir: Path, device: torch.device, baselines: Path | None = None) -> Plan:
     """Read the sets, fix the normalization and list the jobs; too few images for an IPC fail here, before
     any training."""
     ecfg = cfg.evaluate
     names = data_classes(cfg.data)
+    size = ecfg.image_size or cfg.data.image_size
+    budget = resident_budget(ecfg.resident_gb, device)
     if cfg.data.train is not None and not ecfg.full:  # only IPC-sized real subsets are needed: list, don't read
-        val = load_val(cfg.data, names, cfg.data.channels)
+        listed = list_val(cfg.data, names, cfg.data.channels or 3)
+        if listed.nbytes(max(size, cfg.data.image_size)) <= budget:  # read whole: the channels from every image
+            val: ImageSet | ImageFiles = load_val(cfg.data, names, cfg.data.channels)
+        else:  # ImageNet-1K's 50,000: streamed or moved to the device in shards
+            val = replace(listed, channels=cfg.data.channels or peek_channels(listed.files))
         train: ImageSet | ImageFiles = list_train(cfg.data, val.channels)
         k = min(NORM_IMAGES_PER_CLASS, int(torch.bincount(train.labels).min()))
-        stats = train.subset(per_class_indices(train.labels, names, k, torch.Generator().manual_seed(
-            derive_seed(cfg.seed, "evaluate", "normalization")), "data.train"))
+        stats = read_or_list(train.select(per_class_indices(train.labels, names, k, torch.Generator().manual_seed(
+            derive_seed(cfg.seed, "evaluate", "normalization")), "data.train")), budget)
         stats_from = f"{len(stats)} train images ({k} per class, seeded draw)"
     else:
         train, val = load_data(cfg.data, need_val=True)
         stats, stats_from = train, "the whole train set"
-    syn = load_image_folder(syn_dir, names, cfg.data.image_size, val.channels, "distilled set")
-    size = ecfg.image_size or cfg.data.image_size
+    files, labels = list_images(syn_dir, names, "distilled set")
+    syn = read_or_list(ImageFiles(files, torch.tensor(labels, dtype=torch.long), names, syn_dir,
+                                  cfg.data.image_size, val.channels), budget)
     norm = channel_stats(stats, size, device)  # every set is normalized with the real train set's statistics
     ipcs = sorted(set(ecfg.ipc or cfg.sample.ipc))
     for labels, where in ((syn.labels, "distilled set"), (train.labels, "random-real baseline (real train set)")):
@@ -321,11 +384,13 @@ def plan_evaluation(cfg: Config, syn_dir: Path, device: torch.device, baselines:
     jobs: list[Job] = full + [(net, kind, ipc, s) for protocol in ecfg.labels for net in ecfg.nets
                               for ipc in ipcs for kind in KINDS[protocol] for s in range(ecfg.seeds)]
     # the IPC is part of each job; the label protocol is its kind; a soft job adds the soft recipe (Plan.key)
-    protocol = {k: v for k, v in to_dict(cfg)["evaluate"].items() if k not in ("ipc", "labels", "soft")}
+    # (where the sets live and how many processes train them are not part of it)
+    protocol = {k: v for k, v in to_dict(cfg)["evaluate"].items()
+                if k not in ("ipc", "labels", "soft", "resident_gb", "workers")}
     key_parts = {"recipe": RECIPE_VERSION, "evaluate": protocol, "hflip": cfg.data.hflip,
-                 "seed": cfg.seed, "train": train.sha256(), "normalization": stats_from, "val": val.sha256(),
-                 "distilled": syn.sha256(), "torch": torch.__version__}
-    return Plan(cfg, names, train, val, syn, syn_dir, stats_from, size, norm, device, ipcs, jobs, key_parts,
+                 "seed": cfg.seed, "train": train.sha256(), "normalization": stats_from, "val": pixel_sha256(val),
+                 "distilled": pixel_sha256(syn), "torch": torch.__version__}
+    return Plan(cfg, names, train, val, syn, syn_dir, stats_from, size, norm, device, budget, ipcs, jobs, key_parts,
                 baselines or evaluate_jobs(cfg.run_dir), teacher_file)
 
 
@@ -344,7 +409,8 @@ def run_jobs(plan: Plan) -> None:
     # (the soft jobs read their weights), then the rest; plan.jobs lists the full-data jobs first
     teachers = "soft" in ecfg.labels and ecfg.soft.teacher == "full"
     phases = [[j for j in mine if j[1] == "full"], [j for j in mine if j[1] != "full"]] if teachers else [mine]
-    bar = progress(total=len(mine), desc="evaluate", unit="model", disable=not dist.is_main())
+    desc = f"evaluate (process 1 of {dist.world_size()})" if dist.enabled() else "evaluate"
+    bar = progress(total=len(mine), desc=desc, unit="model", disable=not dist.is_main())
     for n, phase in enumerate(phases):
         if n:
             dist.barrier()
@@ -378,14 +444,14 @@ def _run_job(plan: Plan, job: Job, val_xy: tuple[Tensor, Tensor]) -> tuple[dict,
     record: dict = {"net": net, "kind": kind, "ipc": ipc, "seed": s}
     if kind.startswith("distilled"):
         idx = per_class_indices(plan.syn.labels, plan.names, ipc, generator if ecfg.pool else None, "distilled set")
-        subset = plan.syn.subset(idx)
+        subset = plan.syn.subset(idx) if isinstance(plan.syn, ImageSet) else plan.syn.select(idx)
         if ecfg.pool:
             record["indices"] = idx.tolist()
     elif kind.startswith("random_real"):
         idx = per_class_indices(plan.train.labels, plan.names, ipc, generator,
                                 "random-real baseline (real train set)")
         record["indices"] = idx.tolist()
-        subset = plan.train.subset(idx)
+        subset = plan.train.subset(idx) if isinstance(plan.train, ImageSet) else plan.train.select(idx)
     else:
         subset = plan.train
     epochs = ecfg.full_epochs if kind == "full" else ecfg.epochs or epochs_for_ipc(ipc)
@@ -492,11 +558,11 @@ def save_real_examples(plan: Plan, out: Path) -> None:
 
 
 @torch.no_grad()
-def features(model: torch.nn.Module, x: Tensor, norm: tuple[Tensor, Tensor], batch: int = 512) -> Tensor:
+def features(model: torch.nn.Module, x: Pixels, norm: tuple[Tensor, Tensor], batch: int = 512) -> Tensor:
     """Penultimate-layer features [N, F] of uint8 images x (every classifier has .features / .classifier)."""
     model.eval()
-    return torch.cat([model.features((to_unit(x[i : i + batch]) - norm[0]) / norm[1]).flatten(1).cpu()
-                      for i in range(0, len(x), batch)])
+    return torch.cat([model.features((to_unit(xb) - norm[0]) / norm[1]).flatten(1).cpu()
+                      for xb in batches(x, torch.arange(len(x)).split(batch))])
 
 
 def feature_metrics(plan: Plan, records: dict) -> dict:
