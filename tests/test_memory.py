@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffdistill.memory import MemoryBank, select_adaptive, select_fifo
+from diffdistill.memory import MemoryBank, select_adaptive, select_fifo, similarity_matrix
 
 # The reference below imports nothing from diffdistill: it is the spec's rule evaluated in 60-digit decimal
 # arithmetic from the rows' exact float values, so a bug shared by the code's similarity helpers shows up.
@@ -307,3 +307,18 @@ def test_push_with_an_accept_mask_equals_pushing_the_accepted_rows():
             subset.push(rows[accept], labels[accept])
         assert all(torch.equal(a, b) for a, b in zip(masked.state_dict().values(), subset.state_dict().values()))
         assert masked.counts.sum() > 0
+
+
+def test_the_cached_similarities_are_those_of_the_held_rows():
+    """The adaptive bank's cache (held block kept, new blocks computed and mirrored at each push) equals a fresh
+    similarity_matrix of the rows it holds, bit for bit, duplicates and zero rows included."""
+    g = torch.Generator().manual_seed(3)
+    bank = MemoryBank(4, 6, 5, "adaptive")
+    for step in range(25):
+        rows = torch.randn(7, 5, generator=g)
+        rows[0] = 0.0 if step % 5 == 0 else rows[0]
+        rows[1] = rows[2] if step % 3 == 0 else rows[1]  # a duplicate in the batch
+        bank.push(rows, torch.randint(0, 4, (7,), generator=g))
+        for c in range(4):
+            n = int(bank.counts[c])
+            assert torch.equal(bank.gram[c, :n, :n], similarity_matrix(bank[c][None])[0])

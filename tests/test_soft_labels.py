@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from helpers import digits_set
 from safetensors.torch import save_file
 

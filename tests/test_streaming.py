@@ -9,8 +9,17 @@ from diffdistill.cli import main
 from diffdistill.config import EvalConfig
 from diffdistill.data import pixels
 from diffdistill.data.datasets import list_images, load_image_folder
-from diffdistill.data.pixels import Streamed, batches, channel_stats, pixel_sha256, place, resident_budget
-from diffdistill.stages.evaluate import accuracy, read_or_list, train_classifier
+from diffdistill.data.pixels import (
+    Streamed,
+    batches,
+    channel_stats,
+    pixel_sha256,
+    place,
+    read_or_list,
+    read_whole,
+    resident_budget,
+)
+from diffdistill.stages.evaluate import accuracy, train_classifier
 
 
 def _listed(root, size=16):
@@ -32,24 +41,28 @@ def test_a_streamed_set_reads_the_pixels_of_the_set_read_whole(tmp_path):
     # within the budget a listed set is filled in shard by shard: the same tensor
     assert torch.equal(place(listed, 12, torch.device("cpu"), 10**9), resident)
     assert pixel_sha256(listed) == whole.sha256()
-    assert isinstance(read_or_list(listed, 0), type(listed)) and torch.equal(read_or_list(listed, 10**9).images,
-                                                                             whole.images)
+    assert isinstance(read_or_list(listed, 12, 0), type(listed))
+    assert torch.equal(read_or_list(listed, 12, 10**9).images, whole.images)
+    # read whole by the larger of the file and classifier sizes: 12 images x 3 x 16² = 9,216 bytes; at 224 px more
+    assert read_whole(listed, 12, 9216) and not read_whole(listed, 12, 9215) and not read_whole(listed, 224, 10**6)
 
 
 def test_channel_statistics_by_shard_match_the_one_pass_statistics(tmp_path, monkeypatch):
     root = make_shapes(tmp_path / "s", per_class=5, size=20)
-    whole = load_image_folder(root, list(SHAPES), 16, 3)
+    whole, listed = load_image_folder(root, list(SHAPES), 16, 3), _listed(root)
     mean, std = channel_stats(whole, 12, torch.device("cpu"))
+    assert mean.shape == std.shape == (1, 3, 1, 1) and len(set(mean.flatten().tolist())) == 3
+    # the path follows the sample's size, not where it lives: a listed sample gives the very same numbers
+    assert all(torch.equal(a, b) for a, b in zip(channel_stats(listed, 12, torch.device("cpu")), (mean, std)))
     monkeypatch.setattr(pixels, "STATS_ONE_PASS_BYTES", 0)
-    monkeypatch.setattr(pixels, "SHARD_IMAGES", 4)  # 15 images: shards of 4, 4, 4, 3
-    for s in (whole, _listed(root)):
-        m, d = channel_stats(s, 12, torch.device("cpu"))
-        assert m.shape == d.shape == (1, 3, 1, 1)
-        assert torch.allclose(m, mean, atol=1e-6) and torch.allclose(d, std, atol=1e-6)
-        assert not torch.equal(mean, torch.full_like(mean, mean.mean()))  # three channels, three values
+    monkeypatch.setattr(pixels, "STATS_SHARD", 4)  # 15 images: shards of 4, 4, 4, 3
+    by_shard = [channel_stats(s, 12, torch.device("cpu")) for s in (whole, listed)]
+    assert all(torch.equal(a, b) for a, b in zip(*by_shard))
+    m, d = by_shard[0]
+    assert torch.allclose(m, mean, atol=1e-6) and torch.allclose(d, std, atol=1e-6)
 
 
-def test_streamed_training_gives_the_accuracy_of_in_memory_training(tmp_path):
+def test_streamed_training_gives_the_accuracy_of_in_memory_training(tmp_path, monkeypatch):
     root = make_shapes(tmp_path / "s", per_class=6, size=20)
     whole, listed = load_image_folder(root, list(SHAPES), 16, 3), _listed(root)
     x, streamed = place(whole, 16, torch.device("cpu"), 0), place(listed, 16, torch.device("cpu"), 0)
@@ -60,7 +73,9 @@ def test_streamed_training_gives_the_accuracy_of_in_memory_training(tmp_path):
     b = train_classifier("convnet3", streamed, y, streamed, y, norm, 3, 3, 0, ecfg, True)
     assert a.curve == b.curve
     assert all(torch.equal(p, q) for p, q in zip(a.model.state_dict().values(), b.model.state_dict().values()))
-    assert accuracy(a.model, streamed, y, norm, batch=4) == accuracy(a.model, x, y, norm)
+    whole_batch = accuracy(a.model, x, y, norm)
+    monkeypatch.setattr(pixels, "EVAL_BATCH_PIXELS", 4 * 16 * 16)  # scored 4 images at a time: 18 = 4 x 4 + 2
+    assert accuracy(a.model, streamed, y, norm) == whole_batch
 
 
 def test_the_evaluate_stage_streams_every_set_with_the_same_results(tmp_path, capsys, monkeypatch):

@@ -8,12 +8,15 @@ CPU. Every collective here is skipped when WORLD_SIZE is 1, so single-process ru
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from diffdistill.errors import StageError
+
+GLOO_TIMEOUT = timedelta(days=1)  # collectives of CPU process groups (torch's default: 30 min)
 
 
 def world_size() -> int:
@@ -48,7 +51,9 @@ def init(device: torch.device) -> torch.device:
         device = torch.device("cuda", local_rank())
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # CPU ranks can reach a barrier hours apart (one trains a full-data classifier while the other waits)
+        timeout = None if device.type == "cuda" else GLOO_TIMEOUT
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return device
 
 

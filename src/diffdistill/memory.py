@@ -41,12 +41,16 @@ def cosine_matrix(a: Tensor, b: Tensor) -> Tensor:
     return unit_rows(a) @ unit_rows(b).T
 
 
+def _to_grid(x: Tensor) -> Tensor:
+    return torch.round(x / SIMILARITY_GRID) * SIMILARITY_GRID
+
+
 def _on_grid(sim: Tensor, nonzero: Tensor) -> Tensor:
     """float64, exactly symmetric from the upper triangle, diagonal 1 (0 for a zero row), grid-rounded."""
     sim = torch.triu(sim.double(), diagonal=1)
     sim = sim + sim.transpose(-1, -2)
     sim.diagonal(dim1=-2, dim2=-1).copy_(nonzero.double())
-    return torch.round(sim / SIMILARITY_GRID) * SIMILARITY_GRID
+    return _to_grid(sim)
 
 
 def class_slots(labels: Tensor, slots: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -226,19 +230,22 @@ class MemoryBank:
         unit_new = unit_rows(new)
         old_norms, new_norms = old.norm(dim=-1), new.norm(dim=-1)  # [S, N], [B]
         sim = old.new_zeros(s + 1, size + b, size + b)  # slot S: a sink for pairs of rows of different slots
-        sim[:s, :size, :size] = self._gram[dest]
-        # held row p of slot k vs each new row of k: (held · unit(new)) / |held|, as in similarity_matrix
-        cross = (old @ unit_new.T) / old_norms.clamp_min(COSINE_EPS)[..., None]  # [S, N, B]
+        sim[:s, :size, :size] = self._gram[dest]  # on the grid, symmetric, its diagonal set
         col = size + rank  # [B] each new row's position in its slot
-        sim[inv, :size, col] = cross[inv, :, torch.arange(b, device=rows.device)]
-        # new row i vs new row j of the same slot (pairs of different slots land in the sink)
+        # held row p of slot k vs each new row of k: (held · unit(new)) / |held|, as in similarity_matrix; the
+        # held row comes first, so this is the (earlier, later) value, mirrored
+        cross = (old @ unit_new.T) / old_norms.clamp_min(COSINE_EPS)[..., None]  # [S, N, B]
+        own = _to_grid(cross[inv, :, torch.arange(b, device=rows.device)])  # [B, N]
+        sim[inv, :size, col] = own
+        sim[inv, col, :size] = own
+        # new row i vs new row j of the same slot: the (earlier, later) value, mirrored; the diagonal 1 (0 for a
+        # zero row); pairs of different slots land in the sink
         pair = (new @ unit_new.T) / new_norms.clamp_min(COSINE_EPS)[:, None]  # [B, B]
+        pair = torch.where(rank[:, None] < rank[None, :], pair, pair.T)
+        pair.diagonal().copy_(new_norms > COSINE_EPS)
         into = torch.where(inv[:, None] == inv[None, :], inv[:, None], s)  # [B, B]
-        sim[into, col[:, None], col[None, :]] = pair
-        nonzero = torch.zeros(s + 1, size + b, dtype=torch.bool, device=rows.device)
-        nonzero[:s, :size] = old_norms > COSINE_EPS
-        nonzero[inv, col] = new_norms > COSINE_EPS
-        return _on_grid(sim, nonzero)[:s]  # keeps the upper triangle: (earlier, later) pairs
+        sim[into, col[:, None], col[None, :]] = _to_grid(pair)
+        return sim[:s]
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"rows": self.rows, "counts": self.counts, "gram": self.gram}

@@ -26,9 +26,15 @@ READ_THREADS = 8  # PIL decodes outside the GIL
 # auto budget per set: a share of the GPU's memory (uint8 sets beside a ResNet-50 in training), or host memory
 RESIDENT_GPU_SHARE = 0.2
 RESIDENT_CPU_GB = 1.0
-# channel statistics in one float32 pass up to this many bytes (every set the tool was measured with); beyond it,
-# summed per shard in float64 so that the statistics of an ImageNet-size sample need no float copy of it
+# a set is read whole into host memory (before it moves to the device) only up to this many bytes at the larger
+# of its file and classifier sizes; a larger one stays listed, whatever the device's budget
+HOST_READ_BYTES = 2**30
+# channel statistics in one float32 pass up to this many bytes of float pixels (every set the tool was measured
+# with); beyond it, summed in float64 over shards of STATS_SHARD images, so no float copy of the sample is made
 STATS_ONE_PASS_BYTES = 2**28
+STATS_SHARD = 256
+# evaluation batches (accuracy, features): 512 images of 64 px or fewer, fewer of larger ones (same pixel count)
+EVAL_BATCH_PIXELS = 512 * 64 * 64
 
 
 def resident_budget(setting: float | None, device: torch.device) -> int:
@@ -38,6 +44,23 @@ def resident_budget(setting: float | None, device: torch.device) -> int:
     if device.type == "cuda":
         return int(RESIDENT_GPU_SHARE * torch.cuda.get_device_properties(device).total_memory)
     return int(RESIDENT_CPU_GB * 2**30)
+
+
+def eval_batch(size: int) -> int:
+    """Images per batch when a trained net scores a set at `size` px (see EVAL_BATCH_PIXELS)."""
+    return max(1, min(512, EVAL_BATCH_PIXELS // (size * size)))
+
+
+def read_whole(files: ImageFiles, size: int, budget: int) -> bool:
+    """Whether a listed set is read whole: its pixels at the larger of its file and classifier (`size`) sizes fit
+    both `budget` and HOST_READ_BYTES (every set of the subsets and the demo)."""
+    return files.nbytes(max(size, files.image_size)) <= min(budget, HOST_READ_BYTES)
+
+
+def read_or_list(files: ImageFiles, size: int, budget: int) -> ImageSet | ImageFiles:
+    """The set read whole if `read_whole`, else left listed, to be streamed or moved to the device shard by
+    shard."""
+    return files.subset(torch.arange(len(files))) if read_whole(files, size, budget) else files
 
 
 def resize_uint8(x: Tensor, size: int) -> Tensor:
@@ -66,19 +89,24 @@ def pixel_sha256(s: ImageSet | ImageFiles) -> str:
 
 
 def channel_stats(s: ImageSet | ImageFiles, size: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Per-channel (mean, std) [1, C, 1, 1] of a set's pixels in [0, 1] at the classifier size."""
-    if isinstance(s, ImageSet) and len(s) * s.channels * size * size * 4 <= STATS_ONE_PASS_BYTES:
-        x01 = F.interpolate(s.as_float() / 2 + 0.5, size=(size, size), mode="bilinear", antialias=True) \
-            if s.images.shape[-1] != size else s.as_float() / 2 + 0.5
+    """Per-channel (mean, std) [1, C, 1, 1] of a set's pixels in [0, 1] at the classifier size: one float32 pass
+    for a sample of up to STATS_ONE_PASS_BYTES (read whole if listed), else float64 sums over shards. The path
+    depends on the sample's size only, so a listed and a read sample give the same statistics."""
+    if len(s) * s.channels * max(size, s.image_size if isinstance(s, ImageFiles) else size) ** 2 * 4 \
+            <= STATS_ONE_PASS_BYTES:
+        s = s.subset(torch.arange(len(s))) if isinstance(s, ImageFiles) else s
+        x01 = s.as_float() / 2 + 0.5
+        if x01.shape[-1] != size:
+            x01 = F.interpolate(x01, size=(size, size), mode="bilinear", antialias=True)
         return x01.mean((0, 2, 3), keepdim=True).to(device), \
             x01.std((0, 2, 3), keepdim=True).clamp_min(1e-3).to(device)
     total = total_sq = None
     count = 0
-    for part in shards(s):
-        x = part.as_float().double() / 2 + 0.5
+    for part in shards(s, STATS_SHARD):
+        x = part.as_float() / 2 + 0.5
         if x.shape[-1] != size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
-        sums, sq = x.sum((0, 2, 3)), x.square().sum((0, 2, 3))
+        sums, sq = x.sum((0, 2, 3), dtype=torch.float64), x.square().sum((0, 2, 3), dtype=torch.float64)
         total, total_sq = (sums, sq) if total is None else (total + sums, total_sq + sq)
         count += x.shape[0] * size * size
     mean = total / count
@@ -132,8 +160,9 @@ def batches(x: Pixels, order: Iterable[Tensor]) -> Iterator[Tensor]:
 
 def place(s: ImageSet | ImageFiles, size: int, device: torch.device, budget: int) -> Pixels:
     """The set's pixels at the classifier size as training reads them: a uint8 tensor on the device when they
-    fit `budget` bytes (a listed set filled in shard by shard), else streamed from its files."""
-    if isinstance(s, ImageSet):  # already read: resize and move
+    fit `budget` bytes (a listed set filled in shard by shard), else streamed from its files. A set already read
+    is resized and moved as it is (it was read because it is small: read_or_list)."""
+    if isinstance(s, ImageSet):
         return resize_uint8(s.images, size).to(device)
     shape = (len(s), s.channels, size, size)
     if shape[0] * s.channels * size * size > budget:

@@ -43,10 +43,20 @@ from diffdistill.data.datasets import (
     list_train,
     list_val,
     load_data,
-    load_val,
     peek_channels,
+    read_images,
 )
-from diffdistill.data.pixels import Pixels, batches, channel_stats, pixel_sha256, place, resident_budget
+from diffdistill.data.pixels import (
+    Pixels,
+    batches,
+    channel_stats,
+    eval_batch,
+    pixel_sha256,
+    place,
+    read_or_list,
+    read_whole,
+    resident_budget,
+)
 from diffdistill.errors import StageError
 from diffdistill.files import atomic_write_bytes, atomic_write_json, check_output_free, staged_dir
 from diffdistill.losses import soft_label_loss, soft_targets
@@ -90,10 +100,10 @@ def to_unit(x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, x: Pixels, y: Tensor, norm: tuple[Tensor, Tensor], batch: int = 512) -> float:
+def accuracy(model: torch.nn.Module, x: Pixels, y: Tensor, norm: tuple[Tensor, Tensor]) -> float:
     """Top-1 (%) of `model` on uint8 images x, normalized batch by batch (sets stay uint8 on the device)."""
     model.eval()
-    order = torch.arange(len(y)).split(batch)
+    order = torch.arange(len(y)).split(eval_batch(x.shape[-1]))
     correct = sum(int((model((to_unit(xb) - norm[0]) / norm[1]).argmax(1) == y[idx.to(y.device)]).sum())
                   for idx, xb in zip(order, batches(x, order)))
     return 100.0 * correct / max(len(y), 1)
@@ -195,12 +205,6 @@ def on_device(s: ImageSet | ImageFiles, size: int, device: torch.device,
     """Pixels at the classifier size (on the device within `budget` bytes, else streamed; see data/pixels.py) and
     the labels on the device."""
     return place(s, size, device, budget), s.labels.to(device)
-
-
-def read_or_list(files: ImageFiles, budget: int) -> ImageSet | ImageFiles:
-    """A set read whole when its pixels fit `budget` bytes (as every set of the subsets and the demo), else
-    left listed, to be streamed or moved to the device shard by shard."""
-    return files.subset(torch.arange(len(files))) if files.nbytes() <= budget else files
 
 
 Job = tuple[str, str, "int | None", int]  # (net, kind: distilled | random_real | full, IPC, seed index)
@@ -319,15 +323,24 @@ def in_workers(cfg: Config, force: bool, distilled: str | None, baselines: Path 
                "MASTER_PORT": str(port)}
         procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(args), str(Path(tmp) / f"error-{r}")],
                                   env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(n)]
-        while any(proc.poll() is None for proc in procs):
-            if any(proc.poll() for proc in procs):  # one failed: the others would wait for it at a barrier
-                for proc in procs:
+        failed: list[int] = []  # ranks in the order their failures were seen
+        try:
+            while any(proc.poll() is None for proc in procs):
+                failed += [r for r, proc in enumerate(procs) if proc.poll() and r not in failed]
+                if failed:  # the others would wait for the failed one at a barrier
+                    break
+                time.sleep(0.2)
+        finally:  # done, failed or interrupted: no worker outlives this call
+            for proc in procs:
+                if proc.poll() is None:
                     proc.terminate()
-            time.sleep(0.2)
-        failed = [r for r, proc in enumerate(procs) if proc.returncode]
-        if failed:
-            told = [f for f in (Path(tmp) / f"error-{r}" for r in failed) if f.is_file()]
-            raise StageError(told[0].read_text() if told else
+            for proc in procs:
+                proc.wait()
+        failed += [r for r, proc in enumerate(procs) if proc.returncode and r not in failed]
+        if failed:  # a worker's own error before the errors of those that lost their peer
+            told = [json.loads(f.read_text()) for f in (Path(tmp) / f"error-{r}" for r in failed) if f.is_file()]
+            told.sort(key=lambda e: not e["stage"])
+            raise StageError(told[0]["message"] if told else
                              f"evaluate: worker process {failed[0]} ended with exit code {procs[failed[0]].returncode}")
     return stage_dir(cfg.run_dir, "evaluate")
 
@@ -342,8 +355,9 @@ def worker_main(args: str, error_file: str) -> None:
         cfg = replace(build_config(a["cfg"]), auto=tuple(tuple(pair) for pair in a["auto"]))
         evaluate_stage(cfg, a["force"], a["distilled"], None if a["baselines"] is None else Path(a["baselines"]))
     except Exception as err:
-        Path(error_file).write_text(str(err) if isinstance(err, StageError) else
-                                    f"evaluate worker {os.environ.get('RANK')}: {type(err).__name__}: {err}")
+        stage = isinstance(err, StageError)
+        message = str(err) if stage else f"evaluate worker {os.environ.get('RANK')}: {type(err).__name__}: {err}"
+        Path(error_file).write_text(json.dumps({"stage": stage, "message": message}))
         sys.exit(1)
 
 
@@ -356,21 +370,22 @@ def plan_evaluation(cfg: Config, syn_dir: Path, device: torch.device, baselines:
     budget = resident_budget(ecfg.resident_gb, device)
     if cfg.data.train is not None and not ecfg.full:  # only IPC-sized real subsets are needed: list, don't read
         listed = list_val(cfg.data, names, cfg.data.channels or 3)
-        if listed.nbytes(max(size, cfg.data.image_size)) <= budget:  # read whole: the channels from every image
-            val: ImageSet | ImageFiles = load_val(cfg.data, names, cfg.data.channels)
+        if read_whole(listed, size, budget):  # the channels from every image, as load_val decides them
+            val: ImageSet | ImageFiles = read_images(listed.files, listed.labels.tolist(), names,
+                                                     cfg.data.image_size, cfg.data.channels, listed.root)
         else:  # ImageNet-1K's 50,000: streamed or moved to the device in shards
             val = replace(listed, channels=cfg.data.channels or peek_channels(listed.files))
         train: ImageSet | ImageFiles = list_train(cfg.data, val.channels)
         k = min(NORM_IMAGES_PER_CLASS, int(torch.bincount(train.labels).min()))
-        stats = read_or_list(train.select(per_class_indices(train.labels, names, k, torch.Generator().manual_seed(
-            derive_seed(cfg.seed, "evaluate", "normalization")), "data.train")), budget)
+        stats = train.select(per_class_indices(train.labels, names, k, torch.Generator().manual_seed(
+            derive_seed(cfg.seed, "evaluate", "normalization")), "data.train"))
         stats_from = f"{len(stats)} train images ({k} per class, seeded draw)"
     else:
         train, val = load_data(cfg.data, need_val=True)
         stats, stats_from = train, "the whole train set"
     files, labels = list_images(syn_dir, names, "distilled set")
     syn = read_or_list(ImageFiles(files, torch.tensor(labels, dtype=torch.long), names, syn_dir,
-                                  cfg.data.image_size, val.channels), budget)
+                                  cfg.data.image_size, val.channels), size, budget)
     norm = channel_stats(stats, size, device)  # every set is normalized with the real train set's statistics
     ipcs = sorted(set(ecfg.ipc or cfg.sample.ipc))
     for labels, where in ((syn.labels, "distilled set"), (train.labels, "random-real baseline (real train set)")):
@@ -558,11 +573,11 @@ def save_real_examples(plan: Plan, out: Path) -> None:
 
 
 @torch.no_grad()
-def features(model: torch.nn.Module, x: Pixels, norm: tuple[Tensor, Tensor], batch: int = 512) -> Tensor:
+def features(model: torch.nn.Module, x: Pixels, norm: tuple[Tensor, Tensor]) -> Tensor:
     """Penultimate-layer features [N, F] of uint8 images x (every classifier has .features / .classifier)."""
     model.eval()
     return torch.cat([model.features((to_unit(xb) - norm[0]) / norm[1]).flatten(1).cpu()
-                      for xb in batches(x, torch.arange(len(x)).split(batch))])
+                      for xb in batches(x, torch.arange(len(x)).split(eval_batch(x.shape[-1])))])
 
 
 def feature_metrics(plan: Plan, records: dict) -> dict:
