@@ -150,3 +150,24 @@ def test_a_missing_teacher_stops_run_before_the_first_stage(tmp_path, capsys):
                  "--dry-run"]) == 0
     assert "27 classifier trainings (convnet3 × 3 seeds × IPC 1, 10 × distilled / random real × hard / soft " \
            "labels + full data)" in capsys.readouterr().out
+
+
+def test_a_teacher_named_by_hub_id_is_read_from_the_local_cache_only(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from diffdistill.teachers import weights_file
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(StageError, match=r"^evaluate.soft.teacher: someone/resnet18-teacher is not a file or folder "
+                                         r"here and not in the local Hugging Face cache; .*huggingface-cli download"):
+        weights_file("someone/resnet18-teacher", "resnet18")
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    (snapshot / "model.safetensors").write_bytes(b"")
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: asked.append((repo, kw)) or snapshot)
+    assert weights_file("someone/resnet18-teacher", "resnet18") == snapshot / "model.safetensors"
+    assert asked == [("someone/resnet18-teacher", {"local_files_only": True})]
+    with pytest.raises(StageError, match=r"weights/r18.pth does not exist; download torchvision's resnet18"):
+        weights_file("weights/r18.pth", "resnet18")  # a missing file path is not taken for a hub id

@@ -7,6 +7,7 @@ ImageNet-1K), whose 1000 outputs are narrowed to the data's classes by their wni
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import torch
@@ -66,9 +67,11 @@ def check_teacher(ecfg: EvalConfig) -> None:
 
 
 def weights_file(spec: str, net: str) -> Path:
-    """The weights file a teacher spec names (a file, or a folder holding one), or a one-line error saying what
-    to download."""
+    """The weights file a teacher spec names (a file, a folder holding one, or a hub id already in the local
+    Hugging Face cache), or a one-line error saying what to download."""
     path = Path(spec)
+    if not path.exists() and path.suffix not in WEIGHT_SUFFIXES and _HUB_ID.fullmatch(spec):
+        path = _hub_folder(spec)
     if path.is_dir():
         found = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
         preferred = [p for p in found if p.name == "model.safetensors"] or found
@@ -82,6 +85,21 @@ def weights_file(spec: str, net: str) -> Path:
     raise StageError(f"evaluate.soft.teacher: {spec} does not exist; download torchvision's {net} ImageNet "
                      f"weights ({DOWNLOAD_HINT[net]}) on a machine with internet, copy the file here and set "
                      f"evaluate.soft.teacher=FILE (or teacher=full: the full-data classifier trained here)")
+
+
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name, as the hub spells repositories
+
+
+def _hub_folder(repo: str) -> Path:
+    """The local snapshot of hub repository `repo` (nothing is downloaded at run time)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, local_files_only=True))
+    except Exception:  # not in the cache (offline: the hub library raises several types)
+        raise StageError(f"evaluate.soft.teacher: {repo} is not a file or folder here and not in the local Hugging "
+                         f"Face cache; on a machine with internet run `huggingface-cli download {repo} --local-dir "
+                         f"DIR`, copy DIR here and set evaluate.soft.teacher=DIR") from None
 
 
 def read_state(file: Path) -> dict[str, Tensor]:
