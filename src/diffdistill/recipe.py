@@ -14,7 +14,7 @@ from diffdistill.config import AUTO, Config, ConfigError
 from diffdistill.data.datasets import train_counts
 from diffdistill.models.dit import SIZES
 
-# pretrain.steps: enough passes over the data and enough steps per class (the demo's 4,800 steps on 1,437
+# pretrain.steps: enough passes over the data and enough steps per class (4,800 steps of 64 on the demo's 1,437
 # digits of 10 classes are 480 per class and 214 epochs), within a floor and a ceiling that bound a CPU run
 EPOCHS = 200
 STEPS_PER_CLASS = 480
