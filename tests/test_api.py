@@ -7,7 +7,7 @@ from diffdistill.errors import StageError
 
 TINY = ["pretrain.steps=30", "pretrain.log_every=10", "finetune.steps=8", "finetune.log_every=4",
         "sample.steps=4", "sample.ipc=[1,3]", "evaluate.epochs=4", "evaluate.full_epochs=1", "evaluate.seeds=2",
-        "evaluate.eval_every=2", "evaluate.width=16", "pretrain.check_images=2"]
+        "evaluate.eval_every=2", "evaluate.width=16", "pretrain.check_images=2", "evaluate.workers=1"]
 
 
 def test_the_package_exposes_the_api_without_importing_it():

@@ -15,7 +15,7 @@ from diffdistill.stages.sample import sample_latents
 
 TINY = ["pretrain.steps=30", "pretrain.log_every=10", "finetune.steps=8", "finetune.log_every=4",
         "sample.steps=4", "sample.ipc=[1,3]", "evaluate.epochs=4", "evaluate.full_epochs=1", "evaluate.seeds=2",
-        "evaluate.eval_every=2", "evaluate.width=16"]
+        "evaluate.eval_every=2", "evaluate.width=16", "evaluate.workers=1"]
 
 
 def run(*args: str) -> int:

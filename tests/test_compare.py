@@ -16,7 +16,7 @@ from diffdistill.stages.compare import METHODS, parse_methods
 
 TINY = ["pretrain.steps=20", "pretrain.log_every=10", "finetune.steps=4", "finetune.log_every=2", "sample.steps=4",
         "sample.ipc=[1,2]", "evaluate.epochs=2", "evaluate.full_epochs=1", "evaluate.seeds=1", "evaluate.width=8",
-        "evaluate.eval_every=1", "threads=1"]
+        "evaluate.eval_every=1", "threads=1", "evaluate.workers=1"]  # tiny classifiers: one process
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import digits_set
 from PIL import Image
 
 from diffdistill.augment import color_jitter, cutmix, lighting, random_resized_crop
@@ -153,13 +154,8 @@ def test_three_nets_full_recipe_and_resume(tmp_path, monkeypatch):
     from diffdistill.cli import main
     from diffdistill.stages import evaluate
 
-    real = tmp_path / "set"  # a "distilled" set made elsewhere: 3 real digits per class, as PNG folders
-    train, _ = load_data(DataConfig())
-    for c in range(10):
-        (real / str(c)).mkdir(parents=True)
-        for i, img in enumerate(train.images[train.labels == c][:3]):
-            Image.fromarray(img[0].numpy()).save(real / str(c) / f"{i}.png")
-    args = ["evaluate", "configs/demo-digits.yaml", f"out_dir={tmp_path}",
+    real = digits_set(tmp_path / "set", 3)  # a "distilled" set made elsewhere: 3 real digits per class, as PNGs
+    args = ["evaluate", "configs/demo-digits.yaml", f"out_dir={tmp_path}", "evaluate.workers=1",
             "evaluate.nets=[convnet3,resnetap10,resnet18]", "evaluate.ipc=[2]", "evaluate.epochs=2",
             "evaluate.full=false", "evaluate.labels=[hard]", "evaluate.seeds=2", "evaluate.width=16",
             "evaluate.color_jitter=0.4",

@@ -86,7 +86,8 @@ def test_the_evaluate_stage_streams_every_set_with_the_same_results(tmp_path, ca
                        for n, k, s in (("train", 8, 0), ("val", 4, 1), ("syn", 3, 2)))
     args = ["evaluate", "configs/demo-digits.yaml", f"data.train={train}", f"data.val={val}", "data.hflip=true",
             "evaluate.full=false", "evaluate.metrics=false", "evaluate.ipc=[1,3]", "evaluate.epochs=2",
-            "evaluate.seeds=2", "evaluate.width=8", "evaluate.labels=[hard]", "--distilled", str(syn)]
+            "evaluate.seeds=2", "evaluate.width=8", "evaluate.labels=[hard]", "evaluate.workers=1", "--distilled",
+            str(syn)]
     out = {}
     for name, budget in (("memory", "null"), ("streamed", "0")):
         made.clear()
