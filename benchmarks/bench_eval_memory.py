@@ -4,8 +4,8 @@ Writes a folder set of 1000 classes (train = IPC images per class, val, a distil
 PNG files, read at data.image_size and resized to the classifier's evaluate.image_size, which is what sizes a
 set in memory), runs `diffdistill evaluate` on it once per mode in a child process and reports that process's
 peak RSS. Mode `memory`: every set held whole (evaluate.resident_gb large); `streamed`: none (resident_gb 0);
-`auto`: the tool's own choice. Training is one epoch of a narrow ConvNet-3: the figure is about the sets, not the
-net. Prints JSON.
+`auto`: the tool's own choice. Training is one epoch of a narrow ConvNet-3 in one process (`evaluate.workers` N
+holds N copies): the figure is about the sets, not the net. Prints JSON.
 
     python benchmarks/bench_eval_memory.py                       # IPC 10 at 64 px: all three modes, minutes
     python benchmarks/bench_eval_memory.py --ipc 50 --size 224 --modes auto   # ImageNet-1K IPC 50's shape
@@ -69,7 +69,8 @@ def main() -> None:
                    f"evaluate.image_size={args.size}", f"evaluate.ipc=[{args.ipc}]", "evaluate.full=false",
                    "evaluate.metrics=false", "evaluate.labels=[hard]", "evaluate.nets=[convnet3]",
                    "evaluate.width=8", "evaluate.epochs=1", "evaluate.eval_every=1", "evaluate.seeds=1",
-                   "evaluate.batch_size=256", f"evaluate.resident_gb={MODES[mode]}", "--distilled", str(root / "syn")]
+                   "evaluate.batch_size=256", "evaluate.workers=1", f"evaluate.resident_gb={MODES[mode]}",
+                   "--distilled", str(root / "syn")]
             t0 = time.perf_counter()
             done = subprocess.run([sys.executable, "-c", PEAK, *cmd], capture_output=True, text=True)
             if done.returncode:

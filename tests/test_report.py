@@ -157,3 +157,26 @@ def test_loss_plot_weights_the_memory_terms_and_continues_the_steps(monkeypatch)
     assert ("finetune", [210], [0.3]) in drawn  # after pretraining's 200 steps
     assert ("finetune", [210], [pytest.approx(0.001)]) in drawn  # 0.002 × 0.5, as it enters the loss
     assert ("finetune", [210], [pytest.approx(0.0072)]) in drawn  # 0.008 × 0.9
+
+
+def test_the_sample_grid_shows_the_first_classes_of_a_large_set(tmp_path):
+    from diffdistill.plots import GRID_CLASSES
+    from diffdistill.stages.report import samples_section
+
+    names = [f"c{i:03d}" for i in range(GRID_CLASSES + 10)]
+    for name in names:
+        (tmp_path / "set" / name).mkdir(parents=True)
+        Image.new("L", (8, 8), 200).save(tmp_path / "set" / name / "0.png")
+    res = {"data": {"distilled_set": str(tmp_path / "set"), "classes": names}, "config": {"data": {"image_size": 8}}}
+    lines = samples_section(tmp_path, res)
+    assert lines[0] == f"## Distilled images (one row per class, the first {GRID_CLASSES} of {len(names)} classes)"
+    few = samples_section(tmp_path, {**res, "data": {**res["data"], "classes": names[:3]}})
+    assert few[0] == "## Distilled images (one row per class)"
+    assert Image.open(tmp_path / "samples.png").height * 2 < Image.open(io.BytesIO(_grid_of(res, tmp_path))).height
+
+
+def _grid_of(res: dict, tmp_path) -> bytes:
+    from diffdistill.stages.report import samples_section
+
+    samples_section(tmp_path, res)
+    return (tmp_path / "samples.png").read_bytes()

@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 from diffdistill.data.datasets import resize_center_crop
 
 GRID_COLUMNS = 10  # images per class in samples.png
+GRID_CLASSES = 50  # rows of samples.png: the first classes (1,000 rows would be a picture of gigabytes)
 EXAMPLE_CLASSES = 20  # rows of the real-vs-distilled picture (classes.png)
 EXAMPLES_PER_CLASS = 8  # images per side and row in classes.png
 MARK = (220, 40, 40)  # the frame around the IPC-1 images

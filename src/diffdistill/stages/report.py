@@ -20,6 +20,7 @@ from diffdistill.files import atomic_write_bytes, atomic_write_json, atomic_writ
 from diffdistill.plots import (
     EXAMPLE_CLASSES,
     EXAMPLES_PER_CLASS,
+    GRID_CLASSES,
     GRID_COLUMNS,
     loss_plot,
     memory_plot,
@@ -247,11 +248,14 @@ def samples_section(run_dir: Path, results: dict) -> list[str]:
     samples = Path(results["data"]["distilled_set"])
     if not samples.is_dir():
         return []
-    per_class = {c: _first_images(samples / c, GRID_COLUMNS) for c in results["data"]["classes"]}
+    classes = results["data"]["classes"]
+    per_class = {c: _first_images(samples / c, GRID_COLUMNS) for c in classes[:GRID_CLASSES]}
     if not any(per_class.values()):
         raise StageError(f"no sample images under {samples}")
     atomic_write_bytes(run_dir / "samples.png", sample_grid(per_class, results["config"]["data"]["image_size"]))
-    return ["## Distilled images (one row per class)", "",
+    rows = "one row per class" if len(classes) <= GRID_CLASSES else \
+        f"one row per class, the first {GRID_CLASSES} of {len(classes)} classes"
+    return [f"## Distilled images ({rows})", "",
             "The framed first column is the IPC-1 set; IPC k uses the first k images of each row.", "",
             "![samples](samples.png)", ""]
 
