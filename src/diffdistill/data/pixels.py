@@ -162,14 +162,14 @@ def place(s: ImageSet | ImageFiles, size: int, device: torch.device, budget: int
     """The set's pixels at the classifier size as training reads them: a uint8 tensor on the device when they
     fit `budget` bytes (a listed set filled in shard by shard), else streamed from its files. A set already read
     is resized and moved as it is (it was read because it is small: read_or_list)."""
-    if isinstance(s, ImageSet):
-        return resize_uint8(s.images, size).to(device)
     shape = (len(s), s.channels, size, size)
-    if shape[0] * s.channels * size * size > budget:
+    if isinstance(s, ImageSet) and s.images.shape[-1] == size:
+        return s.images.to(device)
+    if isinstance(s, ImageFiles) and shape[0] * s.channels * size * size > budget:
         return Streamed(s, size, device)
     out = torch.empty(shape, dtype=torch.uint8, device=device)
     lo = 0
-    for part in shards(s):
+    for part in shards(s):  # resized a shard at a time: the float copies of a shard, not of the set
         out[lo : lo + len(part)] = resize_uint8(part.images, size).to(device)
         lo += len(part)
     return out
