@@ -170,5 +170,5 @@ def test_missing_hub_weights_say_what_to_download(tmp_path, capsys):
                  "autoencoder.unshuffle=2", "finetune.latents=images"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0
-    assert "huggingface-cli download facebook/DiT-XL-2-256 --revision refs/pr/1 --local-dir DIR" in err
+    assert "hf download facebook/DiT-XL-2-256 --revision refs/pr/1 --local-dir DIR" in err
     assert "finetune.init=DIR" in err

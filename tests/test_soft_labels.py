@@ -157,10 +157,9 @@ def test_a_teacher_named_by_hub_id_is_read_from_the_local_cache_only(tmp_path, m
 
     from diffdistill.teachers import weights_file
 
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # no such repository in any cache, and nothing is downloaded
     with pytest.raises(StageError, match=r"^evaluate.soft.teacher: someone/resnet18-teacher is not a file or folder "
-                                         r"here and not in the local Hugging Face cache; .*huggingface-cli download"):
+                                         r"here and not in the local Hugging Face cache; .*hf download"):
         weights_file("someone/resnet18-teacher", "resnet18")
     snapshot = tmp_path / "snapshot"
     snapshot.mkdir()

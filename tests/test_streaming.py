@@ -54,6 +54,13 @@ def test_channel_statistics_by_shard_match_the_one_pass_statistics(tmp_path, mon
     assert mean.shape == std.shape == (1, 3, 1, 1) and len(set(mean.flatten().tolist())) == 3
     # the path follows the sample's size, not where it lives: a listed sample gives the very same numbers
     assert all(torch.equal(a, b) for a, b in zip(channel_stats(listed, 12, torch.device("cpu")), (mean, std)))
+    # at the boundary (15 images x 3 x 16² x 4 bytes: one pass at 16 px files, even for a 12 px classifier)
+    monkeypatch.setattr(pixels, "STATS_ONE_PASS_BYTES", 15 * 3 * 16 * 16 * 4)
+    assert all(torch.equal(a, b) for a, b in zip(channel_stats(listed, 12, torch.device("cpu")), (mean, std)))
+    assert all(torch.equal(a, b) for a, b in zip(channel_stats(whole, 12, torch.device("cpu")), (mean, std)))
+    monkeypatch.setattr(pixels, "STATS_ONE_PASS_BYTES", 15 * 3 * 16 * 16 * 4 - 1)
+    edge = [channel_stats(s, 12, torch.device("cpu")) for s in (whole, listed)]
+    assert all(torch.equal(a, b) for a, b in zip(*edge))  # both by shard now
     monkeypatch.setattr(pixels, "STATS_ONE_PASS_BYTES", 0)
     monkeypatch.setattr(pixels, "STATS_SHARD", 4)  # 15 images: shards of 4, 4, 4, 3
     by_shard = [channel_stats(s, 12, torch.device("cpu")) for s in (whole, listed)]

@@ -27,6 +27,6 @@ def load_pretrained(load: Callable[[], T], source: str, key: str, revision: str 
             f"the folder {source} does not hold diffusers weights ({str(err).splitlines()[0]})"
             if local
             else f"'{source}' is not on disk and cannot be downloaded here; download it on a machine with "
-            f"internet (huggingface-cli download {source}{rev} --local-dir DIR), copy DIR here and set {key}=DIR"
+            f"internet (hf download {source}{rev} --local-dir DIR), copy DIR here and set {key}=DIR"
         )
         raise StageError(f"{key}: {where}") from None

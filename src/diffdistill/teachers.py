@@ -98,7 +98,7 @@ def _hub_folder(repo: str) -> Path:
         return Path(snapshot_download(repo, local_files_only=True))
     except Exception:  # not in the cache (offline: the hub library raises several types)
         raise StageError(f"evaluate.soft.teacher: {repo} is not a file or folder here and not in the local Hugging "
-                         f"Face cache; on a machine with internet run `huggingface-cli download {repo} --local-dir "
+                         f"Face cache; on a machine with internet run `hf download {repo} --local-dir "
                          f"DIR`, copy DIR here and set evaluate.soft.teacher=DIR") from None
 
 

@@ -92,8 +92,8 @@ def channel_stats(s: ImageSet | ImageFiles, size: int, device: torch.device) -> 
     """Per-channel (mean, std) [1, C, 1, 1] of a set's pixels in [0, 1] at the classifier size: one float32 pass
     for a sample of up to STATS_ONE_PASS_BYTES (read whole if listed), else float64 sums over shards. The path
     depends on the sample's size only, so a listed and a read sample give the same statistics."""
-    if len(s) * s.channels * max(size, s.image_size if isinstance(s, ImageFiles) else size) ** 2 * 4 \
-            <= STATS_ONE_PASS_BYTES:
+    stored = s.image_size if isinstance(s, ImageFiles) else s.images.shape[-1]
+    if len(s) * s.channels * max(size, stored) ** 2 * 4 <= STATS_ONE_PASS_BYTES:
         s = s.subset(torch.arange(len(s))) if isinstance(s, ImageFiles) else s
         x01 = s.as_float() / 2 + 0.5
         if x01.shape[-1] != size:
@@ -161,7 +161,7 @@ def batches(x: Pixels, order: Iterable[Tensor]) -> Iterator[Tensor]:
 def place(s: ImageSet | ImageFiles, size: int, device: torch.device, budget: int) -> Pixels:
     """The set's pixels at the classifier size as training reads them: a uint8 tensor on the device when they
     fit `budget` bytes (a listed set filled in shard by shard), else streamed from its files. A set already read
-    is resized and moved as it is (it was read because it is small: read_or_list)."""
+    (small enough for read_or_list, or read whole by `evaluate.full`) is resized shard by shard and moved."""
     shape = (len(s), s.channels, size, size)
     if isinstance(s, ImageSet) and s.images.shape[-1] == size:
         return s.images.to(device)

@@ -71,8 +71,9 @@ from diffdistill.teachers import IMAGENET_MEAN, IMAGENET_STD, Teacher, check_tea
 BEST_LABEL = "best epoch, selected on the validation set (optimistic)"
 # part of every job record's key: bump when the protocol's arithmetic changes, so old records are not reused
 # (2: sets held as uint8 at the classifier size, resized sets rounded to uint8; 3: baselines keyed without the
-# distilled set, every full-data net's weights kept, fidelity scored from them)
-RECIPE_VERSION = 3
+# distilled set, every full-data net's weights kept, fidelity scored from them; 4: statistics of large samples
+# by shard, scoring batches by pixel count, torch threads per job in the key)
+RECIPE_VERSION = 4
 # the jobs each label protocol trains (a soft job's teacher labels every batch; see train_classifier)
 KINDS = {"hard": ("distilled", "random_real"), "soft": ("distilled_soft", "random_real_soft")}
 BASELINES = ("random_real", "random_real_soft", "full")  # jobs that do not depend on the distilled set: shareable
@@ -337,9 +338,9 @@ def in_workers(cfg: Config, force: bool, distilled: str | None, baselines: Path 
             for proc in procs:
                 proc.wait()
         failed += [r for r, proc in enumerate(procs) if proc.returncode and r not in failed]
-        if failed:  # a worker's own error before the errors of those that lost their peer
+        if failed:  # the first error in time: those of workers that lost their peer come after it
             told = [json.loads(f.read_text()) for f in (Path(tmp) / f"error-{r}" for r in failed) if f.is_file()]
-            told.sort(key=lambda e: not e["stage"])
+            told.sort(key=lambda e: e["time"])
             raise StageError(told[0]["message"] if told else
                              f"evaluate: worker process {failed[0]} ended with exit code {procs[failed[0]].returncode}")
     return stage_dir(cfg.run_dir, "evaluate")
@@ -355,9 +356,9 @@ def worker_main(args: str, error_file: str) -> None:
         cfg = replace(build_config(a["cfg"]), auto=tuple(tuple(pair) for pair in a["auto"]))
         evaluate_stage(cfg, a["force"], a["distilled"], None if a["baselines"] is None else Path(a["baselines"]))
     except Exception as err:
-        stage = isinstance(err, StageError)
-        message = str(err) if stage else f"evaluate worker {os.environ.get('RANK')}: {type(err).__name__}: {err}"
-        Path(error_file).write_text(json.dumps({"stage": stage, "message": message}))
+        message = str(err) if isinstance(err, StageError) else \
+            f"evaluate worker {os.environ.get('RANK')}: {type(err).__name__}: {err}"
+        atomic_write_json(Path(error_file), {"time": time.time(), "message": message})
         sys.exit(1)
 
 
@@ -404,7 +405,9 @@ def plan_evaluation(cfg: Config, syn_dir: Path, device: torch.device, baselines:
                 if k not in ("ipc", "labels", "soft", "resident_gb", "workers")}
     key_parts = {"recipe": RECIPE_VERSION, "evaluate": protocol, "hflip": cfg.data.hflip,
                  "seed": cfg.seed, "train": train.sha256(), "normalization": stats_from, "val": pixel_sha256(val),
-                 "distilled": pixel_sha256(syn), "torch": torch.__version__}
+                 "distilled": pixel_sha256(syn), "torch": torch.__version__,
+                 # CPU results depend on the threads a job ran on (sums in another order); not so on a GPU
+                 "threads": torch.get_num_threads() if device.type == "cpu" else None}
     return Plan(cfg, names, train, val, syn, syn_dir, stats_from, size, norm, device, budget, ipcs, jobs, key_parts,
                 baselines or evaluate_jobs(cfg.run_dir), teacher_file)
 
