@@ -198,7 +198,7 @@ class MemoryBank:
         if self.policy == "fifo":
             alive = valid & (torch.cumsum(valid, 1) > (total - size)[:, None])  # all but the oldest excess
         else:
-            sim = self._similarities(old, rows, dest, inv, rank, held)  # [S, W, W]
+            sim = self._similarities(old, rows, dest, inv, rank)  # [S, W, W]
             sim.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0.0)  # stale cache beyond the counts
             alive = adaptive_keep_mask(sim, valid, size, rounds=b)
         # 4. survivors to the front, order kept; the slots left over read a zero row. Sources, flat: the held
@@ -219,8 +219,7 @@ class MemoryBank:
             sim = torch.gather(sim, 1, keep[..., None].expand(-1, -1, width))
             self._gram[dest] = torch.gather(sim, 2, keep[:, None, :].expand(-1, size, -1))
 
-    def _similarities(self, old: Tensor, rows: Tensor, dest: Tensor, inv: Tensor, rank: Tensor,
-                      held: Tensor) -> Tensor:
+    def _similarities(self, old: Tensor, rows: Tensor, dest: Tensor, inv: Tensor, rank: Tensor) -> Tensor:
         """similarity_matrix of each slot's candidates [S, W, W] (W = N + B: held rows, then new rows at
         N + rank), the held block taken from the cache. In float64, like `similarity_matrix`: a cached
         similarity and a fresh one of the same two rows then land on the same grid point, so a new copy of a

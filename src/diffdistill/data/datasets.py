@@ -49,6 +49,10 @@ class ImageSet:
         files = [self.files[i] for i in index.tolist()] if self.files is not None else None
         return ImageSet(self.images[index], self.labels[index], self.classes, files)
 
+    def select(self, index: Tensor) -> ImageSet:
+        """The images at `index` (ImageFiles.select's twin: a set already read stays read)."""
+        return self.subset(index)
+
     def as_float(self) -> Tensor:
         """Images scaled to [-1, 1], float32."""
         return self.images.float() / 127.5 - 1

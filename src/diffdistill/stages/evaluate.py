@@ -284,7 +284,8 @@ def evaluate_stage(cfg: Config, force: bool = False, distilled: str | None = Non
         raise StageError(f"distilled set {syn_dir} does not exist: run `diffdistill sample` first")
     check_output_free(final, force)  # on every rank, before any work
     if cfg.evaluate.workers > 1 and not dist.enabled() and resolve_device(cfg.device).type == "cpu":
-        return in_workers(cfg, force, distilled, baselines)
+        in_workers(cfg, force, distilled, baselines)
+        return final
     device = dist.init(setup(cfg))
     t0 = time.perf_counter()
     plan = plan_evaluation(cfg, syn_dir, device, baselines)
@@ -304,7 +305,7 @@ def evaluate_stage(cfg: Config, force: bool = False, distilled: str | None = Non
     return final
 
 
-def in_workers(cfg: Config, force: bool, distilled: str | None, baselines: Path | None) -> Path:
+def in_workers(cfg: Config, force: bool, distilled: str | None, baselines: Path | None) -> None:
     """evaluate_stage in `evaluate.workers` local processes on the CPU, each with threads / workers torch threads
     (small classifiers use two threads poorly; two processes train two nets at once). It is the torchrun path
     on one machine (jobs dealt round-robin, gloo), so a job's result is that of one process with the same
@@ -343,7 +344,6 @@ def in_workers(cfg: Config, force: bool, distilled: str | None, baselines: Path 
             told.sort(key=lambda e: e["time"])
             raise StageError(told[0]["message"] if told else
                              f"evaluate: worker process {failed[0]} ended with exit code {procs[failed[0]].returncode}")
-    return stage_dir(cfg.run_dir, "evaluate")
 
 
 _WORKER = "import sys; from diffdistill.stages.evaluate import worker_main; worker_main(*sys.argv[1:])"
@@ -462,14 +462,14 @@ def _run_job(plan: Plan, job: Job, val_xy: tuple[Tensor, Tensor]) -> tuple[dict,
     record: dict = {"net": net, "kind": kind, "ipc": ipc, "seed": s}
     if kind.startswith("distilled"):
         idx = per_class_indices(plan.syn.labels, plan.names, ipc, generator if ecfg.pool else None, "distilled set")
-        subset = plan.syn.subset(idx) if isinstance(plan.syn, ImageSet) else plan.syn.select(idx)
+        subset = plan.syn.select(idx)
         if ecfg.pool:
             record["indices"] = idx.tolist()
     elif kind.startswith("random_real"):
         idx = per_class_indices(plan.train.labels, plan.names, ipc, generator,
                                 "random-real baseline (real train set)")
         record["indices"] = idx.tolist()
-        subset = plan.train.subset(idx) if isinstance(plan.train, ImageSet) else plan.train.select(idx)
+        subset = plan.train.select(idx)
     else:
         subset = plan.train
     epochs = ecfg.full_epochs if kind == "full" else ecfg.epochs or epochs_for_ipc(ipc)
