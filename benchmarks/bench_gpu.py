@@ -19,8 +19,10 @@ Goals (issue: GPU speed): fine-tune step <= 40 ms with adaptive memory, memory <
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -58,7 +60,9 @@ def synced(device: torch.device):
 
 
 def step_ms(setting: dict, policy: str, stock_embedding: bool, device: torch.device, out: str,
-            compile_mode: str | None = None) -> float:
+            compile_mode: str | None = None, profile: str | None = None) -> tuple[float, float]:
+    """ms per TrainLoop step after warm-up, and the loop's own memory timer (CUDA events on a GPU) as a share of
+    the timed steps' wall time, in %."""
     shape = setting["latent"]
     compiling = [] if compile_mode is None else ["compile=true", f"compile_mode={compile_mode}"]
     cfg = build_config({}, [f"out_dir={out}", "name=bench", f"precision={setting['precision']}",
@@ -66,7 +70,8 @@ def step_ms(setting: dict, policy: str, stock_embedding: bool, device: torch.dev
                             f"finetune.trainable={setting['trainable']}", "finetune.memory.size_real=64",
                             "finetune.memory.size_gen=64", "finetune.log_every=1000000", *compiling])
     torch.manual_seed(0)
-    model = build_dit(setting["size"], shape[0], shape[1], 1000, learn_sigma=setting["learn_sigma"]).to(device)
+    with device:  # initialised where it runs: a DiT-XL/2 takes seconds to initialise on the host
+        model = build_dit(setting["size"], shape[0], shape[1], 1000, learn_sigma=setting["learn_sigma"]).to(device)
     if stock_embedding:  # the plain diffusers embedder class: recomputed by every block
         emb = model.transformer_blocks[0].norm1.emb
         emb.__class__ = emb.__class__.__mro__[1]
@@ -77,18 +82,36 @@ def step_ms(setting: dict, policy: str, stock_embedding: bool, device: torch.dev
     for loop.step in range(1, setting["warmup"] + 1):
         loop.train_step()
     sync()
+    memory0 = loop.mem_timer.seconds()
     t0 = time.perf_counter()
     for loop.step in range(setting["warmup"] + 1, setting["warmup"] + setting["steps"] + 1):
         loop.train_step()
     sync()
-    return 1000 * (time.perf_counter() - t0) / setting["steps"]
+    seconds = time.perf_counter() - t0
+    share = 100 * (loop.mem_timer.seconds() - memory0) / seconds
+    if profile:  # where a step's time goes: operators by host time and by device time, over 5 more steps
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profiler(activities=activities) as prof:
+            first = loop.step + 1
+            for loop.step in range(first, first + 5):
+                loop.train_step()
+            sync()
+        table = prof.key_averages()
+        by_device = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        Path(profile).write_text(table.table(sort_by="self_cpu_time_total", row_limit=30) + "\n\n"
+                                 + table.table(sort_by=by_device, row_limit=30))
+    return 1000 * seconds / setting["steps"], share
 
 
 def flops(setting: dict, device: torch.device) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     shape, b = setting["latent"], setting["batch"]
-    model = build_dit(setting["size"], shape[0], shape[1], 1000, learn_sigma=setting["learn_sigma"]).to(device)
+    with device:
+        model = build_dit(setting["size"], shape[0], shape[1], 1000, learn_sigma=setting["learn_sigma"]).to(device)
     make_trainable(model, setting["trainable"], 14 if setting["trainable"] == "difffit" else None)  # as timed
     x, t, y = torch.randn(b, *shape, device=device), torch.randint(0, 1000, (b,), device=device), \
         torch.randint(0, 1000, (b,), device=device)
@@ -101,7 +124,8 @@ def flops(setting: dict, device: torch.device) -> float:
 
 def sampling_images_per_s(setting: dict, device: torch.device) -> float:
     shape, n = setting["latent"], setting["sample_images"]
-    model = build_dit(setting["size"], shape[0], shape[1], 1000, learn_sigma=setting["learn_sigma"]).to(device)
+    with device:
+        model = build_dit(setting["size"], shape[0], shape[1], 1000, learn_sigma=setting["learn_sigma"]).to(device)
     model.eval()
     scfg = SampleConfig(scheduler="ddpm", steps=setting["sample_steps"], guidance=4.0, batch_size=n)
     betas = NoiseSchedule.from_config(build_config({}, []).diffusion).betas
@@ -116,8 +140,10 @@ def sampling_images_per_s(setting: dict, device: torch.device) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def evaluation_images_per_s(net: str, size: int, channels: int, images: int, device: torch.device) -> float:
-    ecfg = build_config({}, ["evaluate.batch_size=128", "evaluate.eval_every=1000"]).evaluate
+def evaluation_images_per_s(net: str, size: int, channels: int, images: int, device: torch.device,
+                            precision: str = "fp32") -> float:
+    ecfg = build_config({}, ["evaluate.batch_size=128", "evaluate.eval_every=1000",
+                             f"evaluate.precision={precision}"]).evaluate
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (images, channels, size, size), generator=g, dtype=torch.uint8).to(device)
     y = (torch.arange(images) % 10).to(device)
@@ -131,34 +157,127 @@ def evaluation_images_per_s(net: str, size: int, channels: int, images: int, dev
     return 2 * images / (time.perf_counter() - t0)
 
 
+def matmul_per_s(device: torch.device) -> float:
+    """The device's bf16 matrix rate on random data (8192³, mean of 10 after 3 warm-ups): the measured ceiling."""
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (time.perf_counter() - t0)
+
+
+def vae_decode_images_per_s(device: torch.device, n: int = 64) -> float:
+    """Decoding latents 4×32×32 to 256 px images with the Stable-Diffusion VAE's architecture (random weights,
+    bf16 autocast): the other half of the `sample` stage at paper scale."""
+    from diffusers import AutoencoderKL
+
+    with device:
+        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                            sample_size=256).to(device).eval()
+    z = torch.randn(n, 4, 32, 32, device=device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        vae.decode(z[:8])  # warm-up
+        synced(device)()
+        t0 = time.perf_counter()
+        for chunk in z.split(32):
+            vae.decode(chunk)
+        synced(device)()
+    return n / (time.perf_counter() - t0)
+
+
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="also write the JSON here, after every section (a cut-off run keeps them)")
+    parser.add_argument("--profile", help="write a profile of 5 adaptive steps here (operator tables)")
+    parser.add_argument("--skip", default="", help="sections to leave out, comma-separated: step,compile,flops,"
+                        "sampling,vae,evaluation")
+    args = parser.parse_args()
+    skip = set(args.skip.split(",")) - {""}
     gpu = torch.cuda.is_available()
     device = setup(build_config({}, ["threads=2"] if not gpu else []))
     setting = dict(size="DiT-XL/2", latent=(4, 32, 32), batch=8, learn_sigma=True, trainable="difffit",
-                   precision="bf16", warmup=10, steps=30, sample_images=64, sample_steps=50) if gpu else \
+                   precision="bf16", warmup=10, steps=30, sample_images=128, sample_steps=50) if gpu else \
         dict(size="tiny", latent=(4, 8, 8), batch=32, learn_sigma=False, trainable="full", precision="fp32",
              warmup=3, steps=20, sample_images=20, sample_steps=10)
     name = torch.cuda.get_device_name() if gpu else "cpu"
     result: dict = {"benchmark": "gpu" if gpu else "gpu (tiny shape on the CPU)", "device": name,
-                    "setting": {k: list(v) if isinstance(v, tuple) else v for k, v in setting.items()}}
-    with tempfile.TemporaryDirectory() as out:
-        steps = {p: step_ms(setting, p, False, device, out) for p in ("none", "fifo", "adaptive")}
-        steps["none, stock diffusers conditioning"] = step_ms(setting, "none", True, device, out)
-        if gpu:  # compiling takes minutes on a small CPU, for nothing to learn there
-            for mode in ("default", "reduce-overhead"):
-                steps[f"adaptive, compile {mode}"] = step_ms(setting, "adaptive", False, device, out, mode)
-    result["finetune_step_ms"] = {k: round(v, 2) for k, v in steps.items()}
-    result["memory_share_percent"] = round(100 * (steps["adaptive"] - steps["none"]) / steps["adaptive"], 2)
-    f = flops(setting, device)
-    achieved = f / (steps["none"] / 1000)
-    peak = next((v for k, v in BF16_PEAK.items() if k in name), None)
-    result["flops"] = {"per_step_forward_backward": f, "achieved_per_s": achieved,
-                       "share_of_bf16_peak": round(achieved / peak, 4) if peak else None}
-    result["sampling_images_per_s"] = round(sampling_images_per_s(setting, device), 2)
-    evals = [("convnet6", 128, 3, 1024), ("resnet18", 224, 3, 1024)] if gpu else [("convnet3", 16, 1, 256)]
-    result["evaluation_images_per_s"] = {f"{net} {size} px": round(evaluation_images_per_s(net, size, c, n, device), 1)
-                                         for net, size, c, n in evals}
-    result["versions"] = package_versions()
+                    "setting": {k: list(v) if isinstance(v, tuple) else v for k, v in setting.items()},
+                    "versions": package_versions()}
+
+    def section(key: str, fn) -> None:
+        """Run one section; its error is recorded rather than losing the sections after it."""
+        t0 = time.perf_counter()
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - a benchmark reports what failed and goes on
+            result.setdefault("errors", {})[key] = f"{type(e).__name__}: {e}"[:500]
+        result.setdefault("section_seconds", {})[key] = round(time.perf_counter() - t0, 1)
+        print(f"# {key}: {result['section_seconds'][key]} s", file=sys.stderr, flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2))
+
+    steps: dict[str, float] = {}
+    shares: dict[str, float] = {}
+    tmp = tempfile.TemporaryDirectory()
+
+    def run_steps() -> None:
+        for p in ("none", "fifo", "adaptive"):
+            steps[p], shares[p] = step_ms(setting, p, False, device, tmp.name,
+                                          profile=args.profile if p == "adaptive" else None)
+        steps["none, stock diffusers conditioning"], _ = step_ms(setting, "none", True, device, tmp.name)
+        result["finetune_step_ms"] = {k: round(v, 2) for k, v in steps.items()}
+        result["memory_share_percent"] = round(100 * (steps["adaptive"] - steps["none"]) / steps["adaptive"], 2)
+        result["memory_timer_share_percent"] = {k: round(v, 2) for k, v in shares.items()}
+
+    def run_compile() -> None:
+        for mode in ("default", "reduce-overhead"):  # compiling takes minutes on a small CPU, for nothing to learn
+            key = f"adaptive, compile {mode}"
+            try:
+                steps[key], shares[key] = step_ms(setting, "adaptive", False, device, tmp.name, mode)
+            except Exception as e:  # noqa: BLE001
+                result.setdefault("errors", {})[key] = f"{type(e).__name__}: {e}"[:500]
+            result["finetune_step_ms"] = {k: round(v, 2) for k, v in steps.items()}
+            result["memory_timer_share_percent"] = {k: round(v, 2) for k, v in shares.items()}
+
+    def run_flops() -> None:
+        f = flops(setting, device)
+        achieved = f / (steps["none"] / 1000) if "none" in steps else None
+        peak = next((v for k, v in BF16_PEAK.items() if k in name), None)
+        measured = matmul_per_s(device) if gpu else None
+        result["flops"] = {"per_step_forward_backward": f, "achieved_per_s": achieved,
+                           "share_of_bf16_peak": round(achieved / peak, 4) if peak and achieved else None,
+                           "measured_bf16_matmul_per_s": measured,
+                           "share_of_measured_matmul": round(achieved / measured, 4) if measured and achieved
+                           else None}
+
+    def run_sampling() -> None:
+        result["sampling_images_per_s"] = round(sampling_images_per_s(setting, device), 2)
+
+    def run_vae() -> None:
+        result["vae_decode_images_per_s"] = round(vae_decode_images_per_s(device), 2)
+
+    def run_evaluation() -> None:
+        evals = [("convnet6", 128, 3, 4096, "fp32"), ("resnet18", 224, 3, 4096, "fp32"),
+                 ("resnet18", 224, 3, 4096, "bf16")] if gpu else [("convnet3", 16, 1, 256, "fp32")]
+        result["evaluation_images_per_s"] = {}
+        for net, size, c, n, precision in evals:
+            result["evaluation_images_per_s"][f"{net} {size} px {precision}"] = round(
+                evaluation_images_per_s(net, size, c, n, device, precision), 1)
+
+    sections = {"step": run_steps, "compile": run_compile, "flops": run_flops, "sampling": run_sampling,
+                "vae": run_vae, "evaluation": run_evaluation}
+    for key, fn in sections.items():
+        if key in skip or (key in ("compile", "vae") and not gpu):
+            continue
+        section(key, fn)
+    tmp.cleanup()
     print(json.dumps(result, indent=2))
 
 
