@@ -60,7 +60,8 @@ def synced(device: torch.device):
 
 
 def step_ms(setting: dict, policy: str, stock_embedding: bool, device: torch.device, out: str,
-            compile_mode: str | None = None, profile: str | None = None) -> tuple[float, float]:
+            compile_mode: str | None = None, profile: str | None = None,
+            autocast_casts: bool = False) -> tuple[float, float]:
     """ms per TrainLoop step after warm-up, and the loop's own memory timer (CUDA events on a GPU) as a share of
     the timed steps' wall time, in %."""
     shape = setting["latent"]
@@ -78,6 +79,8 @@ def step_ms(setting: dict, policy: str, stock_embedding: bool, device: torch.dev
     trainable = make_trainable(model, setting["trainable"], 14 if setting["trainable"] == "difffit" else None)
     source = RandomLatents(64 * 10, 10, shape)
     loop = TrainLoop(cfg, "finetune", model.train(), trainable, source, shape, torch.arange(10), device)
+    if autocast_casts:  # autocast casts every matrix weight in every forward (the path before CastOnce)
+        loop.net = model
     sync = synced(device)
     for loop.step in range(1, setting["warmup"] + 1):
         loop.train_step()
@@ -122,17 +125,20 @@ def flops(setting: dict, device: torch.device) -> float:
     return float(counter.get_total_flops())
 
 
-def sampling_images_per_s(setting: dict, device: torch.device) -> float:
+def sampling_images_per_s(setting: dict, device: torch.device, compile_model: bool = False) -> float:
     shape, n = setting["latent"], setting["sample_images"]
     with device:
         model = build_dit(setting["size"], shape[0], shape[1], 1000, learn_sigma=setting["learn_sigma"]).to(device)
     model.eval()
+    if compile_model:  # as `compile: true` does in the sample stage; the warm-up below compiles it
+        model = torch.compile(model)
     scfg = SampleConfig(scheduler="ddpm", steps=setting["sample_steps"], guidance=4.0, batch_size=n)
     betas = NoiseSchedule.from_config(build_config({}, []).diffusion).betas
     gens = [torch.Generator().manual_seed(i) for i in range(n)]
     labels = torch.arange(n) % 10
     sync = synced(device)
-    sample_latents(model, scfg, betas, labels[:2], gens[:2], shape, device, setting["precision"])  # warm-up
+    warm = n if compile_model else 2  # a compiled model warms up at the timed batch shape (no recompiling)
+    sample_latents(model, scfg, betas, labels[:warm], gens[:warm], shape, device, setting["precision"])
     sync()
     t0 = time.perf_counter()
     sample_latents(model, scfg, betas, labels, gens, shape, device, setting["precision"])
@@ -232,6 +238,9 @@ def main() -> None:
             steps[p], shares[p] = step_ms(setting, p, False, device, tmp.name,
                                           profile=args.profile if p == "adaptive" else None)
         steps["none, stock diffusers conditioning"], _ = step_ms(setting, "none", True, device, tmp.name)
+        if setting["precision"] != "fp32":
+            steps["none, autocast casting the weights"], _ = step_ms(setting, "none", False, device, tmp.name,
+                                                                     autocast_casts=True)
         result["finetune_step_ms"] = {k: round(v, 2) for k, v in steps.items()}
         result["memory_share_percent"] = round(100 * (steps["adaptive"] - steps["none"]) / steps["adaptive"], 2)
         result["memory_timer_share_percent"] = {k: round(v, 2) for k, v in shares.items()}
@@ -240,7 +249,8 @@ def main() -> None:
         for mode in ("default", "reduce-overhead"):  # compiling takes minutes on a small CPU, for nothing to learn
             key = f"adaptive, compile {mode}"
             try:
-                steps[key], shares[key] = step_ms(setting, "adaptive", False, device, tmp.name, mode)
+                profile = f"{args.profile}.{mode}" if args.profile else None
+                steps[key], shares[key] = step_ms(setting, "adaptive", False, device, tmp.name, mode, profile)
             except Exception as e:  # noqa: BLE001
                 result.setdefault("errors", {})[key] = f"{type(e).__name__}: {e}"[:500]
             result["finetune_step_ms"] = {k: round(v, 2) for k, v in steps.items()}
@@ -259,6 +269,8 @@ def main() -> None:
 
     def run_sampling() -> None:
         result["sampling_images_per_s"] = round(sampling_images_per_s(setting, device), 2)
+        if gpu:
+            result["sampling_images_per_s_compiled"] = round(sampling_images_per_s(setting, device, True), 2)
 
     def run_vae() -> None:
         result["vae_decode_images_per_s"] = round(vae_decode_images_per_s(device), 2)

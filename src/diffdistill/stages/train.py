@@ -55,7 +55,17 @@ from diffdistill.models.dit import (
 )
 from diffdistill.progress import progress
 from diffdistill.runs import checkpoint_root, model_source, stage_dir
-from diffdistill.runtime import DeviceTimer, autocast, compiled, derive_seed, setup, to_device, write_run_info
+from diffdistill.runtime import (
+    AUTOCAST_DTYPES,
+    CastOnce,
+    DeviceTimer,
+    autocast,
+    compiled,
+    derive_seed,
+    setup,
+    to_device,
+    write_run_info,
+)
 
 
 def train_stage(cfg: Config, stage: str, force: bool = False, resume: bool = False) -> Path:
@@ -200,8 +210,10 @@ class TrainLoop:
         if dist.enabled():
             ids = [device.index] if device.type == "cuda" else None
             self.net = compiled(torch.nn.parallel.DistributedDataParallel(model, device_ids=ids), cfg)
-        else:
+        elif cfg.compile or cfg.precision == "fp32":  # torch.compile fuses autocast's casts itself
             self.net = compiled(model, cfg)
+        else:
+            self.net = CastOnce(model, AUTOCAST_DTYPES[cfg.precision])
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def save(self, root: Path) -> None:
