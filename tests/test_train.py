@@ -219,10 +219,11 @@ class _CountCasts(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.mark.parametrize("trainable", ["full", "difffit"])
 def test_bf16_matrix_weights_cast_ahead_give_autocasts_exact_step(trainable):
-    """Under bf16 autocast the loop casts the Linear/Conv weights itself (frozen ones once, trainable ones in one
-    concatenation per forward) instead of autocast casting each per forward: the same weights after three steps
-    and the same losses, to the bit, with far fewer casts per step."""
-    weights, losses, casts = {}, {}, {}
+    """Under bf16 autocast the loop casts the frozen Linear/Conv weights once instead of autocast casting them in
+    every forward (trainable ones stay autocast's): the same losses, the same trainable weights and the same
+    saved state dict (fp32, tied embedder included) after three steps, to the bit; with DiffFit no matrix
+    weight is cast in a step any more, with every weight trainable nothing changes."""
+    weights, losses, casts, states = {}, {}, {}, {}
     for ahead in (False, True):
         cfg = load_config("configs/demo-digits.yaml", ["finetune.init=null", "finetune.batch_size=20",
                                                        "data.classes=[0,1]", "threads=1", "precision=bf16",
@@ -234,15 +235,22 @@ def test_bf16_matrix_weights_cast_ahead_give_autocasts_exact_step(trainable):
                          torch.tensor([0, 1]), CPU)
         assert isinstance(loop.net, CastOnce)
         if not ahead:
-            loop.net = model  # autocast alone
+            loop.net = model  # autocast alone (its Linear modules fall back to their own forward)
         losses[ahead] = []
         for loop.step in range(1, 4):
             losses[ahead].append(loop.train_step()["diffusion"].item())
         weights[ahead] = _weights(loop)
+        states[ahead] = loop.trainable.folded_state_dict(model)
         counter = _CountCasts({tuple(p.shape) for p in model.parameters() if p.dim() == 2})  # matrix weights
         with counter:
             loop.losses(loop.draw())
         casts[ahead] = counter.casts
+        named = list(model.named_parameters(remove_duplicate=False))
+        assert all(isinstance(p, torch.nn.Parameter) and p.dtype == torch.float32 for _, p in named)
     assert losses[True] == losses[False]
     assert all(torch.equal(a, b) for a, b in zip(weights[False], weights[True]))
-    assert casts[False] >= 20 and casts[True] == 0  # every Linear weight cast per forward vs none
+    assert states[True].keys() == states[False].keys()
+    assert all(states[True][k].dtype == torch.float32 and torch.equal(states[True][k], states[False][k])
+               for k in states[False])
+    assert casts[False] >= 20  # autocast casts every Linear weight in every forward
+    assert casts[True] == (0 if trainable == "difffit" else casts[False])
