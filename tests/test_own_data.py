@@ -54,6 +54,27 @@ def test_one_tiny_run_gives_the_table(tmp_path, capsys, monkeypatch):
     assert json.loads(out[out.index('{\n  "benchmark"'):])["runs"] == [run]
 
 
+@pytest.mark.slow
+def test_runs_at_once_give_the_same_table_in_order(tmp_path, capsys):
+    """--jobs 2: two seeds run in two processes at once; the table lists them in seed order, each run's log
+    beside its folder. A run that fails stops the sweep with one line naming its log."""
+    tiny = ["pretrain.steps=4", "finetune.steps=2", "sample.steps=2", "sample.ipc=[1]", "evaluate.epochs=1",
+            "evaluate.full_epochs=1", "evaluate.seeds=1", "evaluate.width=8", "pretrain.check_images=0",
+            "evaluate.workers=1", "threads=1"]
+    own_data.main(["--sets", "glyphs", "--seeds", "1,0", "--train-per-class", "4", "--val-per-class", "2",
+                   "--out", str(tmp_path), "--jobs", "2", *tiny])
+    out = capsys.readouterr().out
+    runs = json.loads(out[out.index('{\n  "benchmark"'):])["runs"]
+    assert [r["seed"] for r in runs] == [1, 0] and all(set(r["ipc"]) == {"1"} for r in runs)
+    assert all((tmp_path / f"glyphs-s{s}.log").is_file() and (tmp_path / f"glyphs-s{s}" / "results.json").is_file()
+               for s in (0, 1))
+    with pytest.raises(SystemExit) as stop:
+        own_data.main(["--sets", "glyphs", "--seeds", "2", "--train-per-class", "4", "--val-per-class", "2",
+                       "--out", str(tmp_path), "--jobs", "2", *tiny, "evaluate.nets=[nonet]"])
+    assert "glyphs-s2 failed" in str(stop.value) and "glyphs-s2.log" in str(stop.value)
+    assert "nonet" in (tmp_path / "glyphs-s2.log").read_text()
+
+
 def test_the_generator_check_samples_from_noise_when_the_run_starts_from_prototypes(tmp_path, monkeypatch):
     """own-data.yaml starts sampling from prototypes; the check right after pretraining measures the generator
     alone (from noise, no modes), so it needs no real latents and cannot borrow them."""
