@@ -18,7 +18,7 @@ from pathlib import Path
 from diffdistill.config import Config, epochs_for_ipc
 from diffdistill.data.datasets import data_classes, list_images, train_counts
 from diffdistill.errors import StageError
-from diffdistill.runs import TRAINING_STAGES, stage_dir
+from diffdistill.runs import TRAINING_STAGES, check_classifier_file, stage_dir
 from diffdistill.teachers import check_teacher
 
 # how many classifier trainings evaluation runs per (net, seed): distilled and random real per IPC, + full
@@ -246,9 +246,16 @@ def _check_sampling(cfg: Config, classes: int, order: list[str], out: Preflight)
     if source in TRAINING_STAGES and source not in order and not stage_dir(cfg.run_dir, source).is_dir():
         raise StageError(f"sample.checkpoint is {source}, but {stage_dir(cfg.run_dir, source)} does not exist "
                          f"and this command does not make it: run `diffdistill {source}` with this config first")
+    judge = check_classifier_file(cfg.run_dir)
+    if cfg.sample.redraw and "check" not in order and not judge.is_file():
+        raise StageError(f"sample.redraw is {cfg.sample.redraw}, but the generator check's classifier {judge} does "
+                         f"not exist and this command does not make it: run `diffdistill check` with this config "
+                         f"first (pretrain.check_images > 0), or set sample.redraw=0")
     per = max(cfg.sample.ipc)
+    redraw = (f"; up to {cfg.sample.redraw} redraws of an image the check's classifier assigns to another class"
+              if cfg.sample.redraw else "")
     out.say(f"sample: {per * classes} images ({per} per class), {cfg.sample.scheduler} {cfg.sample.steps} steps, "
-            f"guidance {cfg.sample.guidance}")
+            f"guidance {cfg.sample.guidance}{redraw}")
 
 
 def _check_evaluation(cfg: Config, counts: dict[str, int], order: list[str], distilled: str | None,

@@ -49,6 +49,11 @@ def generator_check_file(run_dir: Path) -> Path:
     return stage_dir(run_dir, "pretrain") / "check.json"
 
 
+def check_classifier_file(run_dir: Path) -> Path:
+    """The classifier the generator check trained on the real train set (`sample.redraw` judges by it)."""
+    return stage_dir(run_dir, "pretrain") / "check-classifier.safetensors"
+
+
 def training_log(run_dir: Path, stage: str) -> Path:
     return stage_dir(run_dir, stage) / "log.jsonl"
 

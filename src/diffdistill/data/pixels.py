@@ -63,6 +63,11 @@ def read_or_list(files: ImageFiles, size: int, budget: int) -> ImageSet | ImageF
     return files.subset(torch.arange(len(files))) if read_whole(files, size, budget) else files
 
 
+def to_unit(x: Tensor) -> Tensor:
+    """uint8 [0, 255] -> float [0, 1] (via [-1, 1], the arithmetic every stage uses for pixels)."""
+    return (x.float() / 127.5 - 1) / 2 + 0.5
+
+
 def resize_uint8(x: Tensor, size: int) -> Tensor:
     """uint8 images [N, C, H, W] at `size` px (bilinear, antialiased, in the [-1, 1] arithmetic of every stage)."""
     if x.shape[-1] == size:

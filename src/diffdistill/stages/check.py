@@ -4,7 +4,8 @@ Right after pretraining (before fine-tuning and sampling are spent on it), sampl
 images per class from the pretrained EMA model with the run's sampler (from noise), train the first evaluation net on
 the real train set (the full-data recipe, `evaluate.full_epochs`), and report the share of generated images
 it assigns to their class: a fidelity estimate on a small sample. The result goes to
-<run>/pretrain/check.json and to the terminal, with a hint when it is below the report's fidelity goal.
+<run>/pretrain/check.json and to the terminal, with a hint when it is below the report's fidelity goal; the
+classifier is kept (<run>/pretrain/check-classifier.safetensors): `sample.redraw` judges samples by it.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from diffdistill.data.pixels import channel_stats
 from diffdistill.errors import StageError
 from diffdistill.files import atomic_write_json
 from diffdistill.models.dit import load_dit
-from diffdistill.runs import generator_check_file, model_source
+from diffdistill.runs import check_classifier_file, generator_check_file, model_source
 from diffdistill.runtime import derive_seed, sample_batch, setup
 from diffdistill.stages.evaluate import accuracy, on_device, train_classifier
 from diffdistill.stages.report import FIDELITY_GOAL
-from diffdistill.stages.sample import sample_images
+from diffdistill.stages.sample import Judge, sample_images
 
 
 @torch.no_grad()
@@ -71,6 +72,8 @@ def generator_check(cfg: Config) -> Path:
                                len(train.classes), ecfg.full_epochs, derive_seed(cfg.seed, "check", "classifier"),
                                ecfg, cfg.data.hflip)
         real = accuracy(res.model, *on_device(val, size, device), norm)  # how far the judge itself can be trusted
+        Judge.save(check_classifier_file(cfg.run_dir), res.model, net, ecfg.width, ecfg.norm, size, norm,
+                   train.classes)  # sample.redraw judges by it
     good = res.final >= FIDELITY_GOAL
     hint = "" if good else (f"; below the {FIDELITY_GOAL:.0f} % goal: the generator underfits — raise pretrain.steps "
                             f"(now {cfg.pretrain.steps}) or model.size (now {cfg.model.size}) before distilling")

@@ -56,6 +56,7 @@ from diffdistill.data.pixels import (
     read_or_list,
     read_whole,
     resident_budget,
+    to_unit,
 )
 from diffdistill.errors import StageError
 from diffdistill.files import atomic_write_bytes, atomic_write_json, check_output_free, staged_dir
@@ -93,11 +94,6 @@ class TrainResult:
     best_epoch: int
     curve: list[tuple[int, float]]
     model: torch.nn.Module
-
-
-def to_unit(x: Tensor) -> Tensor:
-    """uint8 [0, 255] -> float [0, 1] (via [-1, 1], the arithmetic every stage uses for pixels)."""
-    return (x.float() / 127.5 - 1) / 2 + 0.5
 
 
 @torch.no_grad()

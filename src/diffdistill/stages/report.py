@@ -236,6 +236,13 @@ def accuracy_section(run_dir: Path, results: dict) -> list[str]:
              "shown only for comparison with papers that report it.", ""]
     if results.get("fidelity"):
         lines += [f"**Fidelity**: {fidelity_line(results['fidelity'])}", ""]
+    info = Path(results["data"].get("distilled_set") or "") / "run_info.json"
+    redraw = json.loads(info.read_text()).get("redraw") if info.is_file() else None
+    if redraw:
+        lines += [f"**Redrawn**: {redraw['redrawn']} of {redraw['of']} distilled images were drawn again "
+                  f"(`sample.redraw`) because the generator check's classifier assigned them another class; "
+                  f"{redraw['assigned']} are assigned their class by it. The fidelity above is then partly by "
+                  "construction (a classifier of the same kind, trained on the same data, chose them).", ""]
     check = generator_check_file(run_dir)
     if check.is_file():
         c = json.loads(check.read_text())

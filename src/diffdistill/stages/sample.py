@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
 from diffdistill import distributed as dist
@@ -23,13 +25,15 @@ from diffdistill.autoencoders import build_decoder
 from diffdistill.config import DEFAULT_SPACING, Config, SampleConfig, to_dict
 from diffdistill.data.classes import condition_ids
 from diffdistill.data.datasets import data_classes, to_uint8
+from diffdistill.data.pixels import resize_uint8, to_unit
 from diffdistill.diffusion import NoiseSchedule, make_scheduler, mode_guided_eps, noised_start
 from diffdistill.errors import StageError
 from diffdistill.files import atomic_write_bytes, atomic_write_json, check_output_free, replace_dir
 from diffdistill.latents import RealLatents, cache_key
+from diffdistill.models.classifiers import build_classifier
 from diffdistill.models.dit import eps_prediction, learns_sigma, load_dit, null_class
 from diffdistill.progress import progress
-from diffdistill.runs import model_source, samples_partial, stage_dir
+from diffdistill.runs import check_classifier_file, model_source, samples_partial, stage_dir
 from diffdistill.runtime import autocast, compiled, derive_seed, sample_batch, setup, write_run_info
 from diffdistill.select import herding, kmeans
 
@@ -111,6 +115,42 @@ def sample_images(model, decoder, cfg: Config, labels: Tensor, generators: list[
     z = sample_latents(model, cfg.sample, betas, labels, generators, latent_shape, device, cfg.precision,
                        cfg.autoencoder.scaling_factor or 1.0, modes)
     return to_uint8(decoder.decode(z)).cpu()
+
+
+class Judge:
+    """The generator check's classifier (trained on the real train set) as `sample.redraw` asks it: does it
+    assign each generated image its class, and with what probability. Saved by `save`, read back by the
+    constructor; the class list must match the run's."""
+
+    def __init__(self, path: Path, classes: list[str], device: torch.device) -> None:
+        if not path.is_file():
+            raise StageError(f"sample.redraw needs the generator check's classifier {path}: run `diffdistill "
+                             f"check` with this config (pretrain.check_images > 0), or set sample.redraw=0")
+        with safe_open(path, "pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        if json.loads(meta["classes"]) != classes:
+            raise StageError(f"{path} was trained on other classes than this run's; run `diffdistill check` again")
+        self.size, self.device = int(meta["image_size"]), device
+        self.mean, self.std = tensors.pop("mean").to(device), tensors.pop("std").to(device)
+        self.model = build_classifier(meta["net"], self.mean.shape[1], len(classes), self.size, int(meta["width"]),
+                                      meta["norm"] or None).to(device).eval()
+        self.model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items()})
+
+    @staticmethod
+    def save(path: Path, model: torch.nn.Module, net: str, width: int, norm_layer: str | None, size: int,
+             norm: tuple[Tensor, Tensor], classes: list[str]) -> None:
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        tensors.update(mean=norm[0].detach().cpu().contiguous(), std=norm[1].detach().cpu().contiguous())
+        meta = {"net": net, "width": str(width), "norm": norm_layer or "", "image_size": str(size),
+                "classes": json.dumps(classes)}
+        atomic_write_bytes(path, safetensors_save(tensors, metadata=meta))
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """uint8 images [B, C, H, W] and their labels [B] -> (assigned [B] bool, own-class probability [B])."""
+        x = (to_unit(resize_uint8(images.to(self.device), self.size)) - self.mean) / self.std
+        probs = self.model(x).float().softmax(1).cpu()  # [B, K]
+        return probs.argmax(1) == labels, probs.gather(1, labels[:, None])[:, 0]
 
 
 def _sample_fitting(make: Callable[[list], Tensor], batch: list, fits: list[int]) -> Tensor:
@@ -205,13 +245,47 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
             and not all((work / image_file(classes[c], i)).is_file() for c, i in b)]
     bar = progress(total=sum(map(len, mine)), desc="sample", unit="img", disable=not dist.is_main())
     # PNG encoding runs in threads while the device samples the next batch; one batch of writes in flight
+    judge = Judge(check_classifier_file(cfg.run_dir), classes, device) if scfg.redraw else None
+    redraws: dict[str, dict] = {}  # image file -> {draws, kept (the draw kept, 0 = first), assigned}
+    if judge and dist.is_main():
+        (work / REDRAWS).mkdir(exist_ok=True)
+    dist.barrier()
+
+    def draw(part: list[tuple[int, int]], attempt: int) -> Tensor:
+        return _sample_fitting(lambda chunk: sample_images(
+            model, ae, cfg, torch.tensor([cond[c] for c, _ in chunk]),
+            [torch.Generator().manual_seed(draw_seed(job, attempt)) for job in chunk], device,
+            modes.batch(chunk) if modes else None), part, fits)
+
+    def draw_seed(job: tuple[int, int], attempt: int) -> int:
+        return seeds[job] if attempt == 0 else derive_seed(cfg.seed, "sample", classes[job[0]], job[1], "redraw",
+                                                           attempt)
+
     with ThreadPoolExecutor(max_workers=4) as pool:
         pending: list[Future] = []
         for batch in mine:
-            images = _sample_fitting(lambda part: sample_images(
-                model, ae, cfg, torch.tensor([cond[c] for c, _ in part]),
-                [torch.Generator().manual_seed(seeds[job]) for job in part], device,
-                modes.batch(part) if modes else None), batch, fits)
+            images = draw(batch, 0)
+            if judge:  # redraw the images the classifier assigns to another class (see SampleConfig.redraw)
+                labels = torch.tensor([c for c, _ in batch])
+                ok, best = judge(images, labels)
+                for attempt in range(1, scfg.redraw + 1):
+                    redo = (~ok).nonzero()[:, 0]
+                    if len(redo) == 0:
+                        break
+                    again = draw([batch[k] for k in redo.tolist()], attempt)
+                    ok_again, prob = judge(again, labels[redo])
+                    better = ok_again | (prob > best[redo])  # assigned, or closer to it than any earlier draw
+                    for j, (k, take) in enumerate(zip(redo.tolist(), better.tolist())):
+                        record = redraws.setdefault(image_file(classes[batch[k][0]], batch[k][1]), {"kept": 0})
+                        record["draws"] = attempt + 1
+                        if take:
+                            images[k], best[k], ok[k] = again[j], prob[j], ok_again[j]
+                            record["kept"] = attempt
+                for k, job in enumerate(batch):
+                    redraws.setdefault(image_file(classes[job[0]], job[1]), {"kept": 0, "draws": 1})["assigned"] = \
+                        bool(ok[k])
+                atomic_write_json(work / REDRAWS / f"{batch[0][0]}-{batch[0][1]}.json",
+                                  {f: redraws.pop(f) for f in [image_file(classes[c], i) for c, i in batch]})
             for future in pending:
                 future.result()
             pending = [pool.submit(save_png, hwc(img), work / image_file(classes[c], i))
@@ -225,8 +299,16 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
         missing = [image_file(classes[c], i) for c, i in jobs if not (work / image_file(classes[c], i)).is_file()]
         if missing:
             raise StageError(f"sample: {len(missing)} images were not written (first: {work / missing[0]})")
-        records = [{"file": image_file(classes[c], i), "class": classes[c], "label": c, "condition_id": cond[c],
-                    "index": i, "seed": seeds[(c, i)]} for c, i in jobs]
+        judged = {}  # the redraw records of every batch, this rank's and the others'
+        for f in sorted((work / REDRAWS).glob("*.json")) if scfg.redraw else []:
+            judged.update(json.loads(f.read_text()))
+        records = []
+        for c, i in jobs:
+            record = {"file": image_file(classes[c], i), "class": classes[c], "label": c, "condition_id": cond[c],
+                      "index": i, "seed": draw_seed((c, i), judged.get(image_file(classes[c], i), {}).get("kept", 0))}
+            if scfg.redraw:
+                record["redraw"] = judged[image_file(classes[c], i)]
+            records.append(record)
         atomic_write_json(work / "manifest.json", {
             "checkpoint": source, "weights": scfg.weights, "classes": classes, "ipc": ipc,
             "sampler": {"scheduler": scfg.scheduler, "steps": scfg.steps, "guidance": scfg.guidance,
@@ -240,16 +322,22 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
             "images": records,
         })
         (work / SPEC_FILE).unlink()
+        shutil.rmtree(work / REDRAWS, ignore_errors=True)
         for tmp in work.glob("*/.*.tmp"):  # left by an interrupted run
             tmp.unlink()
+        summary = {}
+        if scfg.redraw:  # how often the classifier disagreed, for the report and the reader
+            summary["redraw"] = {"redrawn": sum(r["redraw"]["draws"] > 1 for r in records),
+                                 "assigned": sum(r["redraw"]["assigned"] for r in records), "of": len(records)}
         write_run_info(work, cfg, "sample", {"checkpoint": source, "num_images": len(records),
-                                             "world_size": dist.world_size()})
+                                             "world_size": dist.world_size(), **summary})
         replace_dir(work, final)
     dist.barrier()
     return final
 
 
 SPEC_FILE = ".spec.json"  # what the partial folder's images were made with
+REDRAWS = ".redraws"  # in the partial folder: each batch's redraw records, gathered into manifest.json
 
 
 def _fingerprint(source: str) -> list:

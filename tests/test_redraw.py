@@ -1,0 +1,79 @@
+"""sample.redraw: images the generator check's classifier assigns to another class are drawn again."""
+
+import json
+
+import torch
+
+from diffdistill.cli import main
+from diffdistill.models.classifiers import build_classifier
+from diffdistill.runs import check_classifier_file
+from diffdistill.runtime import derive_seed
+from diffdistill.stages import sample as S
+
+TINY = ["pretrain.steps=4", "pretrain.batch_size=8", "pretrain.check_images=1", "finetune.steps=0",
+        "sample.checkpoint=pretrain", "sample.steps=2", "sample.ipc=[2]", "data.classes=[0,1,2]",
+        "evaluate.full_epochs=1", "evaluate.width=8", "threads=1"]
+
+
+def test_the_judge_reads_back_the_classifier_it_saved(tmp_path):
+    torch.manual_seed(0)
+    net = build_classifier("convnet3", 1, 3, 16, width=8).eval()
+    norm = (torch.full((1, 1, 1, 1), 0.4), torch.full((1, 1, 1, 1), 0.3))
+    S.Judge.save(tmp_path / "judge.safetensors", net, "convnet3", 8, None, 16, norm, ["a", "b", "c"])
+    judge = S.Judge(tmp_path / "judge.safetensors", ["a", "b", "c"], torch.device("cpu"))
+    images = torch.randint(0, 256, (5, 1, 16, 16), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    with torch.no_grad():
+        probs = net((images.float() / 255 - 0.4) / 0.3).softmax(1)
+    assigned, own = judge(images, labels)
+    assert torch.equal(assigned, probs.argmax(1) == labels)
+    assert torch.allclose(own, probs[torch.arange(5), labels])
+
+
+def test_rejected_images_are_drawn_again_and_recorded(tmp_path, monkeypatch, capsys):
+    """A judge that rejects every first draw and accepts every second: each image is the second draw, with that
+    draw's seed in the manifest, and differs from the first draw; without the check's classifier the command
+    stops before sampling with one line saying what to run."""
+    out = [f"out_dir={tmp_path}", *TINY]
+    assert main(["run", "configs/demo-digits.yaml", *out, "evaluate.nets=[convnet3]"]) == 0  # up to evaluate
+    assert check_classifier_file(tmp_path / "demo-digits").is_file()
+    samples = tmp_path / "demo-digits" / "samples"
+    first = {p.relative_to(samples).as_posix(): p.read_bytes() for p in samples.rglob("*.png")}
+    assert len(first) == 6
+    calls = []
+
+    def judge(self, images, labels):
+        calls.append(len(labels))
+        ok = torch.full((len(labels),), len(calls) > 1)
+        return ok, ok.float()
+
+    monkeypatch.setattr(S.Judge, "__call__", judge)
+    assert main(["sample", "configs/demo-digits.yaml", *out, "sample.redraw=2", "--force"]) == 0
+    assert calls == [6, 6]  # 3 classes x 2 images, then all six again; no third draw
+    manifest = json.loads((samples / "manifest.json").read_text())
+    assert len(manifest["images"]) == 6
+    for rec in manifest["images"]:
+        assert rec["redraw"] == {"kept": 1, "draws": 2, "assigned": True}
+        assert rec["seed"] == derive_seed(0, "sample", rec["class"], rec["index"], "redraw", 1)
+        assert (samples / rec["file"]).read_bytes() != first[rec["file"]]  # the second draw, not the first
+    info = json.loads((samples / "run_info.json").read_text())
+    assert info["redraw"] == {"redrawn": 6, "assigned": 6, "of": 6}
+    assert main(["evaluate", "configs/demo-digits.yaml", *out, "evaluate.nets=[convnet3]", "--force"]) == 0
+    assert main(["report", str(tmp_path / "demo-digits")]) == 0
+    assert "**Redrawn**: 6 of 6 distilled images" in (tmp_path / "demo-digits" / "report.md").read_text()
+    # never assigned: every image gets all three draws, and the one with the highest own-class probability
+    # (the second) stays
+    scores = iter([0.2, 0.5, 0.3])
+
+    def doubtful(self, images, labels):
+        return torch.zeros(len(labels), dtype=torch.bool), torch.full((len(labels),), next(scores))
+
+    monkeypatch.setattr(S.Judge, "__call__", doubtful)
+    assert main(["sample", "configs/demo-digits.yaml", *out, "sample.redraw=2", "--force"]) == 0
+    manifest = json.loads((samples / "manifest.json").read_text())
+    assert all(r["redraw"] == {"kept": 1, "draws": 3, "assigned": False} for r in manifest["images"])
+    check_classifier_file(tmp_path / "demo-digits").unlink()
+    capsys.readouterr()
+    assert main(["sample", "configs/demo-digits.yaml", *out, "sample.redraw=1", "--force"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "diffdistill check" in err and "sample.redraw=0" in err
