@@ -31,9 +31,10 @@ def test_the_judge_reads_back_the_classifier_it_saved(tmp_path):
 
 
 def test_rejected_images_are_drawn_again_and_recorded(tmp_path, monkeypatch, capsys):
-    """A judge that rejects every first draw and accepts every second: each image is the second draw, with that
-    draw's seed in the manifest, and differs from the first draw; without the check's classifier the command
-    stops before sampling with one line saying what to run."""
+    """A judge that rejects the first draws of one class: those images are their second draws, with that draw's
+    seed in the manifest, the others stay as drawn; a judge that never agrees keeps each image's most probable
+    draw; an interrupted sampling resumes with the records of the batches it had; without the check's
+    classifier the command stops before sampling with one line saying what to run."""
     out = [f"out_dir={tmp_path}", *TINY]
     assert main(["run", "configs/demo-digits.yaml", *out, "evaluate.nets=[convnet3]"]) == 0  # up to evaluate
     assert check_classifier_file(tmp_path / "demo-digits").is_file()
@@ -42,25 +43,28 @@ def test_rejected_images_are_drawn_again_and_recorded(tmp_path, monkeypatch, cap
     assert len(first) == 6
     calls = []
 
-    def judge(self, images, labels):
-        calls.append(len(labels))
-        ok = torch.full((len(labels),), len(calls) > 1)
+    def judge(self, images, labels):  # rejects the first draws of class 1 only
+        calls.append(labels.tolist())
+        ok = labels != 1 if len(calls) == 1 else torch.ones(len(labels), dtype=torch.bool)
         return ok, ok.float()
 
     monkeypatch.setattr(S.Judge, "__call__", judge)
     assert main(["sample", "configs/demo-digits.yaml", *out, "sample.redraw=2", "--force"]) == 0
-    assert calls == [6, 6]  # 3 classes x 2 images, then all six again; no third draw
+    assert calls == [[0, 0, 1, 1, 2, 2], [1, 1]]  # one batch, then class 1's two images again; no third draw
     manifest = json.loads((samples / "manifest.json").read_text())
     assert len(manifest["images"]) == 6
     for rec in manifest["images"]:
-        assert rec["redraw"] == {"kept": 1, "draws": 2, "assigned": True}
-        assert rec["seed"] == derive_seed(0, "sample", rec["class"], rec["index"], "redraw", 1)
-        assert (samples / rec["file"]).read_bytes() != first[rec["file"]]  # the second draw, not the first
+        again = rec["class"] == "1"
+        assert rec["redraw"] == {"kept": int(again), "draws": 1 + again, "assigned": True}
+        assert rec["seed"] == (derive_seed(0, "sample", "1", rec["index"], "redraw", 1) if again else
+                               derive_seed(0, "sample", rec["class"], rec["index"]))
+        # class 1 holds its second draws; the others are the images of the run without redraw, byte for byte
+        assert ((samples / rec["file"]).read_bytes() == first[rec["file"]]) != again
     info = json.loads((samples / "run_info.json").read_text())
-    assert info["redraw"] == {"redrawn": 6, "assigned": 6, "of": 6}
+    assert info["redraw"] == {"redrawn": 2, "assigned": 6, "of": 6}
     assert main(["evaluate", "configs/demo-digits.yaml", *out, "evaluate.nets=[convnet3]", "--force"]) == 0
     assert main(["report", str(tmp_path / "demo-digits")]) == 0
-    assert "**Redrawn**: 6 of 6 distilled images" in (tmp_path / "demo-digits" / "report.md").read_text()
+    assert "**Redrawn**: 2 of 6 distilled images" in (tmp_path / "demo-digits" / "report.md").read_text()
     # never assigned: every image gets all three draws, and the one with the highest own-class probability
     # (the second) stays
     scores = iter([0.2, 0.5, 0.3])
@@ -72,8 +76,44 @@ def test_rejected_images_are_drawn_again_and_recorded(tmp_path, monkeypatch, cap
     assert main(["sample", "configs/demo-digits.yaml", *out, "sample.redraw=2", "--force"]) == 0
     manifest = json.loads((samples / "manifest.json").read_text())
     assert all(r["redraw"] == {"kept": 1, "draws": 3, "assigned": False} for r in manifest["images"])
+    # interrupted after its first batch of two, then resumed: the first batch keeps its records and images
+    def stop_second(self, images, labels, seen=[]):  # noqa: B006 - counts the calls of this one run
+        seen.append(1)
+        if len(seen) == 2:
+            raise S.StageError("stopped")
+        return torch.ones(len(labels), dtype=torch.bool), torch.ones(len(labels))
+
+    monkeypatch.setattr(S.Judge, "__call__", stop_second)
+    assert main(["sample", "configs/demo-digits.yaml", *out, "sample.redraw=1", "sample.batch_size=2",
+                 "--force"]) == 2
+    monkeypatch.setattr(S.Judge, "__call__", judge)
+    calls.clear()
+    capsys.readouterr()
+    assert main(["sample", "configs/demo-digits.yaml", *out, "sample.redraw=1", "sample.batch_size=2",
+                 "--force"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert calls == [[1, 1], [1, 1], [2, 2]]  # the class-0 batch was not sampled again; class 1 drawn twice
+    manifest = json.loads((samples / "manifest.json").read_text())
+    assert [r["redraw"] for r in manifest["images"]] == [{"kept": 0, "draws": 1, "assigned": True}] * 2 + \
+        [{"kept": 1, "draws": 2, "assigned": True}] * 2 + [{"kept": 0, "draws": 1, "assigned": True}] * 2
     check_classifier_file(tmp_path / "demo-digits").unlink()
     capsys.readouterr()
     assert main(["sample", "configs/demo-digits.yaml", *out, "sample.redraw=1", "--force"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "diffdistill check" in err and "sample.redraw=0" in err
+    # `run --resume` in a folder whose check predates the classifier runs the check again
+    monkeypatch.setattr(S.Judge, "__call__", judge)
+    assert main(["run", "configs/demo-digits.yaml", *out, "sample.redraw=1", "evaluate.nets=[convnet3]",
+                 "--resume"]) == 0
+    assert "done before" not in [line for line in capsys.readouterr().out.splitlines() if "== check" in line][0]
+    assert check_classifier_file(tmp_path / "demo-digits").is_file()
+
+
+def test_compare_and_sweep_refuse_redraw_before_any_work(tmp_path, capsys):
+    for argv in (["compare", "configs/demo-digits.yaml", "--methods", "random,dit", f"out_dir={tmp_path}",
+                  "sample.redraw=1"],
+                 ["sweep", "configs/demo-digits.yaml", "--vary", "sample.redraw=0,1", f"out_dir={tmp_path}"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "sample.redraw" in err and "runs no check" in err
+    assert not any(tmp_path.iterdir())

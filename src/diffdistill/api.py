@@ -28,6 +28,7 @@ from diffdistill.recipe import describe, resolve_config
 from diffdistill.runs import (
     STAGE_FOLDERS,
     TRAINING_STAGES,
+    check_classifier_file,
     checkpoint_root,
     generator_check_file,
     results_file,
@@ -195,7 +196,8 @@ def run(cfg: Config, force: bool = False, resume: bool = False) -> Result:
         output = generator_check_file(cfg.run_dir) if name == "check" else \
             stage_dir(cfg.run_dir, name) if name in STAGE_FOLDERS else None
         if resume and output is not None and output.exists() and not (
-                name in TRAINING_STAGES and checkpoint_root(cfg.run_dir, name).is_dir()):
+                name in TRAINING_STAGES and checkpoint_root(cfg.run_dir, name).is_dir()) and not (
+                name == "check" and cfg.sample.redraw and not check_classifier_file(cfg.run_dir).is_file()):
             say(f"== {name} ({number}/{len(order)}) == done before: {output}")
             continue
         say(f"== {name} ({number}/{len(order)}) ==")

@@ -140,6 +140,9 @@ def run_compare(config: str | Path, methods: list[str], seeds: list[int], overri
     if generative and base.pretrain.steps <= 0 and base.finetune.init in TRAINING_STAGES:
         raise ConfigError("compare: pretrain.steps is 0, so the generative methods need a pretrained DiT: set "
                           "finetune.init to a diffusers folder, a hub id or an original DiT checkpoint")
+    if base.sample.redraw:
+        raise ConfigError("compare: sample.redraw needs the generator check's classifier, and compare runs no "
+                          "check; set sample.redraw=0")
     # what `run` would check for the base config, before any work: data and val folders, IPC against every
     # class's real images (selections and k-means modes draw from them too), init models, writability
     plan = check_plan(base, [s for s in run_order(base) if s != "check"])

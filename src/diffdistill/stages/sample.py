@@ -2,7 +2,9 @@
 
 Image i of class c starts from noise (and draws its ancestral noise) from its own generator seeded by
 (seed, class name, i): any class or image can be regenerated alone, the set does not depend on the batch
-size, and the first k images of a class are exactly what a run with IPC = k would make.
+size, and the first k images of a class are exactly what a run with IPC = k would make. With
+`sample.redraw`, an image the generator check's classifier rejects is drawn again from a seed of its own
+(seed, class, i, attempt); the manifest records the seed of the draw that was kept.
 """
 
 from __future__ import annotations
@@ -227,6 +229,8 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
     spec = {"checkpoint": source, "checkpoint_files": _fingerprint(source), "sample": full["sample"],
             "seed": cfg.seed, "classes": classes, "class_ids": cfg.model.class_ids,
             "autoencoder": full["autoencoder"], "diffusion": full["diffusion"], "precision": cfg.precision}
+    if scfg.redraw:  # another judge keeps other draws
+        spec["judge_files"] = _fingerprint(str(check_classifier_file(cfg.run_dir)))
     if needs_modes(scfg):  # the modes come from the real train set: another set, other images
         spec["modes_from"] = cache_key(cfg)
         spec["modes_order"] = "herding"  # image i gets mode i: an older order made other images
@@ -251,11 +255,13 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
         (work / REDRAWS).mkdir(exist_ok=True)
     dist.barrier()
 
-    def draw(part: list[tuple[int, int]], attempt: int) -> Tensor:
+    def draw(part: list[tuple[int, int]], attempt: int, part_modes: Tensor | None) -> Tensor:
+        """images of the jobs `part` (their modes `part_modes` [len(part), C, H, W], if any), draw `attempt`"""
+        row = {job: k for k, job in enumerate(part)}
         return _sample_fitting(lambda chunk: sample_images(
             model, ae, cfg, torch.tensor([cond[c] for c, _ in chunk]),
             [torch.Generator().manual_seed(draw_seed(job, attempt)) for job in chunk], device,
-            modes.batch(chunk) if modes else None), part, fits)
+            None if part_modes is None else part_modes[[row[job] for job in chunk]]), part, fits)
 
     def draw_seed(job: tuple[int, int], attempt: int) -> int:
         return seeds[job] if attempt == 0 else derive_seed(cfg.seed, "sample", classes[job[0]], job[1], "redraw",
@@ -264,7 +270,8 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
     with ThreadPoolExecutor(max_workers=4) as pool:
         pending: list[Future] = []
         for batch in mine:
-            images = draw(batch, 0)
+            batch_modes = modes.batch(batch) if modes else None  # once per batch: redraws reuse them
+            images = draw(batch, 0, batch_modes)
             if judge:  # redraw the images the classifier assigns to another class (see SampleConfig.redraw)
                 labels = torch.tensor([c for c, _ in batch])
                 ok, best = judge(images, labels)
@@ -272,7 +279,8 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
                     redo = (~ok).nonzero()[:, 0]
                     if len(redo) == 0:
                         break
-                    again = draw([batch[k] for k in redo.tolist()], attempt)
+                    again = draw([batch[k] for k in redo.tolist()], attempt,
+                                 None if batch_modes is None else batch_modes[redo])
                     ok_again, prob = judge(again, labels[redo])
                     better = ok_again | (prob > best[redo])  # assigned, or closer to it than any earlier draw
                     for j, (k, take) in enumerate(zip(redo.tolist(), better.tolist())):
@@ -302,6 +310,10 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
         judged = {}  # the redraw records of every batch, this rank's and the others'
         for f in sorted((work / REDRAWS).glob("*.json")) if scfg.redraw else []:
             judged.update(json.loads(f.read_text()))
+        lost = [image_file(classes[c], i) for c, i in jobs if scfg.redraw and image_file(classes[c], i) not in judged]
+        if lost:
+            raise StageError(f"sample: {len(lost)} images have no redraw record in {work / REDRAWS} (first: "
+                             f"{lost[0]}); run `diffdistill sample --force`")
         records = []
         for c, i in jobs:
             record = {"file": image_file(classes[c], i), "class": classes[c], "label": c, "condition_id": cond[c],

@@ -128,6 +128,9 @@ def run_sweep(sweep: Sweep, out_dir: str | None = None) -> Path:
     from diffdistill.stages.train import train_stage
 
     base = _build(sweep.base, sweep.common)
+    if base.sample.redraw or any(o.split("=")[0] == "sample.redraw" for p in sweep.points for o in p.overrides):
+        raise ConfigError(f"sweep {sweep.name}: sample.redraw needs the generator check's classifier, and a sweep "
+                          "runs no check; set sample.redraw=0")
     root = Path(out_dir or base.out_dir) / sweep.name
     shared = base.pretrain.steps > 0 and not any(o.split("=")[0].startswith(PRETRAIN_KEYS)
                                                  for p in sweep.points for o in p.overrides)
