@@ -109,11 +109,28 @@ def test_rejected_images_are_drawn_again_and_recorded(tmp_path, monkeypatch, cap
     assert check_classifier_file(tmp_path / "demo-digits").is_file()
 
 
-def test_compare_and_sweep_refuse_redraw_before_any_work(tmp_path, capsys):
-    for argv in (["compare", "configs/demo-digits.yaml", "--methods", "random,dit", f"out_dir={tmp_path}",
-                  "sample.redraw=1"],
-                 ["sweep", "configs/demo-digits.yaml", "--vary", "sample.redraw=0,1", f"out_dir={tmp_path}"]):
-        assert main(argv) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.count("\n") == 0 and "sample.redraw" in err and "runs no check" in err
-    assert not any(tmp_path.iterdir())
+def test_compare_and_sweep_sample_as_drawn_and_refuse_to_vary_redraw(tmp_path, capsys, monkeypatch):
+    """compare and sweep run no generator check: a config's sample.redraw is switched off there (said on the
+    terminal), and a sweep that varies it stops before any work."""
+    from diffdistill.stages import compare
+
+    seen = []
+    monkeypatch.setattr(compare, "describe", lambda cfg: seen.append(cfg.sample.redraw) or [])
+    monkeypatch.setattr(compare, "check_plan", lambda *a, **k: (_ for _ in ()).throw(S.StageError("stop here")))
+    assert main(["compare", "configs/demo-digits.yaml", "--methods", "random,dit", f"out_dir={tmp_path}",
+                 "sample.redraw=2"]) == 2
+    assert seen == [0] and "sample.redraw=2 is off here" in capsys.readouterr().out
+    assert main(["sweep", "configs/demo-digits.yaml", "--vary", "sample.redraw=0,1", f"out_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "sample.redraw" in err and "runs no check" in err
+    from diffdistill.stages import train
+
+    def pretrain(cfg, stage, **kw):
+        seen.append(cfg.sample.redraw)
+        raise S.StageError("stop here")
+
+    monkeypatch.setattr(train, "train_stage", pretrain)  # the sweep's shared pretraining: its first work
+    assert main(["sweep", "configs/demo-digits.yaml", "--vary", "sample.guidance=1,2", f"out_dir={tmp_path}",
+                 "sample.redraw=1"]) == 2
+    assert seen == [0, 0] and "sample.redraw=1 is off here" in capsys.readouterr().out
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))

@@ -120,6 +120,11 @@ def run_compare(config: str | Path, methods: list[str], seeds: list[int], overri
     `dry_run`: check the plan and print it (the runs it would make), train nothing."""
     raw = read_yaml(Path(config))
     base = _build(raw, overrides)
+    if base.sample.redraw:  # every method samples as drawn, under one protocol
+        print(f"compare: sample.redraw={base.sample.redraw} is off here (it needs the generator check's "
+              f"classifier, and compare runs no check)", flush=True)
+        overrides = [*overrides, "sample.redraw=0"]
+        base = _build(raw, overrides)
     for line in describe(base):
         print(line, flush=True)
     root = base.run_dir.parent / f"{base.name}-compare"
@@ -140,9 +145,6 @@ def run_compare(config: str | Path, methods: list[str], seeds: list[int], overri
     if generative and base.pretrain.steps <= 0 and base.finetune.init in TRAINING_STAGES:
         raise ConfigError("compare: pretrain.steps is 0, so the generative methods need a pretrained DiT: set "
                           "finetune.init to a diffusers folder, a hub id or an original DiT checkpoint")
-    if base.sample.redraw:
-        raise ConfigError("compare: sample.redraw needs the generator check's classifier, and compare runs no "
-                          "check; set sample.redraw=0")
     # what `run` would check for the base config, before any work: data and val folders, IPC against every
     # class's real images (selections and k-means modes draw from them too), init models, writability
     plan = check_plan(base, [s for s in run_order(base) if s != "check"])

@@ -26,7 +26,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -127,10 +127,15 @@ def run_sweep(sweep: Sweep, out_dir: str | None = None) -> Path:
     from diffdistill.stages.sample import sample_stage
     from diffdistill.stages.train import train_stage
 
-    base = _build(sweep.base, sweep.common)
-    if base.sample.redraw or any(o.split("=")[0] == "sample.redraw" for p in sweep.points for o in p.overrides):
+    if any(o.split("=")[0] == "sample.redraw" for p in sweep.points for o in p.overrides):
         raise ConfigError(f"sweep {sweep.name}: sample.redraw needs the generator check's classifier, and a sweep "
-                          "runs no check; set sample.redraw=0")
+                          "runs no check; leave it out of the points")
+    base = _build(sweep.base, sweep.common)
+    if base.sample.redraw:  # every point samples as drawn
+        print(f"sweep {sweep.name}: sample.redraw={base.sample.redraw} is off here (it needs the generator check's "
+              "classifier, and a sweep runs no check)", flush=True)
+        sweep = replace(sweep, common=[*sweep.common, "sample.redraw=0"])
+        base = _build(sweep.base, sweep.common)
     root = Path(out_dir or base.out_dir) / sweep.name
     shared = base.pretrain.steps > 0 and not any(o.split("=")[0].startswith(PRETRAIN_KEYS)
                                                  for p in sweep.points for o in p.overrides)
