@@ -90,10 +90,21 @@ TOO_ALIKE = 0.75
 UNREALISTIC = 0.75
 
 
+def redraw_summary(results: dict) -> dict | None:
+    """The distilled set's `sample.redraw` counts ({redrawn, assigned, of}), if its sampling redrew images."""
+    info = Path(results["data"].get("distilled_set") or "") / "run_info.json"
+    return json.loads(info.read_text()).get("redraw") if info.is_file() else None
+
+
 def verdicts(results: dict) -> list[str]:
     """One line per IPC at which the distilled set scores below random real images (the first net): the
-    gap, the likely cause read from fidelity and the diversity metrics, and what to try."""
+    gap, the likely cause read from fidelity and the diversity metrics, and what to try. With `sample.redraw`
+    the generator is judged by its first draws (the fidelity of the kept images is partly by construction)."""
     cfg, fid = results["config"], results.get("fidelity")
+    redraw = redraw_summary(results)
+    if fid and redraw:
+        first = 100 * (redraw["of"] - redraw["redrawn"]) / max(redraw["of"], 1)
+        fid = {**fid, "mean": min(fid["mean"], first)}
     metrics = (results.get("metrics") or {}).get("ipc", {})
     lines = []
     for ipc, e in results["ipc"].items():
@@ -113,14 +124,15 @@ def verdicts(results: dict) -> list[str]:
         unlike = dm.get("precision") is not None and rm.get("precision") and \
             dm["precision"] < UNREALISTIC * rm["precision"]
         own = Path(results["data"]["distilled_set"]) == Path(cfg["out_dir"], cfg["name"], "samples")
-        fine = f"; fidelity {fid['mean']:.1f} % is fine" if fid else ""
+        fine = f"; fidelity {fid['mean']:.1f} %{' of the first draws' if redraw else ''} is fine" if fid else ""
         guidance = f"lower guidance (sample.guidance, now {cfg['sample']['guidance']})"
         if not own:
             line += "The set was made elsewhere (--distilled): this run's generator settings do not apply to it."
         elif fid and fid["mean"] < FIDELITY_GOAL:
             stage = "pretrain" if cfg["pretrain"]["steps"] > 0 else "finetune"
-            line += (f"Likely cause: the generator is not good enough yet — {fid['mean']:.1f} % of the distilled "
-                     f"images are classified as their class (goal ≥ {FIDELITY_GOAL:.0f} %). Try: train longer "
+            which = "first draws (before sample.redraw)" if redraw else "distilled images"
+            line += (f"Likely cause: the generator is not good enough yet — {fid['mean']:.1f} % of the {which} "
+                     f"are classified as their class (goal ≥ {FIDELITY_GOAL:.0f} %). Try: train longer "
                      f"({stage}.steps, now {cfg[stage]['steps']}) or a larger model (model.size, now "
                      f"{cfg['model']['size']}).")
         elif unlike:
@@ -138,7 +150,8 @@ def verdicts(results: dict) -> list[str]:
                      "(evaluate.full=true).")
         else:
             measured = "diversity and coverage near random real's" if dm else "diversity and coverage not measured"
-            line += (f"No single cause in the measurements (fidelity {fid['mean']:.1f} %, {measured}). "
+            line += (f"No single cause in the measurements (fidelity {fid['mean']:.1f} %"
+                     f"{' of the first draws' if redraw else ''}, {measured}). "
                      f"Try: more seeds (evaluate.seeds) to see whether the gap is real, or more fine-tuning "
                      f"(finetune.steps, now {cfg['finetune']['steps']}).")
         lines.append(line)
@@ -236,8 +249,7 @@ def accuracy_section(run_dir: Path, results: dict) -> list[str]:
              "shown only for comparison with papers that report it.", ""]
     if results.get("fidelity"):
         lines += [f"**Fidelity**: {fidelity_line(results['fidelity'])}", ""]
-    info = Path(results["data"].get("distilled_set") or "") / "run_info.json"
-    redraw = json.loads(info.read_text()).get("redraw") if info.is_file() else None
+    redraw = redraw_summary(results)
     if redraw:
         lines += [f"**Redrawn**: {redraw['redrawn']} of {redraw['of']} distilled images were drawn again "
                   f"(`sample.redraw`) because the generator check's classifier assigned them another class; "
