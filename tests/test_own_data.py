@@ -31,7 +31,8 @@ def test_sets_are_class_folders_drawn_from_a_seed(tmp_path, name, classes, size,
 @pytest.mark.slow
 def test_one_tiny_run_gives_the_table(tmp_path, capsys, monkeypatch):
     tiny = ["pretrain.steps=10", "finetune.steps=2", "sample.steps=2", "sample.ipc=[1]", "evaluate.epochs=1",
-            "evaluate.full_epochs=1", "evaluate.seeds=1", "evaluate.width=8", "pretrain.check_images=0"]
+            "evaluate.full_epochs=1", "evaluate.seeds=1", "evaluate.width=8", "pretrain.check_images=0",
+            "sample.redraw=0"]  # no check, so nothing to redraw by
     own_data.main(["--sets", "glyphs", "--seeds", "0", "--train-per-class", "4", "--val-per-class", "2",
                    "--out", str(tmp_path), *tiny])
     out = capsys.readouterr().out
@@ -60,7 +61,7 @@ def test_runs_at_once_give_the_same_table_in_order(tmp_path, capsys):
     beside its folder. A run that fails stops the sweep with one line naming its log."""
     tiny = ["pretrain.steps=4", "finetune.steps=2", "sample.steps=2", "sample.ipc=[1]", "evaluate.epochs=1",
             "evaluate.full_epochs=1", "evaluate.seeds=1", "evaluate.width=8", "pretrain.check_images=0",
-            "evaluate.workers=1", "threads=1"]
+            "sample.redraw=0", "evaluate.workers=1", "threads=1"]
     own_data.main(["--sets", "glyphs", "--seeds", "1,0", "--train-per-class", "4", "--val-per-class", "2",
                    "--out", str(tmp_path), "--jobs", "2", *tiny])
     out = capsys.readouterr().out
