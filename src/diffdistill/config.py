@@ -179,8 +179,9 @@ class SampleConfig:
     start: Literal["noise", "prototype"] = "noise"
     prototype_strength: float = _num(0.7, _check(lambda v: 0 < v <= 1, "a number in (0, 1]"))
     # an image that the generator check's classifier (trained on the real train set right after pretraining)
-    # assigns to another class is drawn again with a new seed, up to this many times; of its draws the one the
-    # classifier gives its class the highest probability stays. 0: every image is kept as first drawn
+    # assigns to another class is drawn again with a new seed, up to this many times: the first draw assigned
+    # its class stays, else the draw that gives its class the highest probability. Needs the check (this run's
+    # pretraining, pretrain.check_images > 0, evaluate.full). 0: every image is kept as first drawn
     redraw: int = _num(0, NON_NEGATIVE)
 
 

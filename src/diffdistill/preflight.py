@@ -248,9 +248,11 @@ def _check_sampling(cfg: Config, classes: int, order: list[str], out: Preflight)
                          f"and this command does not make it: run `diffdistill {source}` with this config first")
     judge = check_classifier_file(cfg.run_dir)
     if cfg.sample.redraw and "check" not in order and not judge.is_file():
+        how = ("run `diffdistill check` with this config first (pretrain.check_images > 0, evaluate.full)"
+               if stage_dir(cfg.run_dir, "pretrain").is_dir() or "pretrain" in order else
+               "the check needs this run's pretraining, and there is none")
         raise StageError(f"sample.redraw is {cfg.sample.redraw}, but the generator check's classifier {judge} does "
-                         f"not exist and this command does not make it: run `diffdistill check` with this config "
-                         f"first (pretrain.check_images > 0), or set sample.redraw=0")
+                         f"not exist and this command does not make it: {how}; or set sample.redraw=0")
     per = max(cfg.sample.ipc)
     redraw = (f"; up to {cfg.sample.redraw} redraws of an image the check's classifier assigns to another class"
               if cfg.sample.redraw else "")
