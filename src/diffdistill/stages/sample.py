@@ -248,7 +248,6 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
     mine = [b for n, b in enumerate(batches) if n % dist.world_size() == dist.rank()
             and not all((work / image_file(classes[c], i)).is_file() for c, i in b)]
     bar = progress(total=sum(map(len, mine)), desc="sample", unit="img", disable=not dist.is_main())
-    # PNG encoding runs in threads while the device samples the next batch; one batch of writes in flight
     judge = Judge(check_classifier_file(cfg.run_dir), classes, device) if scfg.redraw else None
     redraws: dict[str, dict] = {}  # image file -> {draws, kept (the draw kept, 0 = first), assigned}
     if judge and dist.is_main():
@@ -267,6 +266,7 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
         return seeds[job] if attempt == 0 else derive_seed(cfg.seed, "sample", classes[job[0]], job[1], "redraw",
                                                            attempt)
 
+    # PNG encoding runs in threads while the device samples the next batch; one batch of writes in flight
     with ThreadPoolExecutor(max_workers=4) as pool:
         pending: list[Future] = []
         for batch in mine:
