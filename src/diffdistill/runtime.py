@@ -114,7 +114,6 @@ class CastOnce:
                     cast[id(p)] = p.detach().to(dtype)
             weight, bias = (None if p is None else cast.get(id(p), p) for p in (module.weight, module.bias))
             module.forward = self._forward(module, call, module.forward, weight, bias)
-        self.copies = len(cast)
 
     def _forward(self, module: torch.nn.Module, call: Any, own: Any, weight: torch.Tensor,
                  bias: torch.Tensor | None) -> Any:

@@ -102,6 +102,7 @@ def verdicts(results: dict) -> list[str]:
     the generator is judged by its first draws (the fidelity of the kept images is partly by construction)."""
     cfg, fid = results["config"], results.get("fidelity")
     redraw = redraw_summary(results)
+    of_first = " of the first draws" if redraw else ""
     if fid and redraw:
         first = 100 * (redraw["of"] - redraw["redrawn"]) / max(redraw["of"], 1)
         fid = {**fid, "mean": min(fid["mean"], first)}
@@ -124,7 +125,7 @@ def verdicts(results: dict) -> list[str]:
         unlike = dm.get("precision") is not None and rm.get("precision") and \
             dm["precision"] < UNREALISTIC * rm["precision"]
         own = Path(results["data"]["distilled_set"]) == Path(cfg["out_dir"], cfg["name"], "samples")
-        fine = f"; fidelity {fid['mean']:.1f} %{' of the first draws' if redraw else ''} is fine" if fid else ""
+        fine = f"; fidelity {fid['mean']:.1f} %{of_first} is fine" if fid else ""
         guidance = f"lower guidance (sample.guidance, now {cfg['sample']['guidance']})"
         if not own:
             line += "The set was made elsewhere (--distilled): this run's generator settings do not apply to it."
@@ -150,8 +151,7 @@ def verdicts(results: dict) -> list[str]:
                      "(evaluate.full=true).")
         else:
             measured = "diversity and coverage near random real's" if dm else "diversity and coverage not measured"
-            line += (f"No single cause in the measurements (fidelity {fid['mean']:.1f} %"
-                     f"{' of the first draws' if redraw else ''}, {measured}). "
+            line += (f"No single cause in the measurements (fidelity {fid['mean']:.1f} %{of_first}, {measured}). "
                      f"Try: more seeds (evaluate.seeds) to see whether the gap is real, or more fine-tuning "
                      f"(finetune.steps, now {cfg['finetune']['steps']}).")
         lines.append(line)

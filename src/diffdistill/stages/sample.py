@@ -249,7 +249,6 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
             and not all((work / image_file(classes[c], i)).is_file() for c, i in b)]
     bar = progress(total=sum(map(len, mine)), desc="sample", unit="img", disable=not dist.is_main())
     judge = Judge(check_classifier_file(cfg.run_dir), classes, device) if scfg.redraw else None
-    redraws: dict[str, dict] = {}  # image file -> {draws, kept (the draw kept, 0 = first), assigned}
     if judge and dist.is_main():
         (work / REDRAWS).mkdir(exist_ok=True)
     dist.barrier()
@@ -274,6 +273,8 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
             images = draw(batch, 0, batch_modes)
             if judge:  # redraw the images the classifier assigns to another class (see SampleConfig.redraw)
                 labels = torch.tensor([c for c, _ in batch])
+                files = [image_file(classes[c], i) for c, i in batch]
+                records = {f: {"kept": 0, "draws": 1} for f in files}  # kept: the draw kept, 0 = the first
                 ok, best = judge(images, labels)
                 for attempt in range(1, scfg.redraw + 1):
                     redo = (~ok).nonzero()[:, 0]
@@ -284,16 +285,13 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
                     ok_again, prob = judge(again, labels[redo])
                     better = ok_again | (prob > best[redo])  # assigned, or closer to it than any earlier draw
                     for j, (k, take) in enumerate(zip(redo.tolist(), better.tolist())):
-                        record = redraws.setdefault(image_file(classes[batch[k][0]], batch[k][1]), {"kept": 0})
-                        record["draws"] = attempt + 1
+                        records[files[k]]["draws"] = attempt + 1
                         if take:
                             images[k], best[k], ok[k] = again[j], prob[j], ok_again[j]
-                            record["kept"] = attempt
-                for k, job in enumerate(batch):
-                    redraws.setdefault(image_file(classes[job[0]], job[1]), {"kept": 0, "draws": 1})["assigned"] = \
-                        bool(ok[k])
-                atomic_write_json(work / REDRAWS / f"{batch[0][0]}-{batch[0][1]}.json",
-                                  {f: redraws.pop(f) for f in [image_file(classes[c], i) for c, i in batch]})
+                            records[files[k]]["kept"] = attempt
+                for f, assigned in zip(files, ok.tolist()):
+                    records[f]["assigned"] = assigned
+                atomic_write_json(work / REDRAWS / f"{batch[0][0]}-{batch[0][1]}.json", records)
             for future in pending:
                 future.result()
             pending = [pool.submit(save_png, hwc(img), work / image_file(classes[c], i))
