@@ -1,5 +1,7 @@
-"""Memory cost in fine-tuning: step time per policy (none / fifo / adaptive) and the adaptive prune
-against a naive version that recomputes the similarity matrix after every removal. Prints JSON.
+"""Memory cost in fine-tuning: step time per policy (none / fifo / adaptive), one push at the demo's shape
+(eager, eager told the batch's largest class, and through torch.compile as `compile: true` runs it), and
+the adaptive prune against a naive version that recomputes the similarity matrix after every removal.
+Prints JSON.
 
 Goals: memory work <= 3 % of a step; at 72 -> 64 rows of D = 4096 the incremental prune >= 5x faster
 than the naive one, with the same result. Ratios come from one run on one machine.
@@ -13,7 +15,7 @@ import time
 import torch
 
 from diffdistill.config import build_config
-from diffdistill.memory import select_adaptive, similarity_matrix
+from diffdistill.memory import MemoryBank, select_adaptive, similarity_matrix
 from diffdistill.runtime import package_versions
 from diffdistill.stages.train import train_stage
 
@@ -46,6 +48,37 @@ def prune(rows: int = 72, keep: int = 64, dim: int = 4096, trials: int = 20) -> 
             "incremental_ms": round(fast * 1e3, 3), "speedup": round(naive / fast, 2)}
 
 
+def push_times(policy: str, pushes: int = 60) -> dict:
+    """ms of process time per push into 10 banks of 64 rows of D = 256 (the demo's shape), batch 32, one thread:
+    eager; eager with `most` (the batch's largest class, as the training loop passes it); compiled (inductor;
+    the first push compiles). The compiled banks must end equal to the eager ones, to the bit."""
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(32, 256, generator=g), torch.randint(0, 10, (32,), generator=g))
+               for _ in range(20 + pushes)]
+    banks = {name: MemoryBank(10, 64, 256, policy) for name in ("eager", "eager, told most", "compiled")}
+    t0 = time.perf_counter()
+    banks["compiled"].compile()
+    banks["compiled"].push(*batches[0])
+    compile_s = time.perf_counter() - t0
+    for name, bank in banks.items():
+        for rows, labels in batches[int(name == "compiled"):20]:
+            bank.push(rows, labels)
+    times = {name: [] for name in banks}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for _ in range(3):  # alternated, the median of three
+        for name, bank in banks.items():
+            t = time.process_time()
+            for rows, labels in batches[20:]:
+                bank.push(rows, labels, most=int(torch.bincount(labels).max()) if name != "eager" else None)
+            times[name].append((time.process_time() - t) / pushes)
+    torch.set_num_threads(threads)
+    states = [b.state_dict() for b in banks.values()]
+    same = all(torch.equal(a, b) for other in states[1:] for a, b in zip(states[0].values(), other.values()))
+    return {**{f"{k}_ms": round(1e3 * statistics.median(v), 3) for k, v in times.items()},
+            "compile_s": round(compile_s, 1), "identical_banks": same}
+
+
 def finetune_steps(policy: str, steps: int, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cfg = build_config({}, ["name=bench", f"out_dir={out}", "threads=2", "data.hflip=false",
@@ -68,7 +101,9 @@ def main() -> None:
     }
     steps = {name: {p: finetune_steps(p, n, ov) for p in ("none", "fifo", "adaptive")}
              for name, (ov, n) in settings.items()}
-    print(json.dumps({"benchmark": "memory", "prune_72_to_64": prune(), "finetune_step": steps,
+    pushes = {p: push_times(p) for p in ("fifo", "adaptive")}
+    print(json.dumps({"benchmark": "memory", "prune_72_to_64": prune(), "push_demo_shape": pushes,
+                      "finetune_step": steps,
                       "torch_threads": torch.get_num_threads(), "versions": package_versions()}, indent=2))
 
 

@@ -193,6 +193,7 @@ def push_reference(policy: str, held: list[list[float]], new: list[list[float]],
 def test_batched_push_equals_per_class_reference(policy):
     g = torch.Generator().manual_seed(2)
     bank = MemoryBank(num_classes=5, size=6, dim=8, policy=policy, dtype=torch.float64)
+    bounded = MemoryBank(num_classes=5, size=6, dim=8, policy=policy, dtype=torch.float64)  # told `most`
     ref: dict[int, list[list[float]]] = {c: [] for c in range(5)}
     for step in range(12):
         b = int(torch.randint(1, 12, (1,), generator=g))
@@ -203,8 +204,10 @@ def test_batched_push_equals_per_class_reference(policy):
         if step % 2 and ref[int(labels[0])]:  # a copy of a held row: a tie between cached and new similarities
             rows[0] = torch.tensor(ref[int(labels[0])][0], dtype=torch.float64)
         bank.push(rows, labels)
+        bounded.push(rows, labels, most=int(torch.bincount(labels).max()))
         for c in labels.unique().tolist():
             ref[c] = push_reference(policy, ref[c], rows[labels == c].tolist(), 6)
+        assert all(torch.equal(a, b) for a, b in zip(bank.state_dict().values(), bounded.state_dict().values()))
         for c in range(5):
             assert bank[c].tolist() == ref[c], (step, c)
             assert not bank.rows[c, len(ref[c]) :].any()  # rows beyond the count stay zero
@@ -322,3 +325,19 @@ def test_the_cached_similarities_are_those_of_the_held_rows():
         for c in range(4):
             n = int(bank.counts[c])
             assert torch.equal(bank.gram[c, :n, :n], similarity_matrix(bank[c][None])[0])
+
+
+def test_a_push_runs_as_many_pruning_rounds_as_the_largest_class_of_the_batch_when_told(monkeypatch):
+    """`most` bounds the adaptive rule's rounds (one per row of the batch otherwise); with `sync` set, other
+    processes' rows arrive too, so it is not trusted."""
+    import diffdistill.memory as memory
+
+    rounds, keep_mask = [], memory.adaptive_keep_mask
+    monkeypatch.setattr(memory, "adaptive_keep_mask", lambda *a: rounds.append(a[3]) or keep_mask(*a))
+    bank = MemoryBank(3, 2, 4, "adaptive")
+    rows, labels = torch.randn(7, 4), torch.tensor([0, 2, 2, 1, 2, 0, 2])
+    bank.push(rows, labels)
+    bank.push(rows, labels, most=4)
+    bank.sync = lambda x: x
+    bank.push(rows, labels, most=4)
+    assert rounds == [7, 4, 7]

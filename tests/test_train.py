@@ -99,8 +99,9 @@ def test_steps_between_log_steps_read_nothing_back_from_the_device(stage, policy
     """No host synchronization inside the training loop between two log steps: the loss parts, the non-finite
     check and the memories (push, prune, loss terms) stay on the device until a log row. Counted are the calls
     made from diffdistill's own code (torch's CPU AdamW reads its step counter itself), except in
-    `LatentCache.read`: it reads shard rows by index, and the index is host data (the data order drawn on the
-    CPU), never a device tensor. The memories are full after the first steps, so pruning runs in the watched
+    `LatentCache.read` and `most_per_class`: they read shard rows by index and count a batch's labels, both
+    host data (the data order drawn on the CPU), never a device tensor (`most_per_class` returns None for
+    labels on a device: tested below). The memories are full after the first steps, so pruning runs in the watched
     steps."""
     import traceback
 
@@ -119,7 +120,8 @@ def test_steps_between_log_steps_read_nothing_back_from_the_device(stage, policy
         def wrapper(*args, **kwargs):
             if active[0]:
                 caller = traceback.extract_stack(limit=2)[0]
-                host_io = caller.name == "read" and caller.filename.endswith("latents.py")  # LatentCache.read
+                host_io = (caller.name == "read" and caller.filename.endswith("latents.py")  # LatentCache.read
+                           or caller.name == "most_per_class")  # counts host labels (asserted on the host)
                 if caller.filename.startswith(package) and not host_io:
                     calls.append(f"{name} at {Path(caller.filename).name}:{caller.lineno}")
             return original(*args, **kwargs)
@@ -156,6 +158,25 @@ def test_steps_between_log_steps_read_nothing_back_from_the_device(stage, policy
         assert counts.tolist().count(4) >= 8 and math.isfinite(rows[-1]["gen_bank_similarity"])
 
 
+def test_the_loop_tells_each_push_the_largest_class_of_its_batch_counted_on_the_host(monkeypatch):
+    """The adaptive rule runs as many rounds as the batch's largest class has rows (not one per row), from labels
+    counted before they cross to the device; labels already on a device are not read (None: one per row)."""
+    import diffdistill.memory as memory
+    from diffdistill.stages.train import most_per_class
+
+    rounds, keep_mask = [], memory.adaptive_keep_mask
+    monkeypatch.setattr(memory, "adaptive_keep_mask", lambda *a: rounds.append(a[3]) or keep_mask(*a))
+    loop = _loop("data.classes=[0,1,2,3,4,5,6,7,8,9]", "finetune.memory.policy=adaptive")
+    loop.cond = torch.arange(10)
+    expected = []
+    for loop.step in range(1, 4):
+        batch = loop.draw()
+        expected += [int(torch.bincount(batch.labels).max())] * 2  # the real and the generated bank
+        loop._remember(batch, batch.z0.flatten(1))
+    assert rounds == expected and max(expected) < 20  # batch 20 over 10 classes
+    assert most_per_class(torch.zeros(4, dtype=torch.long, device="meta")) is None
+
+
 def test_reading_the_cache_ahead_changes_no_draw(tmp_path):
     """The next step's rows are read in a thread while a step runs; z0 and the generator's stream are those
     of reading each batch when it is drawn, and `peek` names exactly the indices `next` then returns."""
@@ -185,23 +206,26 @@ def test_reading_the_cache_ahead_changes_no_draw(tmp_path):
 
 
 def test_compile_runs_the_training_step_through_torch_compile(monkeypatch):
-    """`compile: true` sends the DiT through torch.compile (here with the eager backend, so the test needs no C
-    compiler and stays fast): the step is the same step, to the bit."""
+    """`compile: true` sends the DiT, the memory loss and each bank's push through torch.compile (here with the
+    eager backend, so the test needs no C compiler and stays fast): the step is the same step, to the bit."""
     real_compile, modes = torch.compile, []
 
-    def eager(model, mode=None):
-        modes.append(mode)
-        return real_compile(model, backend="eager")
+    def eager(model, mode=None, **kwargs):
+        modes.append((getattr(model, "__name__", type(model).__name__), mode))
+        return real_compile(model, backend="eager", **kwargs)
 
     monkeypatch.setattr(torch, "compile", eager)
-    weights = {}
+    weights, banks = {}, {}
     for flag in ("false", "true"):
         loop = _loop(f"compile={flag}", "compile_mode=reduce-overhead", "finetune.memory.policy=adaptive")
         for loop.step in range(1, 4):
             loop.train_step()
-        weights[flag] = _weights(loop)
-    assert modes == ["reduce-overhead"]
+        weights[flag], banks[flag] = _weights(loop), loop.banks
+    assert sorted(modes) == sorted([("DiTTransformer2DModel", "reduce-overhead"), ("plan_push", "reduce-overhead"),
+                                    ("plan_push", "reduce-overhead"), ("memory_loss_dense", "reduce-overhead")])
     assert all(torch.equal(a, b) for a, b in zip(weights["false"], weights["true"]))
+    assert all(torch.equal(a, b) for name in banks["false"] for a, b in zip(banks["false"][name].state_dict().values(),
+                                                                            banks["true"][name].state_dict().values()))
 
 
 class _CountCasts(torch.utils._python_dispatch.TorchDispatchMode):

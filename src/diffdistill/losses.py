@@ -90,6 +90,18 @@ def memory_loss_terms_dense(x0: Tensor, labels: Tensor, real: Tensor, real_count
     return classes, reps, divs
 
 
+def memory_loss_dense(x0: Tensor, labels: Tensor, real: Tensor, real_counts: Tensor, gen: Tensor,
+                      gen_counts: Tensor, lambda_real: float, lambda_gen: float,
+                      accumulation: str = "per_class") -> tuple[Tensor, Tensor, Tensor]:
+    """The training step's memory loss from padded banks (`memory_loss_terms_dense`, `combine_terms`), and the
+    mean R_c and D_c over the batch's K classes for the log: (loss, R mean, D mean), all without reading K back
+    (one function, so that `compile: true` makes one graph of it)."""
+    classes, reps, divs = memory_loss_terms_dense(x0, labels, real, real_counts, gen, gen_counts)  # [S] slots
+    present = classes >= 0
+    k = present.sum()
+    return combine_terms(reps, divs, lambda_real, lambda_gen, accumulation, present), reps.sum() / k, divs.sum() / k
+
+
 def memory_loss(
     x0: Tensor,
     labels: Tensor,

@@ -29,6 +29,9 @@ from torch import Tensor
 COSINE_EPS = 1e-12
 # Similarities are rounded to multiples of this, so that sums of up to 2^20 of them are exact in float64.
 SIMILARITY_GRID = 2.0**-32
+# What a removed row's similarity vector entry drops by: far below any live row's (|s_i| <= M <= 2^20) and a
+# multiple of the grid, so live sums stay exact.
+REMOVED = 2.0**40
 
 
 def unit_rows(x: Tensor) -> Tensor:
@@ -85,19 +88,24 @@ def adaptive_keep_mask(sim: Tensor, valid: Tensor, size: int, rounds: int) -> Te
 
     `rounds` is a bound on the removals any bank needs (a push of b rows into banks held at <= size needs at
     most b), so the loop runs a fixed number of times and never reads a count back from the device; a round
-    changes nothing in a bank that is already small enough."""
+    changes nothing in a bank that is already small enough. `sim` is used in place and restored."""
     k, m = valid.shape
     score = torch.where(valid, sim.sum(dim=-1), -torch.inf)  # [K, M] similarity vectors; -inf: not a row
     excess = valid.sum(1) - size  # [K] removals each bank needs
-    due = excess[None] > torch.arange(rounds, device=sim.device)[:, None]  # [R, K] bank k removes in round r
-    scale = -due.to(score.dtype)[..., None]  # [R, K, 1]: -1 subtracts the removed row's column, 0 keeps
-    drop = torch.where(due, -torch.inf, torch.inf).to(score.dtype)[..., None]  # [R, K, 1] for amin
-    for r in range(rounds):
-        i = score.argmax(dim=1, keepdim=True)  # [K, 1] the first maximal index: ties remove the oldest row
-        column = torch.gather(sim, 1, i[..., None].expand(k, 1, m)).squeeze(1)  # [K, M] row i_k = its column
-        score.addcmul_(column, scale[r])  # drop the removed row's column from each sum (exact on the grid)
-        score.scatter_reduce_(1, i, drop[r], "amin")  # the removed row leaves: -inf
-    return score > -torch.inf
+    scale = -(excess[None] > torch.arange(rounds, device=sim.device)[:, None]).to(score.dtype)  # [R, K]
+    # A removal subtracts the removed row's column from every sum (exact on the grid). With the diagonal
+    # raised to REMOVED the same subtraction also sinks the removed row's own sum below any live row's, so a
+    # round is four operations. scale -1: bank k removes in round r; 0: it is done (0 · REMOVED = 0)
+    diagonal = sim.diagonal(dim1=-2, dim2=-1)  # [K, M] a view
+    kept_diagonal = diagonal.clone()
+    diagonal.fill_(REMOVED)
+    columns = sim.view(k * m, m)  # row i of bank k (= its column, symmetric) at k·M + i
+    first = torch.arange(k, device=sim.device) * m  # [K]
+    for r_scale in scale[..., None].unbind(0):  # [K, 1] each
+        i = score.argmax(dim=1)  # [K] the first maximal index: ties remove the oldest row
+        score.addcmul_(columns.index_select(0, first + i), r_scale)
+    diagonal.copy_(kept_diagonal)
+    return score > -REMOVED / 2
 
 
 def select_fifo(bank: Tensor, size: int) -> Tensor:
@@ -114,6 +122,87 @@ def select_adaptive(bank: Tensor, size: int) -> Tensor:
         return torch.arange(m, device=bank.device)
     valid = torch.ones(1, m, dtype=torch.bool, device=bank.device)
     return adaptive_keep_mask(similarity_matrix(bank[None]), valid, size, m - size)[0].nonzero().squeeze(1)
+
+
+def plan_push(banks: Tensor, counts: Tensor, gram: Tensor, rows: Tensor, labels: Tensor, policy: str,
+              rounds: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The state a push leaves in the banks it touches, not yet written: a function of fixed shapes with no
+    host reads, so that torch.compile can make one graph of it (`MemoryBank.compile`).
+
+    banks [C + 1, N, D] (row C: the spare, which takes rows not pushed), counts [C + 1], gram [C + 1, N, N] (the
+    cached similarities; adaptive only), rows [B, D] (rounded to the banks' dtype, in the compute dtype),
+    labels [B] -> (dest [S]: the bank row of each slot, kept [S, N, D]: its rows, count [S], gram [S, N, N] or
+    None for fifo). `rounds`: see `adaptive_keep_mask`.
+
+    All classes of the batch are handled at once. Each of S = min(B, C + 1) slots holds one class: its N held
+    rows at candidate positions 0..N-1 (valid below its count), then its new rows at N + their rank among the
+    class's rows of the batch, so position order is insertion order (W = N + B candidates):
+      1. lay out the slots: held counts, arriving counts, the valid candidates [S, W];
+      2. mark the rows each bank keeps: the newest N (fifo) or the adaptive rule on the candidates' similarity
+         matrix, whose held block comes from the cache (adaptive);
+      3. compact the kept rows to the front, in order; the rows left over are zero;
+      4. (adaptive) the kept rows' similarity matrix, the next push's cache."""
+    # 1. slots [S]; candidates [S, W]
+    b, size, spare = labels.shape[0], banks.shape[1], banks.shape[0] - 1
+    classes, inv, rank = class_slots(labels, min(b, spare + 1))  # [S], [B], [B]
+    dest = torch.where(classes >= 0, classes, spare)  # [S] the bank row each slot reads and writes
+    s = classes.shape[0]
+    held = torch.where(classes >= 0, counts[dest], 0)  # [S] rows held now
+    arriving = torch.zeros_like(held).index_add_(0, inv, torch.ones_like(inv))  # [S]
+    pos = torch.arange(size + b, device=labels.device)[None]  # [1, W]
+    valid = (pos < held[:, None]) | ((pos >= size) & (pos < size + arriving[:, None]))  # [S, W]
+    old = banks[dest].to(rows.dtype)  # [S, N, D] rows beyond a count are zero (invariant)
+    # 2. alive [S, W]
+    if policy == "fifo":
+        alive = valid & (torch.cumsum(valid, 1) > (held + arriving - size)[:, None])  # all but the oldest excess
+    else:
+        sim = _candidate_similarities(old, rows, gram[dest], inv, rank)  # [S, W, W]
+        sim.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0.0)  # stale cache beyond the counts
+        alive = adaptive_keep_mask(sim, valid, size, rounds)
+    # 3. survivors to the front, order kept; the slots left over read a zero row. Sources, flat: the held rows
+    # (slot k's row p at k·N + p), then the batch's rows, then one zero row
+    table = torch.cat([old.reshape(s * size, -1), rows, rows.new_zeros(1, rows.shape[1])])  # [S·N + B + 1, D]
+    at_new = torch.full((s, b), s * size + b, dtype=torch.long, device=labels.device)  # [S, B]
+    at_new[inv, rank] = s * size + torch.arange(b, device=labels.device)
+    slot = torch.arange(s, device=labels.device)[:, None]  # [S, 1]
+    source = torch.cat([slot * size + pos[:, :size], at_new], 1)  # [S, W]
+    keep = torch.argsort((~alive).to(torch.int8), dim=1, stable=True)[:, :size]  # [S, N] candidate positions
+    count = alive.sum(1)  # [S]
+    filled = pos[:, :size] < count[:, None]  # [S, N]
+    kept = table[torch.where(filled, torch.gather(source, 1, keep), s * size + b)].to(banks.dtype)  # [S, N, D]
+    if policy == "fifo":
+        return dest, kept, count, None
+    # 4. the kept rows' similarities, for the next push (two gathers: faster than one 3-index lookup)
+    sim = torch.gather(sim, 1, keep[..., None].expand(-1, -1, sim.shape[-1]))  # [S, N, W]
+    return dest, kept, count, torch.gather(sim, 2, keep[:, None, :].expand(-1, size, -1))
+
+
+def _candidate_similarities(old: Tensor, rows: Tensor, cached: Tensor, inv: Tensor, rank: Tensor) -> Tensor:
+    """similarity_matrix of each slot's candidates [S, W, W] (W = N + B: held rows, then new rows at N + rank),
+    the held block taken from the cache [S, N, N]. In float64, like `similarity_matrix`: a cached similarity
+    and a fresh one of the same two rows then land on the same grid point, so a new copy of a held row ties
+    with it exactly (in float32 they differ by ~1e-7)."""
+    (s, size, _), b = old.shape, rows.shape[0]
+    old, new = old.double(), rows.double()  # [S, N, D], [B, D]
+    unit_new = unit_rows(new)
+    old_norms, new_norms = old.norm(dim=-1), new.norm(dim=-1)  # [S, N], [B]
+    sim = old.new_zeros(s + 1, size + b, size + b)  # slot S: a sink for pairs of rows of different slots
+    sim[:s, :size, :size] = cached  # on the grid, symmetric, its diagonal set
+    col = size + rank  # [B] each new row's position in its slot
+    # held row p of slot k vs each new row of k: (held · unit(new)) / |held|, as in similarity_matrix; the held
+    # row comes first, so this is the (earlier, later) value, mirrored
+    cross = (old @ unit_new.T) / old_norms.clamp_min(COSINE_EPS)[..., None]  # [S, N, B]
+    own = _to_grid(cross[inv, :, torch.arange(b, device=rows.device)])  # [B, N]
+    sim[inv, :size, col] = own
+    sim[inv, col, :size] = own
+    # new row i vs new row j of the same slot: the (earlier, later) value, mirrored; the diagonal 1 (0 for a zero
+    # row); pairs of different slots land in the sink
+    pair = (new @ unit_new.T) / new_norms.clamp_min(COSINE_EPS)[:, None]  # [B, B]
+    pair = torch.where(rank[:, None] < rank[None, :], pair, pair.T)
+    pair.diagonal().copy_(new_norms > COSINE_EPS)
+    into = torch.where(inv[:, None] == inv[None, :], inv[:, None], s)  # [B, B]
+    sim[into, col[:, None], col[None, :]] = _to_grid(pair)
+    return sim[:s]
 
 
 POLICIES = ("adaptive", "fifo")  # the policies a MemoryBank prunes with ("none" = no banks at all)
@@ -152,6 +241,7 @@ class MemoryBank:
         self.rows, self.counts, self.gram = self._rows[:-1], self._counts[:-1], self._gram[:-1]  # the classes' views
         # optional: gathers a push's rows (and labels) from every process, so all hold the same banks
         self.sync: Callable[[Tensor], Tensor] | None = None
+        self._plan, self.compiled = plan_push, False
 
     def __getitem__(self, c: int) -> Tensor:
         return self.rows[c, : int(self.counts[c])]
@@ -159,23 +249,24 @@ class MemoryBank:
     def __len__(self) -> int:
         return self.rows.shape[0]
 
-    @torch.no_grad()
-    def push(self, rows: Tensor, labels: Tensor, accept: Tensor | None = None) -> None:
-        """Append each class's rows in batch order, then shrink that class's bank to `size`. `accept` [B]
-        (optional, bool): only those rows are pushed.
+    def compile(self, mode: str | None = None) -> None:
+        """Run each push's work (`plan_push`) through torch.compile: one graph per batch size; with mode
+        "reduce-overhead" a CUDA graph, so that a push is a few launches instead of a few hundred. The banks are
+        marked as static addresses (a CUDA graph reads them in place instead of copying them in), and the
+        adaptive rule always runs B rounds (one graph, not one per `most`): the same selections."""
+        for state in (self._rows, self._counts, self._gram, self.rows, self.counts, self.gram):
+            torch._dynamo.mark_static_address(state)  # the loss terms read the classes' views
+        self._plan, self.compiled = torch.compile(plan_push, mode=mode, dynamic=False), True
 
-        All classes of the batch are handled at once. Each of S = min(B, C + 1) slots holds one class: its
-        N held rows at candidate positions 0..N-1 (valid below its count), then its new rows at N + their rank
-        among the class's rows of the batch, so position order is insertion order (W = N + B candidates):
-          1. round the rows to the storage dtype (so cached similarities are those of the stored rows);
-          2. lay out the slots: held counts, arriving counts, the valid candidates [S, W];
-          3. mark the rows each bank keeps: the newest `size` (fifo) or the adaptive rule on the candidates'
-             similarity matrix, whose held block comes from the cache (adaptive);
-          4. compact the kept rows to the front, in order, and write them back with the new counts;
-          5. (adaptive) store the kept rows' similarity matrix as the new cache."""
-        # 1. half-precision banks are computed on in float32
-        compute = torch.promote_types(self.rows.dtype, torch.float32)
-        rows = rows.detach().flatten(1).to(self.rows.dtype).to(compute)  # [B, D]
+    @torch.no_grad()
+    def push(self, rows: Tensor, labels: Tensor, accept: Tensor | None = None, most: int | None = None) -> None:
+        """Append each class's rows in batch order, then shrink that class's bank to `size` (`plan_push`).
+        `accept` [B] (optional, bool): only those rows are pushed. `most` (optional): the most rows any one
+        class has in `labels`, if the caller knows it without asking the device (the training loop counts the
+        labels on the host before they cross); the adaptive rule then runs that many rounds instead of B. It
+        must not be less than the true count; it is ignored with `sync` (other processes' rows arrive too)."""
+        compute = torch.promote_types(self.rows.dtype, torch.float32)  # half-precision banks: computed in fp32
+        rows = rows.detach().flatten(1).to(self.rows.dtype).to(compute)  # [B, D] rounded to the storage dtype
         labels = labels.to(self._rows.device)
         if accept is not None:  # rejected rows go to the spare row
             labels = torch.where(accept.to(labels.device), labels, self.spare)
@@ -183,68 +274,14 @@ class MemoryBank:
             rows, labels = self.sync(rows), self.sync(labels)  # every process's rows, in process order
         if labels.numel() == 0:
             return
-        # 2. slots [S]; candidates [S, W]
-        b, size = labels.shape[0], self.size
-        classes, inv, rank = class_slots(labels, min(b, self.spare + 1))  # [S], [B], [B]
-        dest = torch.where(classes >= 0, classes, self.spare)  # [S] the bank row each slot reads and writes
-        s = classes.shape[0]
-        held = torch.where(classes >= 0, self._counts[dest], 0)  # [S] rows held now
-        arriving = torch.zeros_like(held).index_add_(0, inv, torch.ones_like(inv))  # [S]
-        total = held + arriving
-        pos = torch.arange(size + b, device=labels.device)[None]  # [1, W]
-        valid = (pos < held[:, None]) | ((pos >= size) & (pos < size + arriving[:, None]))  # [S, W]
-        old = self._rows[dest].to(compute)  # [S, N, D] rows beyond a count are zero (invariant)
-        # 3. alive [S, W]
-        if self.policy == "fifo":
-            alive = valid & (torch.cumsum(valid, 1) > (total - size)[:, None])  # all but the oldest excess
-        else:
-            sim = self._similarities(old, rows, dest, inv, rank)  # [S, W, W]
-            sim.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0.0)  # stale cache beyond the counts
-            alive = adaptive_keep_mask(sim, valid, size, rounds=b)
-        # 4. survivors to the front, order kept; the slots left over read a zero row. Sources, flat: the held
-        # rows (slot k's row p at k·N + p), then the batch's rows, then one zero row
-        table = torch.cat([old.reshape(s * size, -1), rows, rows.new_zeros(1, rows.shape[1])])  # [S·N + B + 1, D]
-        at_new = torch.full((s, b), s * size + b, dtype=torch.long, device=labels.device)  # [S, B]
-        at_new[inv, rank] = s * size + torch.arange(b, device=labels.device)
-        source = torch.cat([torch.arange(s, device=labels.device)[:, None] * size + pos[:, :size], at_new], 1)
-        keep = torch.argsort((~alive).to(torch.int8), dim=1, stable=True)[:, :size]  # [S, N] candidate positions
-        count = alive.sum(1)  # [S]
-        filled = pos[:, :size] < count[:, None]  # [S, N]
-        src = torch.where(filled, torch.gather(source, 1, keep), s * size + b)
-        self._rows[dest] = table[src].to(self.rows.dtype)
+        b = labels.shape[0]
+        rounds = b if most is None or self.sync is not None or self.compiled else min(most, b)
+        dest, kept, count, gram = self._plan(self._rows, self._counts, self._gram, rows, labels, self.policy,
+                                             rounds)
+        self._rows[dest] = kept
         self._counts[dest] = count
-        # 5. the kept rows' similarities, for the next push
-        if self.policy == "adaptive":
-            width = sim.shape[-1]
-            sim = torch.gather(sim, 1, keep[..., None].expand(-1, -1, width))
-            self._gram[dest] = torch.gather(sim, 2, keep[:, None, :].expand(-1, size, -1))
-
-    def _similarities(self, old: Tensor, rows: Tensor, dest: Tensor, inv: Tensor, rank: Tensor) -> Tensor:
-        """similarity_matrix of each slot's candidates [S, W, W] (W = N + B: held rows, then new rows at
-        N + rank), the held block taken from the cache. In float64, like `similarity_matrix`: a cached
-        similarity and a fresh one of the same two rows then land on the same grid point, so a new copy of a
-        held row ties with it exactly (in float32 they differ by ~1e-7)."""
-        s, size, b = old.shape[0], self.size, rows.shape[0]
-        old, new = old.double(), rows.double()  # [S, N, D], [B, D]
-        unit_new = unit_rows(new)
-        old_norms, new_norms = old.norm(dim=-1), new.norm(dim=-1)  # [S, N], [B]
-        sim = old.new_zeros(s + 1, size + b, size + b)  # slot S: a sink for pairs of rows of different slots
-        sim[:s, :size, :size] = self._gram[dest]  # on the grid, symmetric, its diagonal set
-        col = size + rank  # [B] each new row's position in its slot
-        # held row p of slot k vs each new row of k: (held · unit(new)) / |held|, as in similarity_matrix; the
-        # held row comes first, so this is the (earlier, later) value, mirrored
-        cross = (old @ unit_new.T) / old_norms.clamp_min(COSINE_EPS)[..., None]  # [S, N, B]
-        own = _to_grid(cross[inv, :, torch.arange(b, device=rows.device)])  # [B, N]
-        sim[inv, :size, col] = own
-        sim[inv, col, :size] = own
-        # new row i vs new row j of the same slot: the (earlier, later) value, mirrored; the diagonal 1 (0 for a
-        # zero row); pairs of different slots land in the sink
-        pair = (new @ unit_new.T) / new_norms.clamp_min(COSINE_EPS)[:, None]  # [B, B]
-        pair = torch.where(rank[:, None] < rank[None, :], pair, pair.T)
-        pair.diagonal().copy_(new_norms > COSINE_EPS)
-        into = torch.where(inv[:, None] == inv[None, :], inv[:, None], s)  # [B, B]
-        sim[into, col[:, None], col[None, :]] = _to_grid(pair)
-        return sim[:s]
+        if gram is not None:
+            self._gram[dest] = gram
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"rows": self.rows, "counts": self.counts, "gram": self.gram}

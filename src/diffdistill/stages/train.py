@@ -40,7 +40,7 @@ from diffdistill.diffusion import NoiseSchedule
 from diffdistill.errors import StageError
 from diffdistill.files import check_output_free, staged_dir
 from diffdistill.latents import BatchOrder, latent_source
-from diffdistill.losses import combine_terms, memory_loss_terms_dense
+from diffdistill.losses import memory_loss_dense
 from diffdistill.memory import MemoryBank
 from diffdistill.models.adapters import EMA, Trainable, make_trainable
 from diffdistill.models.dit import (
@@ -153,6 +153,15 @@ def _save_banks(banks: dict[str, MemoryBank], out: Path) -> None:
                    for k, v in bank.state_dict().items()}, str(out / name))
 
 
+def most_per_class(labels: Tensor) -> int | None:
+    """The most rows any one class has in a batch's labels, read on the host (None for labels on a device).
+    The labels come from the data order, which is drawn on the host, so this reads nothing back from a GPU;
+    the adaptive memory then runs that many pruning rounds instead of one per row of the batch."""
+    if labels.device.type != "cpu" or labels.numel() == 0:
+        return None
+    return int(torch.bincount(labels).max())
+
+
 @dataclass
 class Batch:
     """One step's draws: clean latents, their classes, timesteps, noise and the DiT's inputs."""
@@ -163,6 +172,7 @@ class Batch:
     noise: Tensor  # [B, C, H, W] ε
     zt: Tensor  # [B, C, H, W] z_t = q(z0, t, ε)
     model_labels: Tensor  # [B] the DiT's condition ids after label dropout
+    most: int | None = None  # the most rows of one class in the batch, counted on the host (memory pushes)
 
 
 class TrainLoop:
@@ -196,6 +206,10 @@ class TrainLoop:
         }
         for bank in self.banks.values():
             bank.sync = dist.all_gather_rows if mem.sync == "allgather" and dist.enabled() else None
+            if cfg.compile:  # each push one graph (a CUDA graph with reduce-overhead), as the loss terms below
+                bank.compile(cfg.compile_mode)
+        self.memory_loss = torch.compile(memory_loss_dense, mode=cfg.compile_mode, dynamic=False) \
+            if cfg.compile and self.banks else memory_loss_dense
         if dist.enabled():  # ranks share one permutation per epoch and take disjoint slices of it
             order_generator = torch.Generator().manual_seed(derive_seed(cfg.seed, stage, "order"))
             self.order = BatchOrder(len(source), tcfg.batch_size, order_generator, dist.rank(),
@@ -356,14 +370,15 @@ class TrainLoop:
         generator, device, drawn = self.generator, self.device, self.device_generator
         idx = next(self.order)
         z0 = self.source.sample(idx, generator, device, drawn, upcoming=self.order.peek())  # [B, C, H, W]
-        labels = self.source.labels[idx]  # [B]
+        labels = self.source.labels[idx]  # [B] host data, like the data order
+        most = most_per_class(labels) if self.banks else None
         t = torch.randint(0, self.schedule.num_steps, (len(idx),), generator=drawn, device=drawn.device)
         noise = torch.randn(z0.shape, generator=drawn, device=drawn.device)
         model_labels = drop_labels(self.cond[labels], null_class(self.model), self.cfg.model.class_dropout,
                                    generator)
         t, noise = t.to(device), noise.to(device)  # no-ops: drawn there
         return Batch(z0, to_device(labels, device), t, noise, self.schedule.q_sample(z0, t, noise),
-                     to_device(model_labels, device))
+                     to_device(model_labels, device), most)
 
     def losses(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
         """(total loss, its parts for the log, x̂0 [B, D] when there are memories)."""
@@ -382,12 +397,10 @@ class TrainLoop:
         timing = self.mem_timer.start()
         x0_hat = schedule.x0_from_eps(batch.zt, batch.t, eps).flatten(1)  # [B, D], gradient flows through ε̂
         real, generated = self.banks["real"], self.banks["gen"]
-        classes, reps, divs = memory_loss_terms_dense(x0_hat, batch.labels, real.rows, real.counts,
-                                                      generated.rows, generated.counts)  # [S] slots
-        present = classes >= 0
-        loss_mem = combine_terms(reps, divs, mem.lambda_real, mem.lambda_gen, mem.loss_accumulation, present)
-        k = present.sum()  # the batch's classes: means over them, without reading K back
-        parts.update(representativeness=reps.sum() / k, diversity=divs.sum() / k, memory=loss_mem)
+        loss_mem, reps, divs = self.memory_loss(x0_hat, batch.labels, real.rows, real.counts, generated.rows,
+                                                generated.counts, mem.lambda_real, mem.lambda_gen,
+                                                mem.loss_accumulation)
+        parts.update(representativeness=reps, diversity=divs, memory=loss_mem)
         self.mem_timer.stop(timing)
         return loss + loss_mem, parts, x0_hat
 
@@ -406,7 +419,7 @@ class TrainLoop:
         """The real memory takes z0; the generated memory takes x̂0 (only from t <= push_max_t if set)."""
         timing = self.mem_timer.start()
         push_max_t = self.tcfg.memory.push_max_t
-        self.banks["real"].push(batch.z0.flatten(1), batch.labels)
+        self.banks["real"].push(batch.z0.flatten(1), batch.labels, most=batch.most)
         accept = None if push_max_t is None else batch.t <= push_max_t  # a mask, not a gather: no sync
-        self.banks["gen"].push(x0_hat.detach(), batch.labels, accept)
+        self.banks["gen"].push(x0_hat.detach(), batch.labels, accept, most=batch.most)
         self.mem_timer.stop(timing)
