@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from diffdistill.cli import main
@@ -144,3 +145,48 @@ def test_a_diverging_loss_stops_with_the_step_and_the_last_good_checkpoint(tmp_p
     newest = sorted((tmp_path / "demo-digits" / "checkpoints" / "finetune").glob("step-*"))[-1]
     assert newest.name == f"step-{step - 1:08d}" and (newest / "state.json").is_file()
     assert not (tmp_path / "demo-digits" / "finetune").exists()
+
+
+def test_run_resume_makes_again_the_stages_whose_settings_changed_and_those_after(tmp_path, capsys):
+    """`run --resume` with other settings: a finished stage whose settings changed runs again, and so does every
+    stage after it; settings that change no result (threads, log_every, sample.batch_size) and unchanged ones
+    keep what is done; other evaluation settings redo the evaluation only."""
+    out = [f"out_dir={tmp_path}", "pretrain.steps=4", "pretrain.batch_size=8", "pretrain.check_images=0",
+           "finetune.steps=0", "sample.checkpoint=pretrain", "sample.steps=2", "sample.ipc=[1]", "data.classes=[0,1]",
+           "evaluate.nets=[convnet3]", "evaluate.width=8", "evaluate.epochs=2", "evaluate.full=false", "evaluate.labels=[hard]", "evaluate.workers=1",
+           "evaluate.seeds=1", "threads=1"]
+    assert main(["run", "configs/demo-digits.yaml", *out]) == 0
+    run = tmp_path / "demo-digits"
+    stamps = {s: (run / s / "config.yaml").stat().st_mtime_ns for s in ("pretrain", "samples", "evaluate")}
+
+    def resume(*extra: str) -> dict[str, str]:
+        capsys.readouterr()
+        assert main(["run", "configs/demo-digits.yaml", *out, *extra, "--resume"]) == 0
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("== ")]
+        return {line.split()[1]: line for line in lines}
+
+    said = resume("threads=2", "pretrain.log_every=1", "sample.batch_size=7")
+    assert all("done before:" in line for line in said.values()), said
+    said = resume("sample.guidance=1.5")
+    assert "done before:" in said["pretrain"]
+    assert "done before with other settings (sample.guidance: 2.0 -> 1.5)" in said["sample"]
+    assert "done before" not in said["evaluate"]
+    assert yaml.safe_load((run / "samples" / "config.yaml").read_text())["sample"]["guidance"] == 1.5
+    assert (run / "pretrain" / "config.yaml").stat().st_mtime_ns == stamps["pretrain"]
+    said = resume("sample.guidance=1.5", "evaluate.epochs=3")
+    assert "done before:" in said["pretrain"] and "done before:" in said["sample"]
+    assert "done before with other settings (evaluate.epochs: 2 -> 3)" in said["evaluate"]
+    assert (run / "samples" / "config.yaml").stat().st_mtime_ns != stamps["samples"]
+
+
+def test_a_setting_an_older_version_did_not_write_counts_with_its_default(tmp_path):
+    from diffdistill.config import load_config, to_dict
+    from diffdistill.runs import changed_settings
+
+    cfg = load_config("configs/demo-digits.yaml", [f"out_dir={tmp_path}", "sample.redraw=3"])
+    saved = to_dict(cfg)
+    del saved["sample"]["redraw"]  # written before the setting existed: it ran as the default (0) does
+    (cfg.run_dir / "samples").mkdir(parents=True)
+    (cfg.run_dir / "samples" / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert changed_settings(cfg, "sample") == ["sample.redraw: 0 -> 3"]
+    assert changed_settings(cfg, "check") == [] and changed_settings(cfg, "evaluate") == []  # nothing written

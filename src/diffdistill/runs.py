@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffdistill.config import Config
+import yaml
+
+from diffdistill.config import Config, to_dict
 from diffdistill.errors import StageError
 
 TRAINING_STAGES = ("pretrain", "finetune")
@@ -77,3 +79,44 @@ def run_order(cfg: Config) -> list[str]:
     check = ["check"] if "pretrain" in training and cfg.pretrain.check_images > 0 and cfg.evaluate.full else []
     return prepare + training[:1] + check + training[1:] + ["sample", "evaluate"]
 
+
+
+# What a finished stage's output depends on, for `run --resume`: each setting counts from the first stage it
+# changes (the stages after that one read its output). Sections every trained model depends on count from
+# pretrain; the validation set only from evaluate; these change no result at all (sampled images do not depend
+# on their batch):
+NO_RESULT = {"name", "out_dir", "device", "threads", "tf32", "compile", "compile_mode", "prepare",
+             "sample.batch_size"}
+NO_RESULT_LEAVES = {"log_every", "checkpoint_every", "keep_checkpoints", "check_images", "workers", "resident_gb"}
+FIRST_STAGE = {"seed": "pretrain", "precision": "pretrain", "data": "pretrain", "autoencoder": "pretrain",
+               "model": "pretrain", "diffusion": "pretrain", "pretrain": "pretrain", "finetune": "finetune",
+               "select": "sample", "sample": "sample", "evaluate": "evaluate", "data.val": "evaluate",
+               "data.val_labels": "evaluate"}
+RESULT_STAGES = ("pretrain", "finetune", "sample", "evaluate")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def changed_settings(cfg: Config, stage: str) -> list[str]:
+    """The settings a finished stage's output depends on that `cfg` holds differently from the config.yaml the
+    stage wrote, as "key: then -> now" (none when it wrote no config.yaml). A key an older version did not
+    write counts with its default."""
+    saved_file = stage_dir(cfg.run_dir, stage) / "config.yaml" if stage in RESULT_STAGES else None
+    if saved_file is None or not saved_file.is_file():
+        return []
+    now, default = _flat(to_dict(cfg)), _flat(to_dict(Config()))
+    saved = {**default, **_flat(yaml.safe_load(saved_file.read_text()) or {})}
+    upto = RESULT_STAGES.index(stage)
+    changed = []
+    for key, value in now.items():
+        first = FIRST_STAGE.get(key, FIRST_STAGE.get(key.split(".")[0]))
+        if {key, key.split(".")[0]} & NO_RESULT or key.split(".")[-1] in NO_RESULT_LEAVES or first is None:
+            continue
+        if RESULT_STAGES.index(first) <= upto and saved.get(key) != value:
+            changed.append(f"{key}: {saved.get(key)} -> {value}")
+    return changed

@@ -371,7 +371,7 @@ class TrainLoop:
         idx = next(self.order)
         z0 = self.source.sample(idx, generator, device, drawn, upcoming=self.order.peek())  # [B, C, H, W]
         labels = self.source.labels[idx]  # [B] host data, like the data order
-        most = most_per_class(labels) if self.banks else None
+        most = most_per_class(labels) if self.tcfg.memory.policy == "adaptive" else None  # fifo: no rounds
         t = torch.randint(0, self.schedule.num_steps, (len(idx),), generator=drawn, device=drawn.device)
         noise = torch.randn(z0.shape, generator=drawn, device=drawn.device)
         model_labels = drop_labels(self.cond[labels], null_class(self.model), self.cfg.model.class_dropout,
