@@ -147,17 +147,21 @@ def test_a_diverging_loss_stops_with_the_step_and_the_last_good_checkpoint(tmp_p
     assert not (tmp_path / "demo-digits" / "finetune").exists()
 
 
-def test_run_resume_makes_again_the_stages_whose_settings_changed_and_those_after(tmp_path, capsys):
+def test_run_resume_makes_again_the_stages_whose_settings_changed_and_those_that_read_them(tmp_path, capsys):
     """`run --resume` with other settings: a finished stage whose settings changed runs again, and so does every
-    stage after it; settings that change no result (threads, log_every, sample.batch_size) and unchanged ones
-    keep what is done; other evaluation settings redo the evaluation only."""
-    out = [f"out_dir={tmp_path}", "pretrain.steps=4", "pretrain.batch_size=8", "pretrain.check_images=0",
+    stage that reads its output; settings that change no result (threads, log_every, sample.batch_size) and
+    unchanged ones keep what is done. The generator check's classifier settings redo the check and the
+    evaluation, not the sampling (without sample.redraw nothing reads the check); the distilled sets' training
+    settings redo the evaluation only."""
+    out = [f"out_dir={tmp_path}", "pretrain.steps=4", "pretrain.batch_size=8", "pretrain.check_images=1",
            "finetune.steps=0", "sample.checkpoint=pretrain", "sample.steps=2", "sample.ipc=[1]", "data.classes=[0,1]",
-           "evaluate.nets=[convnet3]", "evaluate.width=8", "evaluate.epochs=2", "evaluate.full=false", "evaluate.labels=[hard]", "evaluate.workers=1",
-           "evaluate.seeds=1", "threads=1"]
+           "evaluate.nets=[convnet3]", "evaluate.width=8", "evaluate.epochs=2", "evaluate.full_epochs=1",
+           "evaluate.labels=[hard]", "evaluate.workers=1", "evaluate.seeds=1", "threads=1"]
     assert main(["run", "configs/demo-digits.yaml", *out]) == 0
     run = tmp_path / "demo-digits"
-    stamps = {s: (run / s / "config.yaml").stat().st_mtime_ns for s in ("pretrain", "samples", "evaluate")}
+
+    def stamp(folder: str) -> int:
+        return (run / folder / "config.yaml").stat().st_mtime_ns
 
     def resume(*extra: str) -> dict[str, str]:
         capsys.readouterr()
@@ -165,18 +169,24 @@ def test_run_resume_makes_again_the_stages_whose_settings_changed_and_those_afte
         lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("== ")]
         return {line.split()[1]: line for line in lines}
 
+    pretrained = stamp("pretrain")
     said = resume("threads=2", "pretrain.log_every=1", "sample.batch_size=7")
+    assert list(said) == ["pretrain", "check", "sample", "evaluate"]
     assert all("done before:" in line for line in said.values()), said
-    said = resume("sample.guidance=1.5")
+    said = resume("sample.guidance=1.5")  # the check samples with the run's sampler too
     assert "done before:" in said["pretrain"]
+    assert "done before with other settings (sample.guidance: 2.0 -> 1.5)" in said["check"]
     assert "done before with other settings (sample.guidance: 2.0 -> 1.5)" in said["sample"]
     assert "done before" not in said["evaluate"]
     assert yaml.safe_load((run / "samples" / "config.yaml").read_text())["sample"]["guidance"] == 1.5
-    assert (run / "pretrain" / "config.yaml").stat().st_mtime_ns == stamps["pretrain"]
-    said = resume("sample.guidance=1.5", "evaluate.epochs=3")
+    sampled = stamp("samples")
+    said = resume("sample.guidance=1.5", "evaluate.full_epochs=2")  # the check's classifier
     assert "done before:" in said["pretrain"] and "done before:" in said["sample"]
+    assert "(evaluate.full_epochs: 1 -> 2)" in said["check"] and "(evaluate.full_epochs: 1 -> 2)" in said["evaluate"]
+    said = resume("sample.guidance=1.5", "evaluate.full_epochs=2", "evaluate.epochs=3")
+    assert [k for k, line in said.items() if "done before:" in line] == ["pretrain", "check", "sample"]
     assert "done before with other settings (evaluate.epochs: 2 -> 3)" in said["evaluate"]
-    assert (run / "samples" / "config.yaml").stat().st_mtime_ns != stamps["samples"]
+    assert stamp("pretrain") == pretrained and stamp("samples") == sampled
 
 
 def test_a_setting_an_older_version_did_not_write_counts_with_its_default(tmp_path):

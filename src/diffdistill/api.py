@@ -27,6 +27,7 @@ from diffdistill.preflight import check_plan
 from diffdistill.recipe import describe, resolve_config
 from diffdistill.runs import (
     STAGE_FOLDERS,
+    STAGE_READS,
     TRAINING_STAGES,
     changed_settings,
     check_classifier_file,
@@ -198,25 +199,27 @@ def run(cfg: Config, force: bool = False, resume: bool = False) -> Result:
         "sample": lambda: sample(cfg, True, checked=True),
         "evaluate": lambda: evaluate(cfg, True, checked=True),
     }
-    start, redo = time.perf_counter(), False  # redo: an earlier stage ran, so every later one runs too
+    start, ran = time.perf_counter(), set()
     for number, name in enumerate(order, start=1):
         output = generator_check_file(cfg.run_dir) if name == "check" else \
             stage_dir(cfg.run_dir, name) if name in STAGE_FOLDERS else None
-        finished = resume and not redo and output is not None and output.exists() and not (
+        reads = STAGE_READS.get(name, ()) + (("check",) if name == "sample" and cfg.sample.redraw else ())
+        upstream = bool(ran.intersection(reads))  # a stage it reads from ran: its output is out of date
+        finished = resume and not upstream and output is not None and output.exists() and not (
             name in TRAINING_STAGES and checkpoint_root(cfg.run_dir, name).is_dir())
         changed = changed_settings(cfg, name) if finished else []
         if finished and not changed and not (
                 name == "check" and cfg.sample.redraw and not check_classifier_file(cfg.run_dir).is_file()):
             say(f"== {name} ({number}/{len(order)}) == done before: {output}")
             continue
-        if changed:  # made with other settings: it is made again, and so is every stage after it
+        if changed:  # made with other settings: it is made again, and so is every stage that reads it
             say(f"== {name} ({number}/{len(order)}) == done before with other settings ({'; '.join(changed)}): "
-                f"running it again, and the stages after it")
+                f"running it again")
         else:
             say(f"== {name} ({number}/{len(order)}) ==")
         t0 = time.perf_counter()
-        (rerun[name] if (redo or changed) and name in rerun else actions[name])()
-        redo = redo or name != "prepare"  # the shared latent cache is checked by its own hashes
+        (rerun[name] if (upstream or changed) and name in rerun else actions[name])()
+        ran.add(name)
         say(f"{name} took {clock(time.perf_counter() - t0)} ({clock(time.perf_counter() - start)} so far)")
     say(f"done in {clock(time.perf_counter() - start)}: {cfg.run_dir}")
     return Result(cfg.run_dir)

@@ -264,7 +264,8 @@ class MemoryBank:
         `accept` [B] (optional, bool): only those rows are pushed. `most` (optional): the most rows any one
         class has in `labels`, if the caller knows it without asking the device (the training loop counts the
         labels on the host before they cross); the adaptive rule then runs that many rounds instead of B. It
-        must not be less than the true count; it is ignored with `sync` (other processes' rows arrive too)."""
+        must not be less than the true count; it is ignored with `sync` (other processes' rows arrive too). Rows
+        not accepted all go to the spare row, which may then keep more than `size` rows: it is never read."""
         compute = torch.promote_types(self.rows.dtype, torch.float32)  # half-precision banks: computed in fp32
         rows = rows.detach().flatten(1).to(self.rows.dtype).to(compute)  # [B, D] rounded to the storage dtype
         labels = labels.to(self._rows.device)

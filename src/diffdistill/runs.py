@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -81,18 +82,22 @@ def run_order(cfg: Config) -> list[str]:
 
 
 
-# What a finished stage's output depends on, for `run --resume`: each setting counts from the first stage it
-# changes (the stages after that one read its output). Sections every trained model depends on count from
-# pretrain; the validation set only from evaluate; these change no result at all (sampled images do not depend
-# on their batch):
-NO_RESULT = {"name", "out_dir", "device", "threads", "tf32", "compile", "compile_mode", "prepare",
-             "sample.batch_size"}
-NO_RESULT_LEAVES = {"log_every", "checkpoint_every", "keep_checkpoints", "check_images", "workers", "resident_gb"}
-FIRST_STAGE = {"seed": "pretrain", "precision": "pretrain", "data": "pretrain", "autoencoder": "pretrain",
-               "model": "pretrain", "diffusion": "pretrain", "pretrain": "pretrain", "finetune": "finetune",
-               "select": "sample", "sample": "sample", "evaluate": "evaluate", "data.val": "evaluate",
-               "data.val_labels": "evaluate"}
-RESULT_STAGES = ("pretrain", "finetune", "sample", "evaluate")
+# `run --resume` and finished stages: a stage runs again when a setting its output depends on changed since
+# it ran (compared with the config it recorded) or when a stage it reads ran (STAGE_READS; the sample stage
+# reads the check's classifier only with sample.redraw).
+STAGE_READS = {"check": ("pretrain",), "finetune": ("pretrain",), "sample": ("pretrain", "finetune"),
+               "evaluate": ("sample",)}
+SHARED = {"seed", "precision", "data", "autoencoder", "model", "diffusion", "prepare"}  # every stage's output
+VAL_KEYS = {"data.val", "data.val_labels"}  # only the check's and the evaluation's
+# settings that change no result (sampled images do not depend on their batch; select.* is compare's)
+NO_RESULT = {"name", "out_dir", "device", "threads", "tf32", "compile", "compile_mode", "prepare.dir",
+             "prepare.shard_size", "prepare.batch_size", "sample.batch_size", "select.space"}
+NO_RESULT_LEAVES = {"log_every", "checkpoint_every", "keep_checkpoints", "workers", "resident_gb"}
+# the check samples from noise with the run's sampler and trains the first evaluation net on the real set:
+# sample.* and evaluate.* count for it, except these (and mode_guidance.*, soft.*)
+CHECK_IGNORES = {"sample.ipc", "sample.checkpoint", "sample.weights", "sample.start", "sample.prototype_strength",
+                 "sample.redraw", "evaluate.seeds", "evaluate.ipc", "evaluate.pool", "evaluate.epochs",
+                 "evaluate.eval_every", "evaluate.metrics", "evaluate.knn", "evaluate.labels", "evaluate.full"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -102,21 +107,37 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _depends(stage: str, key: str) -> bool:
+    """Whether the output of `stage` depends on the setting `key` itself (not through an earlier stage)."""
+    section = key.split(".")[0]
+    if key in NO_RESULT or section in NO_RESULT or key.split(".")[-1] in NO_RESULT_LEAVES:
+        return False
+    if key in VAL_KEYS:
+        return stage in ("check", "evaluate")
+    if section in SHARED:
+        return True
+    if stage == "check":
+        return key == "pretrain.check_images" or (section in ("sample", "evaluate") and key not in CHECK_IGNORES
+                                                  and not key.startswith(("sample.mode_guidance.", "evaluate.soft.")))
+    return section == stage and key != "pretrain.check_images" and key != "finetune.check_images"
+
+
+def recorded_config(run_dir: Path, stage: str) -> dict | None:
+    """The config a finished stage recorded: its folder's config.yaml; the check's in check.json."""
+    if stage == "check":
+        file = generator_check_file(run_dir)
+        return json.loads(file.read_text()).get("config") if file.is_file() else None
+    file = stage_dir(run_dir, stage) / "config.yaml" if stage in STAGE_FOLDERS else None
+    return yaml.safe_load(file.read_text()) or {} if file is not None and file.is_file() else None
+
+
 def changed_settings(cfg: Config, stage: str) -> list[str]:
-    """The settings a finished stage's output depends on that `cfg` holds differently from the config.yaml the
-    stage wrote, as "key: then -> now" (none when it wrote no config.yaml). A key an older version did not
-    write counts with its default."""
-    saved_file = stage_dir(cfg.run_dir, stage) / "config.yaml" if stage in RESULT_STAGES else None
-    if saved_file is None or not saved_file.is_file():
+    """The settings the output of a finished `stage` depends on that `cfg` holds differently from the config the
+    stage recorded, as "key: then -> now" (none when it recorded none). A key an older version did not record
+    counts with its default."""
+    recorded = recorded_config(cfg.run_dir, stage)
+    if recorded is None:
         return []
-    now, default = _flat(to_dict(cfg)), _flat(to_dict(Config()))
-    saved = {**default, **_flat(yaml.safe_load(saved_file.read_text()) or {})}
-    upto = RESULT_STAGES.index(stage)
-    changed = []
-    for key, value in now.items():
-        first = FIRST_STAGE.get(key, FIRST_STAGE.get(key.split(".")[0]))
-        if {key, key.split(".")[0]} & NO_RESULT or key.split(".")[-1] in NO_RESULT_LEAVES or first is None:
-            continue
-        if RESULT_STAGES.index(first) <= upto and saved.get(key) != value:
-            changed.append(f"{key}: {saved.get(key)} -> {value}")
-    return changed
+    saved = {**_flat(to_dict(Config())), **_flat(recorded)}
+    return [f"{key}: {saved.get(key)} -> {value}" for key, value in _flat(to_dict(cfg)).items()
+            if _depends(stage, key) and saved.get(key) != value]

@@ -18,7 +18,7 @@ import torch
 
 from diffdistill import distributed as dist
 from diffdistill.autoencoders import build_decoder
-from diffdistill.config import Config
+from diffdistill.config import Config, to_dict
 from diffdistill.data.classes import condition_ids
 from diffdistill.data.datasets import ImageSet, load_data
 from diffdistill.data.pixels import channel_stats
@@ -86,6 +86,7 @@ def generator_check(cfg: Config) -> Path:
         "classifier": f"{net}, {ecfg.full_epochs} epochs on the real train set",
         "sampler": {"scheduler": cfg.sample.scheduler, "steps": cfg.sample.steps, "guidance": cfg.sample.guidance,
                     "clip_denoised": cfg.sample.clip_denoised},
-        "seconds": round(time.perf_counter() - t0, 1)})
+        "seconds": round(time.perf_counter() - t0, 1),
+        "config": to_dict(cfg)})  # what `run --resume` compares (runs.changed_settings)
     print(line, flush=True)
     return out
