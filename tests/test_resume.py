@@ -147,12 +147,14 @@ def test_a_diverging_loss_stops_with_the_step_and_the_last_good_checkpoint(tmp_p
     assert not (tmp_path / "demo-digits" / "finetune").exists()
 
 
-def test_run_resume_makes_again_the_stages_whose_settings_changed_and_those_that_read_them(tmp_path, capsys):
+def test_run_resume_makes_again_the_stages_whose_settings_changed_and_those_that_read_them(tmp_path, capsys,
+                                                                                           monkeypatch):
     """`run --resume` with other settings: a finished stage whose settings changed runs again, and so does every
     stage that reads its output; settings that change no result (threads, log_every, sample.batch_size) and
     unchanged ones keep what is done. The generator check's classifier settings redo the check and the
     evaluation, not the sampling (without sample.redraw nothing reads the check); the distilled sets' training
-    settings redo the evaluation only."""
+    settings redo the evaluation only. Each output records the tokens of those it read, so what a stage that ran
+    again makes out of date stays so after an interruption."""
     out = [f"out_dir={tmp_path}", "pretrain.steps=4", "pretrain.batch_size=8", "pretrain.check_images=1",
            "finetune.steps=0", "sample.checkpoint=pretrain", "sample.steps=2", "sample.ipc=[1]", "data.classes=[0,1]",
            "evaluate.nets=[convnet3]", "evaluate.width=8", "evaluate.epochs=2", "evaluate.full_epochs=1",
@@ -177,7 +179,7 @@ def test_run_resume_makes_again_the_stages_whose_settings_changed_and_those_that
     assert "done before:" in said["pretrain"]
     assert "done before with other settings (sample.guidance: 2.0 -> 1.5)" in said["check"]
     assert "done before with other settings (sample.guidance: 2.0 -> 1.5)" in said["sample"]
-    assert "done before" not in said["evaluate"]
+    assert "done before sample and check were made again: running it again" in said["evaluate"]
     assert yaml.safe_load((run / "samples" / "config.yaml").read_text())["sample"]["guidance"] == 1.5
     sampled = stamp("samples")
     said = resume("sample.guidance=1.5", "evaluate.full_epochs=2")  # the check's classifier
@@ -187,6 +189,17 @@ def test_run_resume_makes_again_the_stages_whose_settings_changed_and_those_that
     assert [k for k, line in said.items() if "done before:" in line] == ["pretrain", "check", "sample"]
     assert "done before with other settings (evaluate.epochs: 2 -> 3)" in said["evaluate"]
     assert stamp("pretrain") == pretrained and stamp("samples") == sampled
+    # pretraining made again, then the run stops while sampling: the next --resume still makes the samples again
+    now = ("sample.guidance=1.5", "evaluate.full_epochs=2", "evaluate.epochs=3", "pretrain.lr=0.002")
+    with monkeypatch.context() as patched:
+        patched.setattr("diffdistill.stages.sample.sample_stage", lambda *a: (_ for _ in ()).throw(OSError("cut")))
+        with pytest.raises(OSError, match="cut"):
+            main(["run", "configs/demo-digits.yaml", *out, *now, "--resume"])
+    said = resume(*now)
+    assert "done before:" in said["pretrain"] and "done before:" in said["check"]
+    assert "done before pretrain was made again: running it again" in said["sample"]
+    assert "done before sample was made again: running it again" in said["evaluate"]
+    assert stamp("samples") != sampled
 
 
 def test_a_setting_an_older_version_did_not_write_counts_with_its_default(tmp_path):

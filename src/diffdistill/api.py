@@ -27,15 +27,16 @@ from diffdistill.preflight import check_plan
 from diffdistill.recipe import describe, resolve_config
 from diffdistill.runs import (
     STAGE_FOLDERS,
-    STAGE_READS,
     TRAINING_STAGES,
     changed_settings,
     check_classifier_file,
     checkpoint_root,
     generator_check_file,
+    remade_inputs,
     results_file,
     run_order,
     stage_dir,
+    stage_reads,
 )
 
 
@@ -203,22 +204,20 @@ def run(cfg: Config, force: bool = False, resume: bool = False) -> Result:
     for number, name in enumerate(order, start=1):
         output = generator_check_file(cfg.run_dir) if name == "check" else \
             stage_dir(cfg.run_dir, name) if name in STAGE_FOLDERS else None
-        reads = STAGE_READS.get(name, ()) + (("check",) if name == "sample" and cfg.sample.redraw else ())
-        upstream = bool(ran.intersection(reads))  # a stage it reads from ran: its output is out of date
-        finished = resume and not upstream and output is not None and output.exists() and not (
+        done = resume and output is not None and output.exists() and not (
             name in TRAINING_STAGES and checkpoint_root(cfg.run_dir, name).is_dir())
-        changed = changed_settings(cfg, name) if finished else []
-        if finished and not changed and not (
+        # a stage it reads ran now, or was made again since it ran (in an earlier, interrupted --resume)
+        remade = [u for u in stage_reads(cfg, name) if u in ran] or (remade_inputs(cfg, name) if done else [])
+        changed = changed_settings(cfg, name) if done else []
+        if done and not remade and not changed and not (
                 name == "check" and cfg.sample.redraw and not check_classifier_file(cfg.run_dir).is_file()):
             say(f"== {name} ({number}/{len(order)}) == done before: {output}")
             continue
-        if changed:  # made with other settings: it is made again, and so is every stage that reads it
-            say(f"== {name} ({number}/{len(order)}) == done before with other settings ({'; '.join(changed)}): "
-                f"running it again")
-        else:
-            say(f"== {name} ({number}/{len(order)}) ==")
+        why = [f"before with other settings ({'; '.join(changed)})"] * bool(changed) + \
+            [f"before {' and '.join(remade)} {'were' if len(remade) > 1 else 'was'} made again"] * bool(remade and done)
+        say(f"== {name} ({number}/{len(order)}) ==" + (f" done {', and '.join(why)}: running it again" if why else ""))
         t0 = time.perf_counter()
-        (rerun[name] if (upstream or changed) and name in rerun else actions[name])()
+        (rerun[name] if (remade or changed) and name in rerun else actions[name])()
         ran.add(name)
         say(f"{name} took {clock(time.perf_counter() - t0)} ({clock(time.perf_counter() - start)} so far)")
     say(f"done in {clock(time.perf_counter() - start)}: {cfg.run_dir}")

@@ -83,10 +83,11 @@ def run_order(cfg: Config) -> list[str]:
 
 
 # `run --resume` and finished stages: a stage runs again when a setting its output depends on changed since
-# it ran (compared with the config it recorded) or when a stage it reads ran (STAGE_READS; the sample stage
+# it ran (compared with the config it recorded) or when the output of a stage it reads was made again since
+# (STAGE_READS; each output records a token of its own and those of the outputs it read; the sample stage
 # reads the check's classifier only with sample.redraw).
 STAGE_READS = {"check": ("pretrain",), "finetune": ("pretrain",), "sample": ("pretrain", "finetune"),
-               "evaluate": ("sample",)}
+               "evaluate": ("sample", "check")}  # the report quotes the check
 SHARED = {"seed", "precision", "data", "autoencoder", "model", "diffusion", "prepare"}  # every stage's output
 VAL_KEYS = {"data.val", "data.val_labels"}  # only the check's and the evaluation's
 # settings that change no result (sampled images do not depend on their batch; select.* is compare's)
@@ -131,6 +132,32 @@ def recorded_config(run_dir: Path, stage: str) -> dict | None:
     return yaml.safe_load(file.read_text()) or {} if file is not None and file.is_file() else None
 
 
+def stage_reads(cfg: Config, stage: str) -> tuple[str, ...]:
+    """The stages whose output `stage` reads in this run."""
+    return STAGE_READS.get(stage, ()) + (("check",) if stage == "sample" and cfg.sample.redraw else ())
+
+
+def _record(run_dir: Path, stage: str) -> dict | None:
+    """What a finished stage recorded: check.json for the check, else its folder's run_info.json."""
+    file = generator_check_file(run_dir) if stage == "check" else \
+        stage_dir(run_dir, stage) / "run_info.json" if stage in STAGE_FOLDERS else None
+    return json.loads(file.read_text()) if file is not None and file.is_file() else None
+
+
+def input_tokens(cfg: Config, stage: str) -> dict[str, str]:
+    """The tokens of the outputs `stage` reads now (recorded with its own output as "reads")."""
+    records = {u: _record(cfg.run_dir, u) for u in stage_reads(cfg, stage)}
+    return {u: r["made"] for u, r in records.items() if r is not None and "made" in r}
+
+
+def remade_inputs(cfg: Config, stage: str) -> list[str]:
+    """The stages whose output a finished `stage` read and that were made again since (none when it recorded
+    no tokens: made by an older version)."""
+    read = (_record(cfg.run_dir, stage) or {}).get("reads") or {}
+    now = input_tokens(cfg, stage)
+    return [u for u, token in read.items() if now.get(u) != token]
+
+
 def changed_settings(cfg: Config, stage: str) -> list[str]:
     """The settings the output of a finished `stage` depends on that `cfg` holds differently from the config the
     stage recorded, as "key: then -> now" (none when it recorded none). A key an older version did not record
@@ -138,6 +165,8 @@ def changed_settings(cfg: Config, stage: str) -> list[str]:
     recorded = recorded_config(cfg.run_dir, stage)
     if recorded is None:
         return []
-    saved = {**_flat(to_dict(Config())), **_flat(recorded)}
-    return [f"{key}: {saved.get(key)} -> {value}" for key, value in _flat(to_dict(cfg)).items()
+    saved, now = {**_flat(to_dict(Config())), **_flat(recorded)}, _flat(to_dict(cfg))
+    if stage == "check":  # its classifier is the first net's
+        saved["evaluate.nets"], now["evaluate.nets"] = list(saved["evaluate.nets"])[:1], list(now["evaluate.nets"])[:1]
+    return [f"{key}: {saved.get(key)} -> {value}" for key, value in now.items()
             if _depends(stage, key) and saved.get(key) != value]

@@ -9,6 +9,7 @@ import platform
 import subprocess
 import sys
 import time
+import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import yaml
 from diffdistill.config import Config, to_dict
 from diffdistill.errors import StageError
 from diffdistill.files import atomic_write_json, atomic_write_text
+from diffdistill.runs import input_tokens
 
 PACKAGES = ("diffdistill", "torch", "diffusers", "numpy", "kornia", "safetensors", "pillow", "scikit-learn")
 
@@ -203,5 +205,7 @@ def write_run_info(folder: Path, cfg: Config, stage: str, extra: dict[str, Any])
         "versions": package_versions(),
         "git_commit": git_commit(),
         "auto": dict(cfg.auto),  # keys set to auto and the values chosen for this data (diffdistill.recipe)
+        "made": uuid.uuid4().hex,  # this output's token; "reads": those of the outputs it was made from
+        "reads": input_tokens(cfg, stage),
         **extra,
     })

@@ -11,6 +11,7 @@ classifier is kept (<run>/pretrain/check-classifier.safetensors): `sample.redraw
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from diffdistill.data.pixels import channel_stats
 from diffdistill.errors import StageError
 from diffdistill.files import atomic_write_json
 from diffdistill.models.dit import load_dit
-from diffdistill.runs import check_classifier_file, generator_check_file, model_source
+from diffdistill.runs import check_classifier_file, generator_check_file, input_tokens, model_source
 from diffdistill.runtime import derive_seed, sample_batch, setup
 from diffdistill.stages.evaluate import accuracy, on_device, train_classifier
 from diffdistill.stages.report import FIDELITY_GOAL
@@ -87,6 +88,7 @@ def generator_check(cfg: Config) -> Path:
         "sampler": {"scheduler": cfg.sample.scheduler, "steps": cfg.sample.steps, "guidance": cfg.sample.guidance,
                     "clip_denoised": cfg.sample.clip_denoised},
         "seconds": round(time.perf_counter() - t0, 1),
-        "config": to_dict(cfg)})  # what `run --resume` compares (runs.changed_settings)
+        "config": to_dict(cfg),  # what `run --resume` compares (runs.changed_settings, runs.remade_inputs)
+        "made": uuid.uuid4().hex, "reads": input_tokens(cfg, "check")})
     print(line, flush=True)
     return out
