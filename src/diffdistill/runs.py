@@ -81,7 +81,6 @@ def run_order(cfg: Config) -> list[str]:
     return prepare + training[:1] + check + training[1:] + ["sample", "evaluate"]
 
 
-
 # `run --resume` and finished stages: a stage runs again when a setting its output depends on changed since
 # it ran (compared with the config it recorded) or when the output of a stage it reads was made again since
 # (STAGE_READS; each output records a token of its own and those of the outputs it read; the sample stage
