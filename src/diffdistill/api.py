@@ -206,8 +206,9 @@ def run(cfg: Config, force: bool = False, resume: bool = False) -> Result:
             stage_dir(cfg.run_dir, name) if name in STAGE_FOLDERS else None
         done = resume and output is not None and output.exists() and not (
             name in TRAINING_STAGES and checkpoint_root(cfg.run_dir, name).is_dir())
-        # a stage it reads ran now, or was made again since it ran (in an earlier, interrupted --resume)
-        remade = [u for u in stage_reads(cfg, name) if u in ran] or (remade_inputs(cfg, name) if done else [])
+        # resuming: a stage it reads ran now, or was made again since it ran (in an earlier, interrupted --resume)
+        remade = ([u for u in stage_reads(cfg, name) if u in ran] or (remade_inputs(cfg, name) if done else [])) \
+            if resume else []
         changed = changed_settings(cfg, name) if done else []
         if done and not remade and not changed and not (
                 name == "check" and cfg.sample.redraw and not check_classifier_file(cfg.run_dir).is_file()):
