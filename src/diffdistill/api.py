@@ -186,19 +186,13 @@ def run(cfg: Config, force: bool = False, resume: bool = False) -> Result:
 
     order = run_order(cfg)
     _start(cfg, order, force, resume)
-    actions = {
-        "prepare": lambda: say(f"latent cache: {prepare_stage(cfg, False)}"),
-        "pretrain": lambda: _train(cfg, "pretrain", force, resume, checked=True),
-        "check": lambda: generator_check(cfg),
-        "finetune": lambda: _train(cfg, "finetune", force, resume, checked=True),
-        "sample": lambda: sample(cfg, force, checked=True),
-        "evaluate": lambda: evaluate(cfg, force, checked=True),
-    }
-    rerun = {  # a stage made again over its finished output
-        "pretrain": lambda: _train(cfg, "pretrain", True, False, checked=True),
-        "finetune": lambda: _train(cfg, "finetune", True, False, checked=True),
-        "sample": lambda: sample(cfg, True, checked=True),
-        "evaluate": lambda: evaluate(cfg, True, checked=True),
+    actions = {  # each called with (force, resume)
+        "prepare": lambda f, r: say(f"latent cache: {prepare_stage(cfg, False)}"),
+        "pretrain": lambda f, r: _train(cfg, "pretrain", f, r, checked=True),
+        "check": lambda f, r: generator_check(cfg),
+        "finetune": lambda f, r: _train(cfg, "finetune", f, r, checked=True),
+        "sample": lambda f, r: sample(cfg, f, checked=True),
+        "evaluate": lambda f, r: evaluate(cfg, f, checked=True),
     }
     start, ran = time.perf_counter(), set()
     for number, name in enumerate(order, start=1):
@@ -214,11 +208,15 @@ def run(cfg: Config, force: bool = False, resume: bool = False) -> Result:
                 name == "check" and cfg.sample.redraw and not check_classifier_file(cfg.run_dir).is_file()):
             say(f"== {name} ({number}/{len(order)}) == done before: {output}")
             continue
-        why = [f"before with other settings ({'; '.join(changed)})"] * bool(changed) + \
-            [f"before {' and '.join(remade)} {'were' if len(remade) > 1 else 'was'} made again"] * bool(remade and done)
+        why = []
+        if changed:
+            why.append(f"before with other settings ({'; '.join(changed)})")
+        if remade and done:
+            why.append(f"before {' and '.join(remade)} {'were' if len(remade) > 1 else 'was'} made again")
         say(f"== {name} ({number}/{len(order)}) ==" + (f" done {', and '.join(why)}: running it again" if why else ""))
         t0 = time.perf_counter()
-        (rerun[name] if (remade or changed) and name in rerun else actions[name])()
+        again = bool(remade or changed)  # made again over its finished output: forced, not resumed
+        actions[name](force or again, resume and not again)
         ran.add(name)
         say(f"{name} took {clock(time.perf_counter() - t0)} ({clock(time.perf_counter() - start)} so far)")
     say(f"done in {clock(time.perf_counter() - start)}: {cfg.run_dir}")

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from diffdistill import distributed as dist
-from diffdistill.config import Config, to_dict
+from diffdistill.config import Config, flat_keys, to_dict
 from diffdistill.errors import StageError
 from diffdistill.files import atomic_torch_save, atomic_write_json, atomic_write_text, replace_dir
 
@@ -91,7 +91,7 @@ def load_checkpoint(folder: Path, spec: dict) -> Checkpoint:
         raise StageError(f"{folder} was written by an earlier version of diffdistill and cannot be resumed "
                          f"exactly; pass --force to start over")
     if state["config"] != spec:
-        old, new = _flat(state["config"]), _flat(spec)
+        old, new = flat_keys(state["config"]), flat_keys(spec)
         keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         raise StageError(f"{folder} was made with a different config ({', '.join(keys[:6])} differ); "
                          f"resume with the same config or pass --force to start over")
@@ -112,10 +112,3 @@ def remove_checkpoints(root: Path) -> None:
         shutil.rmtree(root, ignore_errors=True)
         if root.parent.is_dir() and not any(root.parent.iterdir()):
             root.parent.rmdir()
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out

@@ -522,3 +522,11 @@ def to_dict(cfg: Config) -> dict:
     out = plain(dataclasses.asdict(cfg))
     out.pop("auto", None)  # recorded in run_info.json; config.yaml holds the chosen values themselves
     return out
+
+
+def flat_keys(d: dict, prefix: str = "") -> dict:
+    """A nested config dict as {"section.key": value} (dotted keys, as overrides name them)."""
+    out = {}
+    for k, v in d.items():
+        out.update(flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from diffdistill.config import Config, to_dict
+from diffdistill.config import Config, flat_keys, to_dict
 from diffdistill.errors import StageError
 
 TRAINING_STAGES = ("pretrain", "finetune")
@@ -100,13 +100,6 @@ CHECK_IGNORES = {"sample.ipc", "sample.checkpoint", "sample.weights", "sample.st
                  "evaluate.eval_every", "evaluate.metrics", "evaluate.knn", "evaluate.labels", "evaluate.full"}
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def _depends(stage: str, key: str) -> bool:
     """Whether the output of `stage` depends on the setting `key` itself (not through an earlier stage)."""
     section = key.split(".")[0]
@@ -125,8 +118,7 @@ def _depends(stage: str, key: str) -> bool:
 def recorded_config(run_dir: Path, stage: str) -> dict | None:
     """The config a finished stage recorded: its folder's config.yaml; the check's in check.json."""
     if stage == "check":
-        file = generator_check_file(run_dir)
-        return json.loads(file.read_text()).get("config") if file.is_file() else None
+        return (_record(run_dir, "check") or {}).get("config")
     file = stage_dir(run_dir, stage) / "config.yaml" if stage in STAGE_FOLDERS else None
     return yaml.safe_load(file.read_text()) or {} if file is not None and file.is_file() else None
 
@@ -164,7 +156,7 @@ def changed_settings(cfg: Config, stage: str) -> list[str]:
     recorded = recorded_config(cfg.run_dir, stage)
     if recorded is None:
         return []
-    saved, now = {**_flat(to_dict(Config())), **_flat(recorded)}, _flat(to_dict(cfg))
+    saved, now = {**flat_keys(to_dict(Config())), **flat_keys(recorded)}, flat_keys(to_dict(cfg))
     if stage == "check":  # its classifier is the first net's
         saved["evaluate.nets"], now["evaluate.nets"] = list(saved["evaluate.nets"])[:1], list(now["evaluate.nets"])[:1]
     return [f"{key}: {saved.get(key)} -> {value}" for key, value in now.items()
