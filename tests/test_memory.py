@@ -300,16 +300,24 @@ def test_class_slots_lay_out_the_batch_in_fixed_slots():
 
 
 def test_push_with_an_accept_mask_equals_pushing_the_accepted_rows():
+    """Also when told the batch's largest class (as the training loop counts it, rejected rows included): the
+    rejected rows, more of them than that bound, all go to the spare row and change no class."""
     g = torch.Generator().manual_seed(6)
     for policy in ("adaptive", "fifo"):
-        masked, subset = MemoryBank(3, 4, 5, policy), MemoryBank(3, 4, 5, policy)
-        for _ in range(4):
-            rows, labels = torch.randn(9, 5, generator=g), torch.randint(0, 3, (9,), generator=g)
-            accept = torch.rand(9, generator=g) < 0.6
-            masked.push(rows, labels, accept)
-            subset.push(rows[accept], labels[accept])
-        assert all(torch.equal(a, b) for a, b in zip(masked.state_dict().values(), subset.state_dict().values()))
-        assert masked.counts.sum() > 0
+        banks = {k: MemoryBank(3, 4, 5, policy) for k in ("masked", "told", "subset")}
+        rejected_beyond_bound = 0
+        for _ in range(6):
+            rows, labels = torch.randn(12, 5, generator=g), torch.randint(0, 3, (12,), generator=g)
+            accept = torch.rand(12, generator=g) < 0.5
+            most = int(torch.bincount(labels).max())
+            rejected_beyond_bound += int((~accept).sum()) > most
+            banks["masked"].push(rows, labels, accept)
+            banks["told"].push(rows, labels, accept, most=most)
+            banks["subset"].push(rows[accept], labels[accept])
+        states = [b.state_dict().values() for b in banks.values()]
+        assert all(torch.equal(a, b) for a, b in zip(states[0], states[2]))
+        assert all(torch.equal(a, b) for a, b in zip(states[1], states[2]))
+        assert banks["subset"].counts.sum() > 0 and rejected_beyond_bound
 
 
 def test_the_cached_similarities_are_those_of_the_held_rows():
