@@ -1,6 +1,7 @@
 """Memory cost in fine-tuning: step time per policy (none / fifo / adaptive), one push at the demo's shape
-(eager, eager told the batch's largest class, and through torch.compile as `compile: true` runs it), and
-the adaptive prune against a naive version that recomputes the similarity matrix after every removal.
+(eager, eager told the batch's largest class, and through torch.compile as `compile: true` runs it), the
+parts of one step's memory work (loss forward, its backward, the two pushes, and the page faults they
+cause), and the adaptive prune against a naive version that recomputes the similarity matrix after every removal.
 Prints JSON.
 
 Goals: memory work <= 3 % of a step; at 72 -> 64 rows of D = 4096 the incremental prune >= 5x faster
@@ -8,6 +9,7 @@ than the naive one, with the same result. Ratios come from one run on one machin
 """
 
 import json
+import resource
 import statistics
 import tempfile
 import time
@@ -15,6 +17,7 @@ import time
 import torch
 
 from diffdistill.config import build_config
+from diffdistill.losses import memory_loss_dense
 from diffdistill.memory import MemoryBank, select_adaptive, similarity_matrix
 from diffdistill.runtime import package_versions
 from diffdistill.stages.train import train_stage
@@ -79,6 +82,38 @@ def push_times(policy: str, pushes: int = 60) -> dict:
             "compile_s": round(compile_s, 1), "identical_banks": same}
 
 
+def step_parts(steps: int = 60) -> dict:
+    """ms of process time for each part of one step's memory work at the demo's shape (10 classes × 64 rows,
+    D = 256, batch 32, one thread), in the training loop's order: the memory loss's forward, its backward, the
+    two adaptive pushes told the largest class; and the minor page faults of the pushes per step."""
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(32, 256, generator=g), torch.randint(0, 10, (32,), generator=g))
+               for _ in range(20 + steps)]
+    real, gen = MemoryBank(10, 64, 256, "adaptive"), MemoryBank(10, 64, 256, "adaptive")
+    for rows, labels in batches[:20]:
+        real.push(rows, labels)
+        gen.push(0.5 * rows + 0.1, labels)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times, faults = {"loss_forward": 0.0, "loss_backward": 0.0, "two_pushes": 0.0}, 0
+    for rows, labels in batches[20:]:
+        x0 = rows.clone().requires_grad_()
+        t0 = time.process_time()
+        loss = memory_loss_dense(x0, labels, real.rows, real.counts, gen.rows, gen.counts, 0.002, 0.008)[0]
+        t1 = time.process_time()
+        loss.backward()
+        t2, f2 = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        most = int(torch.bincount(labels).max())
+        real.push(rows, labels, most=most)
+        gen.push(x0.detach(), labels, most=most)
+        faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f2
+        for key, seconds in zip(times, (t1 - t0, t2 - t1, time.process_time() - t2)):
+            times[key] += seconds
+    torch.set_num_threads(threads)
+    return {**{f"{k}_ms": round(1e3 * v / steps, 3) for k, v in times.items()},
+            "push_page_faults_per_step": round(faults / steps, 1)}
+
+
 def finetune_steps(policy: str, steps: int, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cfg = build_config({}, ["name=bench", f"out_dir={out}", "threads=2", "data.hflip=false",
@@ -103,6 +138,7 @@ def main() -> None:
              for name, (ov, n) in settings.items()}
     pushes = {p: push_times(p) for p in ("fifo", "adaptive")}
     print(json.dumps({"benchmark": "memory", "prune_72_to_64": prune(), "push_demo_shape": pushes,
+                      "memory_step_parts_demo_shape": step_parts(),
                       "finetune_step": steps,
                       "torch_threads": torch.get_num_threads(), "versions": package_versions()}, indent=2))
 
