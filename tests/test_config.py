@@ -84,6 +84,10 @@ def test_shipped_configs_load():
     for path in Path("configs").glob("*.yaml"):
         if "points" in path.read_text():
             assert load_sweep(path, [], [], None).points  # a sweep file: its base config and every point
+        elif "builtin: null" in path.read_text():  # own data: the folders must be given
+            load_config(path, ["data.train=train", "data.val=val"])
+            with pytest.raises(ConfigError, match="data.train"):
+                load_config(path)
         else:
             load_config(path)
     cfg = load_config("configs/evaluate-imagewoof.yaml")

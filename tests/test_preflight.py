@@ -90,3 +90,18 @@ def test_a_plan_larger_than_the_free_disk_stops_before_training(tmp_path, capsys
     assert need == 4 * 18 * 4 * 128 * 128 * (2 + 4 * 2)
     assert preflight.planned_bytes(build_config({"finetune": {"init": "facebook/DiT-XL-2-256"}}),
                                    ["finetune"], 10, 3) is None  # a loaded model's size is not known here
+
+
+def test_the_time_estimate_counts_one_evaluation_per_kind_of_label(monkeypatch):
+    """Hard and soft labels each train every IPC's classifiers: the estimate of evaluate doubles with both (the
+    full-data classifier trains once either way)."""
+    from diffdistill import preflight
+
+    monkeypatch.setattr(preflight, "_classifier_seconds", lambda *a: 0.01)
+
+    def evaluate_minutes(labels: str) -> float:
+        cfg = build_config({}, ["evaluate.full=false", f"evaluate.labels={labels}", "evaluate.epochs=100"])
+        line = preflight.estimate(cfg, ["evaluate"], {"a": 5, "b": 5}, 1)
+        return float(line.split("evaluate ~")[1].split(";")[0])
+
+    assert evaluate_minutes("[hard,soft]") == pytest.approx(2 * evaluate_minutes("[hard]"), rel=0.05)

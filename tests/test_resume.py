@@ -213,3 +213,21 @@ def test_a_setting_an_older_version_did_not_write_counts_with_its_default(tmp_pa
     (cfg.run_dir / "samples" / "config.yaml").write_text(yaml.safe_dump(saved))
     assert changed_settings(cfg, "sample") == ["sample.redraw: 0 -> 3"]
     assert changed_settings(cfg, "check") == [] and changed_settings(cfg, "evaluate") == []  # nothing written
+
+
+def test_the_builtin_data_settings_count_only_without_data_folders(tmp_path):
+    """data.builtin, val_fraction and split_seed choose nothing while data.train is set: a config that changes
+    them (own-data.yaml setting data.builtin to null) does not make a finished stage run again."""
+    from diffdistill.config import load_config, to_dict
+    from diffdistill.runs import changed_settings
+
+    def changes(then: list[str], now: list[str]) -> list[str]:
+        saved = to_dict(load_config("configs/demo-digits.yaml", [f"out_dir={tmp_path}", *then]))
+        (tmp_path / "demo-digits" / "samples").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "demo-digits" / "samples" / "config.yaml").write_text(yaml.safe_dump(saved))
+        return changed_settings(load_config("configs/demo-digits.yaml", [f"out_dir={tmp_path}", *now]), "sample")
+
+    folders = ["data.train=/data/train", "data.val=/data/val"]
+    assert changes([*folders], [*folders, "data.builtin=null", "data.split_seed=3"]) == []
+    assert changes([], ["data.split_seed=3"]) == ["data.split_seed: 0 -> 3"]
+    assert changes([], [*folders])[:1] == ["data.train: None -> /data/train"]

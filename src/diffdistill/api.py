@@ -4,7 +4,7 @@
     cfg = dd.load_config("configs/demo-digits.yaml", ["pretrain.steps=300"])
     print("\\n".join(dd.plan(cfg)))        # what `run` would do; checks everything first
     result = dd.run(cfg)                   # every stage; result.table(): one row per net and IPC
-    other = dd.evaluate(cfg, distilled="path/to/set")   # score a set made elsewhere (its own run)
+    other = dd.evaluate(dd.scoring_config(cfg, "path/to/set"), distilled="path/to/set")  # a set made elsewhere
 
 Every function checks what it can before it starts (as the CLI does) and raises `ConfigError` / `StageError`
 with the same one-line messages. Each returns a `Result` (the run folder, its results.json as a dict).

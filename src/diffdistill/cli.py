@@ -26,7 +26,8 @@ STAGE_HELP = {
     "compare": "ways of making the small set side by side under one protocol (--methods random,herding,kcenter,"
                "kmeans,dit,mgd3,d4m,none,minimax,adaptive): compare.csv, compare.md and a plot",
     "run": "every stage in order: prepare (if a training stage reads the cache), pretrain (if steps > 0), "
-           "check (after pretrain, if pretrain.check_images > 0), finetune (if steps > 0), sample, evaluate, report",
+           "check (after pretrain, if pretrain.check_images > 0 and evaluate.full), finetune (if steps > 0), "
+           "sample, evaluate, report",
 }
 
 

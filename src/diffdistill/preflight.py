@@ -127,7 +127,8 @@ def estimate(cfg: Config, order: list[str], counts: dict[str, int], channels: in
                 minutes["check"] = cfg.evaluate.full_epochs * total * per_image / 60
             if "evaluate" in order:
                 passes = sum((cfg.evaluate.epochs or epochs_for_ipc(ipc)) * ipc * classes * SETS_PER_IPC
-                             for ipc in eval_ipcs(cfg)) + (cfg.evaluate.full_epochs * total if cfg.evaluate.full else 0)
+                             for ipc in eval_ipcs(cfg)) * len(cfg.evaluate.labels)  # each kind of label: a training
+                passes += cfg.evaluate.full_epochs * total if cfg.evaluate.full else 0
                 minutes["evaluate"] = passes * cfg.evaluate.seeds * len(cfg.evaluate.nets) * per_image / 60
     parts = ", ".join(f"{s} ~{minutes[s]:.1f}" for s in order if s in minutes)
     skipped = f" (not timed: {', '.join(untimed)}, a VAE or a loaded model)" if untimed else ""

@@ -89,6 +89,7 @@ STAGE_READS = {"check": ("pretrain",), "finetune": ("pretrain",), "sample": ("pr
                "evaluate": ("sample", "check")}  # the report quotes the check
 SHARED = {"seed", "precision", "data", "autoencoder", "model", "diffusion", "prepare"}  # every stage's output
 VAL_KEYS = {"data.val", "data.val_labels"}  # only the check's and the evaluation's
+BUILTIN_KEYS = {"data.builtin", "data.val_fraction", "data.split_seed"}  # nothing while data.train is set
 # settings that change no result (sampled images do not depend on their batch; select.* is compare's)
 NO_RESULT = {"name", "out_dir", "device", "threads", "tf32", "compile", "compile_mode", "prepare.dir",
              "prepare.shard_size", "prepare.batch_size", "sample.batch_size", "select.space"}
@@ -159,5 +160,6 @@ def changed_settings(cfg: Config, stage: str) -> list[str]:
     saved, now = {**flat_keys(to_dict(Config())), **flat_keys(recorded)}, flat_keys(to_dict(cfg))
     if stage == "check":  # its classifier is the first net's
         saved["evaluate.nets"], now["evaluate.nets"] = list(saved["evaluate.nets"])[:1], list(now["evaluate.nets"])[:1]
+    folders = saved.get("data.train") is not None and now.get("data.train") is not None
     return [f"{key}: {saved.get(key)} -> {value}" for key, value in now.items()
-            if _depends(stage, key) and saved.get(key) != value]
+            if _depends(stage, key) and saved.get(key) != value and not (folders and key in BUILTIN_KEYS)]
