@@ -125,18 +125,20 @@ def select_adaptive(bank: Tensor, size: int) -> Tensor:
 
 
 def plan_push(banks: Tensor, counts: Tensor, gram: Tensor, rows: Tensor, labels: Tensor, policy: str,
-              rounds: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+              most: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """The state a push leaves in the banks it touches, not yet written: a function of fixed shapes with no
     host reads, so that torch.compile can make one graph of it (`MemoryBank.compile`).
 
     banks [C + 1, N, D] (row C: the spare, which takes rows not pushed), counts [C + 1], gram [C + 1, N, N] (the
     cached similarities; adaptive only), rows [B, D] (rounded to the banks' dtype, in the compute dtype),
     labels [B] -> (dest [S]: the bank row of each slot, kept [S, N, D]: its rows, count [S], gram [S, N, N] or
-    None for fifo). `rounds`: see `adaptive_keep_mask`.
+    None for fifo). `most` (R): a bound on the rows any one class has in the batch (B when unknown): each slot
+    has room for R new rows, and the adaptive rule runs R rounds (`adaptive_keep_mask`: a push into a bank held
+    at <= N removes at most as many rows as arrive). The spare's rows beyond R share its last position.
 
     All classes of the batch are handled at once. Each of S = min(B, C + 1) slots holds one class: its N held
     rows at candidate positions 0..N-1 (valid below its count), then its new rows at N + their rank among the
-    class's rows of the batch, so position order is insertion order (W = N + B candidates):
+    class's rows of the batch, so position order is insertion order (W = N + R candidates):
       1. lay out the slots: held counts, arriving counts, the valid candidates [S, W];
       2. mark the rows each bank keeps: the newest N (fifo) or the adaptive rule on the candidates' similarity
          matrix, whose held block comes from the cache (adaptive);
@@ -148,21 +150,22 @@ def plan_push(banks: Tensor, counts: Tensor, gram: Tensor, rows: Tensor, labels:
     dest = torch.where(classes >= 0, classes, spare)  # [S] the bank row each slot reads and writes
     s = classes.shape[0]
     held = torch.where(classes >= 0, counts[dest], 0)  # [S] rows held now
-    arriving = torch.zeros_like(held).index_add_(0, inv, torch.ones_like(inv))  # [S]
-    pos = torch.arange(size + b, device=labels.device)[None]  # [1, W]
+    arriving = torch.zeros_like(held).index_add_(0, inv, torch.ones_like(inv)).clamp_max(most)  # [S]
+    rank = rank.clamp_max(most - 1)  # [B] changes only the spare's rows (rejected ones), which nothing reads
+    pos = torch.arange(size + most, device=labels.device)[None]  # [1, W]
     valid = (pos < held[:, None]) | ((pos >= size) & (pos < size + arriving[:, None]))  # [S, W]
     old = banks[dest].to(rows.dtype)  # [S, N, D] rows beyond a count are zero (invariant)
     # 2. alive [S, W]
     if policy == "fifo":
         alive = valid & (torch.cumsum(valid, 1) > (held + arriving - size)[:, None])  # all but the oldest excess
     else:
-        sim = _candidate_similarities(old, rows, gram[dest], inv, rank)  # [S, W, W]
+        sim = _candidate_similarities(old, rows, gram[dest], inv, rank, most)  # [S, W, W]
         sim.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0.0)  # stale cache beyond the counts
-        alive = adaptive_keep_mask(sim, valid, size, rounds)
+        alive = adaptive_keep_mask(sim, valid, size, most)
     # 3. survivors to the front, order kept; the slots left over read a zero row. Sources, flat: the held rows
     # (slot k's row p at k·N + p), then the batch's rows, then one zero row
     table = torch.cat([old.reshape(s * size, -1), rows, rows.new_zeros(1, rows.shape[1])])  # [S·N + B + 1, D]
-    at_new = torch.full((s, b), s * size + b, dtype=torch.long, device=labels.device)  # [S, B]
+    at_new = torch.full((s, most), s * size + b, dtype=torch.long, device=labels.device)  # [S, R]
     at_new[inv, rank] = s * size + torch.arange(b, device=labels.device)
     slot = torch.arange(s, device=labels.device)[:, None]  # [S, 1]
     source = torch.cat([slot * size + pos[:, :size], at_new], 1)  # [S, W]
@@ -177,16 +180,17 @@ def plan_push(banks: Tensor, counts: Tensor, gram: Tensor, rows: Tensor, labels:
     return dest, kept, count, torch.gather(sim, 2, keep[:, None, :].expand(-1, size, -1))
 
 
-def _candidate_similarities(old: Tensor, rows: Tensor, cached: Tensor, inv: Tensor, rank: Tensor) -> Tensor:
-    """similarity_matrix of each slot's candidates [S, W, W] (W = N + B: held rows, then new rows at N + rank),
-    the held block taken from the cache [S, N, N]. In float64, like `similarity_matrix`: a cached similarity
+def _candidate_similarities(old: Tensor, rows: Tensor, cached: Tensor, inv: Tensor, rank: Tensor,
+                            most: int) -> Tensor:
+    """similarity_matrix of each slot's candidates [S, W, W] (W = N + R: held rows, then new rows at N + rank,
+    rank < R), the held block taken from the cache [S, N, N]. In float64, like `similarity_matrix`: a cached similarity
     and a fresh one of the same two rows then land on the same grid point, so a new copy of a held row ties
     with it exactly (in float32 they differ by ~1e-7)."""
     (s, size, _), b = old.shape, rows.shape[0]
     old, new = old.double(), rows.double()  # [S, N, D], [B, D]
     unit_new = unit_rows(new)
     old_norms, new_norms = old.norm(dim=-1), new.norm(dim=-1)  # [S, N], [B]
-    sim = old.new_zeros(s + 1, size + b, size + b)  # slot S: a sink for pairs of rows of different slots
+    sim = old.new_zeros(s + 1, size + most, size + most)  # slot S: a sink for pairs of rows of different slots
     sim[:s, :size, :size] = cached  # on the grid, symmetric, its diagonal set
     col = size + rank  # [B] each new row's position in its slot
     # held row p of slot k vs each new row of k: (held · unit(new)) / |held|, as in similarity_matrix; the held
@@ -217,9 +221,10 @@ class MemoryBank:
     plus C·N² float64 similarities.
 
     A push never reads anything back from the device: counts live on the bank's device, the batch's classes
-    take fixed slots (`class_slots`), every shape depends on the batch size alone, and the adaptive rule runs
-    a fixed number of rounds. One extra class row (index C, "spare") receives what empty slots and rejected
-    rows write, so writes need no masks; it is never read as a class.
+    take fixed slots (`class_slots`), every shape depends on the batch size (or the caller's bound on its
+    largest class) alone, and the adaptive rule runs a fixed number of rounds. One extra class row (index C,
+    "spare") receives what empty slots and rejected rows write, so writes need no masks; it is never read as a
+    class.
     """
 
     def __init__(
@@ -252,8 +257,9 @@ class MemoryBank:
     def compile(self, mode: str | None = None) -> None:
         """Run each push's work (`plan_push`) through torch.compile: one graph per batch size; with mode
         "reduce-overhead" a CUDA graph, so that a push is a few launches instead of a few hundred. The banks are
-        marked as static addresses (a CUDA graph reads them in place instead of copying them in), and the
-        adaptive rule always runs B rounds (one graph, not one per `most`): the same selections."""
+        marked as static addresses (a CUDA graph reads them in place instead of copying them in), and a push
+        always makes room for B new rows per class and runs B rounds (one graph, not one per `most`): the same
+        selections."""
         for state in (self._rows, self._counts, self._gram, self.rows, self.counts, self.gram):
             torch._dynamo.mark_static_address(state)  # the loss terms read the classes' views
         self._plan, self.compiled = torch.compile(plan_push, mode=mode, dynamic=False), True
@@ -263,9 +269,10 @@ class MemoryBank:
         """Append each class's rows in batch order, then shrink that class's bank to `size` (`plan_push`).
         `accept` [B] (optional, bool): only those rows are pushed. `most` (optional): the most rows any one
         class has in `labels`, if the caller knows it without asking the device (the training loop counts the
-        labels on the host before they cross); the adaptive rule then runs that many rounds instead of B. It
-        must not be less than the true count; it is ignored with `sync` (other processes' rows arrive too). Rows
-        not accepted all go to the spare row, which may then keep more than `size` rows: it is never read."""
+        labels on the host before they cross); each class then has room for that many new rows instead of B and
+        the adaptive rule runs that many rounds. It must not be less than the true count (rows not accepted need
+        not count: they all go to the spare row, which is never read); it is ignored with `sync` (other
+        processes' rows arrive too)."""
         compute = torch.promote_types(self.rows.dtype, torch.float32)  # half-precision banks: computed in fp32
         rows = rows.detach().flatten(1).to(self.rows.dtype).to(compute)  # [B, D] rounded to the storage dtype
         labels = labels.to(self._rows.device)
@@ -276,9 +283,8 @@ class MemoryBank:
         if labels.numel() == 0:
             return
         b = labels.shape[0]
-        rounds = b if most is None or self.sync is not None or self.compiled else min(most, b)
-        dest, kept, count, gram = self._plan(self._rows, self._counts, self._gram, rows, labels, self.policy,
-                                             rounds)
+        most = b if most is None or self.sync is not None or self.compiled else max(1, min(most, b))
+        dest, kept, count, gram = self._plan(self._rows, self._counts, self._gram, rows, labels, self.policy, most)
         self._rows[dest] = kept
         self._counts[dest] = count
         if gram is not None:
