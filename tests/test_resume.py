@@ -231,3 +231,27 @@ def test_the_builtin_data_settings_count_only_without_data_folders(tmp_path):
     assert changes([*folders], [*folders, "data.builtin=null", "data.split_seed=3"]) == []
     assert changes([], ["data.split_seed=3"]) == ["data.split_seed: 0 -> 3"]
     assert changes([], [*folders])[:1] == ["data.train: None -> /data/train"]
+
+
+def test_a_checkpoint_resumes_under_changes_to_data_keys_training_does_not_read(tmp_path):
+    """The val folders, and the built-in set's keys while data.train is set, are not part of what a training
+    checkpoint must match (own-data.yaml setting data.builtin to null leaves its checkpoints resumable)."""
+    from diffdistill.checkpoint import load_checkpoint, resume_spec
+    from diffdistill.config import load_config
+    from diffdistill.errors import StageError
+
+    def spec(*overrides: str) -> dict:
+        return resume_spec(load_config("configs/demo-digits.yaml", list(overrides)), "pretrain")
+
+    def resume(then: dict, now: dict) -> str:
+        (tmp_path / "state.json").write_text(json.dumps({"world_size": 1, "step": 2, "config": then}))
+        with pytest.raises(StageError) as refused:
+            load_checkpoint(tmp_path, now)
+        return str(refused.value)
+
+    folders = ["data.train=/d/train", "data.val=/d/val"]
+    passes = "cannot be read"  # past the config check: this folder holds no tensors
+    assert passes in resume(spec(*folders), spec(*folders, "data.builtin=null", "data.split_seed=4"))
+    assert passes in resume(spec(*folders), spec("data.train=/d/train", "data.val=/e/val"))
+    assert "different config (data.split_seed differ)" in resume(spec(), spec("data.split_seed=4"))
+    assert "different config (data.train differ)" in resume(spec(*folders), spec("data.train=/e/train"))

@@ -26,6 +26,7 @@ from diffdistill import distributed as dist
 from diffdistill.config import Config, flat_keys, to_dict
 from diffdistill.errors import StageError
 from diffdistill.files import atomic_torch_save, atomic_write_json, atomic_write_text, replace_dir
+from diffdistill.runs import VAL_KEYS, unused_data_keys
 
 # keys that may change between a checkpoint and its resumption (they do not change the result)
 RESUME_FREE = {"steps", "checkpoint_every", "keep_checkpoints", "log_every"}
@@ -90,9 +91,10 @@ def load_checkpoint(folder: Path, spec: dict) -> Checkpoint:
     if state["config"].get("format") != spec["format"]:
         raise StageError(f"{folder} was written by an earlier version of diffdistill and cannot be resumed "
                          f"exactly; pass --force to start over")
-    if state["config"] != spec:
-        old, new = flat_keys(state["config"]), flat_keys(spec)
-        keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    old, new = flat_keys(state["config"]), flat_keys(spec)
+    unused = VAL_KEYS | unused_data_keys(old, new)  # training reads neither the val set nor an unused built-in set
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in unused)
+    if keys:
         raise StageError(f"{folder} was made with a different config ({', '.join(keys[:6])} differ); "
                          f"resume with the same config or pass --force to start over")
     try:

@@ -160,6 +160,12 @@ def changed_settings(cfg: Config, stage: str) -> list[str]:
     saved, now = {**flat_keys(to_dict(Config())), **flat_keys(recorded)}, flat_keys(to_dict(cfg))
     if stage == "check":  # its classifier is the first net's
         saved["evaluate.nets"], now["evaluate.nets"] = list(saved["evaluate.nets"])[:1], list(now["evaluate.nets"])[:1]
-    folders = saved.get("data.train") is not None and now.get("data.train") is not None
+    unused = unused_data_keys(saved, now)
     return [f"{key}: {saved.get(key)} -> {value}" for key, value in now.items()
-            if _depends(stage, key) and saved.get(key) != value and not (folders and key in BUILTIN_KEYS)]
+            if _depends(stage, key) and saved.get(key) != value and key not in unused]
+
+
+def unused_data_keys(saved: dict, now: dict) -> set[str]:
+    """Of two flat configs (dotted keys), the data keys that choose nothing in either: the built-in set's while
+    both read data.train."""
+    return BUILTIN_KEYS if saved.get("data.train") is not None and now.get("data.train") is not None else set()
