@@ -190,3 +190,12 @@ def test_redrawn_samples_judge_the_generator_by_its_first_draws(tmp_path):
     (samples / "run_info.json").write_text(json.dumps({"redraw": {"redrawn": 1, "assigned": 100, "of": 100}}))
     (line,) = verdicts(res)
     assert "generator is not good enough" not in line and "fidelity 99.0 % of the first draws" in line
+
+
+def test_the_redraw_line_says_partly_by_construction_only_when_an_image_was_redrawn():
+    from diffdistill.stages.report import redraw_line
+
+    some = redraw_line({"redrawn": 6, "assigned": 100, "of": 100})
+    assert some.startswith("**Redrawn**: 6 of 100 distilled images were drawn again") and "by construction" in some
+    none = redraw_line({"redrawn": 0, "assigned": 100, "of": 100})
+    assert "by construction" not in none and "assigned 100 of them their class at the first draw" in none

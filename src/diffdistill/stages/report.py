@@ -96,6 +96,17 @@ def redraw_summary(results: dict) -> dict | None:
     return json.loads(info.read_text()).get("redraw") if info.is_file() else None
 
 
+def redraw_line(redraw: dict) -> str:
+    """report.md's line on `sample.redraw` ({redrawn, assigned, of})."""
+    if not redraw["redrawn"]:
+        return (f"**Redrawn**: none of the {redraw['of']} distilled images (`sample.redraw`): the generator check's "
+                f"classifier assigned {redraw['assigned']} of them their class at the first draw.")
+    return (f"**Redrawn**: {redraw['redrawn']} of {redraw['of']} distilled images were drawn again (`sample.redraw`) "
+            f"because the generator check's classifier assigned them another class; {redraw['assigned']} are "
+            "assigned their class by it. The fidelity above is then partly by construction (a classifier of the "
+            "same kind, trained on the same data, chose them).")
+
+
 def verdicts(results: dict) -> list[str]:
     """One line per IPC at which the distilled set scores below random real images (the first net): the
     gap, the likely cause read from fidelity and the diversity metrics, and what to try. With `sample.redraw`
@@ -251,10 +262,7 @@ def accuracy_section(run_dir: Path, results: dict) -> list[str]:
         lines += [f"**Fidelity**: {fidelity_line(results['fidelity'])}", ""]
     redraw = redraw_summary(results)
     if redraw:
-        lines += [f"**Redrawn**: {redraw['redrawn']} of {redraw['of']} distilled images were drawn again "
-                  f"(`sample.redraw`) because the generator check's classifier assigned them another class; "
-                  f"{redraw['assigned']} are assigned their class by it. The fidelity above is then partly by "
-                  "construction (a classifier of the same kind, trained on the same data, chose them).", ""]
+        lines += [redraw_line(redraw), ""]
     check = generator_check_file(run_dir)
     if check.is_file():
         c = json.loads(check.read_text())
