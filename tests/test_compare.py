@@ -126,3 +126,21 @@ def test_settings_that_would_change_a_method_are_refused(tmp_path, capsys, extra
     assert main(["compare", "configs/demo-digits.yaml", f"out_dir={tmp_path}", *extra]) == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_methods_time_leaves_out_its_evaluations_share_of_the_shared_baselines(tmp_path):
+    """Classifiers train several at a time: the baselines trained during a run take the evaluation's wall time in
+    proportion to the classifiers' own times (summed, they can exceed the run's wall time: never below zero)."""
+    import json
+
+    from diffdistill.stages.compare import method_seconds
+
+    run, baselines = tmp_path / "herding-s0", tmp_path / "baselines-s0"
+    (run / "evaluate-jobs").mkdir(parents=True)
+    baselines.mkdir()
+    for i, seconds in enumerate((20.0, 30.0)):  # the method's own classifiers: 50 s
+        (run / "evaluate-jobs" / f"own{i}.json").write_text(json.dumps({"seconds": seconds}))
+    (baselines / "full.json").write_text(json.dumps({"seconds": 150.0, "trained_in": str(run)}))
+    (baselines / "other.json").write_text(json.dumps({"seconds": 999.0, "trained_in": str(tmp_path / "x")}))
+    assert method_seconds({"seconds": 130.0, "evaluate_seconds": 100.0}, run, baselines) == 55.0  # 130 - 100 · 3/4
+    assert method_seconds({"seconds": 130.0}, run, baselines) == 0.0  # an earlier record: 130 - 150, floored

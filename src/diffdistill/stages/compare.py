@@ -46,7 +46,7 @@ from diffdistill.models.classifiers import build_classifier
 from diffdistill.plots import compare_plot
 from diffdistill.preflight import check_plan
 from diffdistill.recipe import describe, resolve_config
-from diffdistill.runs import TRAINING_STAGES, results_file, run_order, stage_dir
+from diffdistill.runs import TRAINING_STAGES, evaluate_jobs, results_file, run_order, stage_dir
 from diffdistill.runtime import derive_seed, setup, write_run_info
 from diffdistill.select import PREFIX_STABLE, SELECTORS
 from diffdistill.stages.evaluate import evaluate_stage, features
@@ -213,10 +213,13 @@ def _run_method(cfg: Config, name: str, baselines: Path) -> None:
             sample_cfg = cfg if method.family == "finetune" else _with(cfg, "sample.checkpoint",
                                                                         cfg.finetune.init)
             sample_stage(sample_cfg)
+    t_eval = time.perf_counter()
     evaluate_stage(cfg, force=True, baselines=baselines)
+    evaluated = time.perf_counter() - t_eval
     write_report(cfg.run_dir)
     atomic_write_json(cfg.run_dir / TIME_FILE, {"method": name, "config": settings_key(cfg),
-                                                "seconds": round(time.perf_counter() - t0, 1)})
+                                                "seconds": round(time.perf_counter() - t0, 1),
+                                                "evaluate_seconds": round(evaluated, 1)})
 
 
 def settings_key(cfg: Config) -> str:
@@ -303,12 +306,23 @@ def baseline_seconds(baselines: Path, trained_in: Path | None = None) -> float:
     return sum(r.get("seconds", 0.0) for r in records if trained_in is None or r.get("trained_in") == str(trained_in))
 
 
+def method_seconds(timing: dict, run_dir: Path, baselines: Path) -> float:
+    """A run's wall time less the share of its evaluation that trained the shared baselines (the comparison's,
+    not the method's). Classifiers train several at a time, so that share is the evaluation's wall time split
+    in proportion to the classifiers' own times, not the baselines' summed times."""
+    base = baseline_seconds(baselines, run_dir)
+    own = sum(json.loads(f.read_text()).get("seconds", 0.0) for f in evaluate_jobs(run_dir).glob("*.json"))
+    if "evaluate_seconds" in timing:
+        share = timing["evaluate_seconds"] * base / (own + base) if own + base > 0 else 0.0
+    else:  # written by an earlier version: the baselines' summed times
+        share = base
+    return round(max(0.0, timing["seconds"] - share), 1)
+
+
 def _rows(name: str, seed: int, run_dir: Path, baselines: Path) -> list[dict]:
     res = json.loads(results_file(run_dir).read_text())
-    timing = run_dir / TIME_FILE
-    seconds = json.loads(timing.read_text()).get("seconds") if timing.is_file() else None
-    if seconds is not None:  # the shared baselines trained during this run are the comparison's, not the method's
-        seconds = round(seconds - baseline_seconds(baselines, run_dir), 1)
+    timing = json.loads((run_dir / TIME_FILE).read_text()) if (run_dir / TIME_FILE).is_file() else {}
+    seconds = method_seconds(timing, run_dir, baselines) if "seconds" in timing else None
     out = []
     for net, entry in res["by_net"].items():
         for ipc, e in entry["ipc"].items():
