@@ -380,8 +380,10 @@ def compare_table(summary: list[dict], seeds: list[int], shared_seconds: float |
     lines = [f"Final-epoch accuracy (%) on the real val set, mean ± std over {len(seeds)} seed(s) "
              f"({', '.join(map(str, seeds))}); each seed's value is the mean over the evaluation's classifier seeds. "
              "Gap = method − random real images (same nets, seeds and draws). Time = the method's own wall time "
-             f"per seed (fine-tuning, sampling or selection, its evaluation); {shared}the shared random-real and "
-             f"full-data classifiers {baselines_seconds / 60 / max(len(seeds), 1):.1f} min per seed.",
+             f"per seed (fine-tuning, sampling or selection, its evaluation, less its share of the shared "
+             f"classifiers); {shared}the shared random-real and full-data classifiers "
+             f"{baselines_seconds / 60 / max(len(seeds), 1):.1f} min per seed (their training times summed; "
+             "several train at a time).",
              "", "| method | net | IPC | accuracy | gap to random | fidelity | diversity | precision | coverage | "
              "time / seed |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     random = {(e["net"], e["ipc"]): e["accuracy"][0] for e in summary if e["method"] == "random"}

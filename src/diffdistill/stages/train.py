@@ -156,7 +156,8 @@ def _save_banks(banks: dict[str, MemoryBank], out: Path) -> None:
 def most_per_class(labels: Tensor) -> int | None:
     """The most rows any one class has in a batch's labels, read on the host (None for labels on a device).
     The labels come from the data order, which is drawn on the host, so this reads nothing back from a GPU;
-    the adaptive memory then runs that many pruning rounds instead of one per row of the batch."""
+    each memory push then makes room for that many new rows per class instead of one per row of the batch, and
+    the adaptive rule runs that many pruning rounds."""
     if labels.device.type != "cpu" or labels.numel() == 0:
         return None
     return int(torch.bincount(labels).max())
@@ -371,7 +372,7 @@ class TrainLoop:
         idx = next(self.order)
         z0 = self.source.sample(idx, generator, device, drawn, upcoming=self.order.peek())  # [B, C, H, W]
         labels = self.source.labels[idx]  # [B] host data, like the data order
-        most = most_per_class(labels) if self.tcfg.memory.policy == "adaptive" else None  # fifo: no rounds
+        most = most_per_class(labels) if self.tcfg.memory.policy != "none" else None  # sizes the memory pushes
         t = torch.randint(0, self.schedule.num_steps, (len(idx),), generator=drawn, device=drawn.device)
         noise = torch.randn(z0.shape, generator=drawn, device=drawn.device)
         model_labels = drop_labels(self.cond[labels], null_class(self.model), self.cfg.model.class_dropout,
