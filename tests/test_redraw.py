@@ -61,7 +61,7 @@ def test_rejected_images_are_drawn_again_and_recorded(tmp_path, monkeypatch, cap
         # class 1 holds its second draws; the others are the images of the run without redraw, byte for byte
         assert ((samples / rec["file"]).read_bytes() == first[rec["file"]]) != again
     info = json.loads((samples / "run_info.json").read_text())
-    assert info["redraw"] == {"redrawn": 2, "assigned": 6, "of": 6}
+    assert info["redraw"] == {"redrawn": 2, "replaced": 2, "assigned": 6, "of": 6}
     assert main(["evaluate", "configs/demo-digits.yaml", *out, "evaluate.nets=[convnet3]", "--force"]) == 0
     assert main(["report", str(tmp_path / "demo-digits")]) == 0
     assert "**Redrawn**: 2 of 6 distilled images" in (tmp_path / "demo-digits" / "report.md").read_text()

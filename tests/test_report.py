@@ -199,3 +199,6 @@ def test_the_redraw_line_says_partly_by_construction_only_when_an_image_was_redr
     assert some.startswith("**Redrawn**: 6 of 100 distilled images were drawn again") and "by construction" in some
     none = redraw_line({"redrawn": 0, "assigned": 100, "of": 100})
     assert "by construction" not in none and "assigned 100 of them their class at the first draw" in none
+    lost = redraw_line({"redrawn": 2, "replaced": 0, "assigned": 98, "of": 100})  # every redraw did worse
+    assert "by construction" not in lost and "0 kept a later draw" in lost and "the generator's own" in lost
+    assert "2 kept a later draw" in redraw_line({"redrawn": 6, "replaced": 2, "assigned": 98, "of": 100})

@@ -97,14 +97,18 @@ def redraw_summary(results: dict) -> dict | None:
 
 
 def redraw_line(redraw: dict) -> str:
-    """report.md's line on `sample.redraw` ({redrawn, assigned, of})."""
+    """report.md's line on `sample.redraw` ({redrawn, replaced (absent before it was recorded), assigned, of})."""
     if not redraw["redrawn"]:
         return (f"**Redrawn**: none of the {redraw['of']} distilled images (`sample.redraw`): the generator check's "
                 f"classifier assigned {redraw['assigned']} of them their class at the first draw.")
-    return (f"**Redrawn**: {redraw['redrawn']} of {redraw['of']} distilled images were drawn again (`sample.redraw`) "
-            f"because the generator check's classifier assigned them another class; {redraw['assigned']} are "
-            "assigned their class by it. The fidelity above is then partly by construction (a classifier of the "
-            "same kind, trained on the same data, chose them).")
+    replaced = redraw.get("replaced", redraw["redrawn"])
+    line = (f"**Redrawn**: {redraw['redrawn']} of {redraw['of']} distilled images were drawn again "
+            f"(`sample.redraw`) because the generator check's classifier assigned them another class; "
+            f"{replaced} kept a later draw, and {redraw['assigned']} are assigned their class by it.")
+    if not replaced:
+        return line + " Every first draw was kept: the fidelity above is the generator's own."
+    return line + (" The fidelity above is then partly by construction (a classifier of the same kind, trained "
+                   "on the same data, chose them).")
 
 
 def verdicts(results: dict) -> list[str]:

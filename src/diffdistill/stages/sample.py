@@ -338,6 +338,7 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
         summary = {}
         if scfg.redraw:  # how often the classifier disagreed, for the report and the reader
             summary["redraw"] = {"redrawn": sum(r["redraw"]["draws"] > 1 for r in records),
+                                 "replaced": sum(r["redraw"]["kept"] > 0 for r in records),  # a later draw kept
                                  "assigned": sum(r["redraw"]["assigned"] for r in records), "of": len(records)}
         write_run_info(work, cfg, "sample", {"checkpoint": source, "num_images": len(records),
                                              "world_size": dist.world_size(), **summary})
