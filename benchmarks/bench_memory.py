@@ -8,6 +8,7 @@ Goals: memory work <= 3 % of a step; at 72 -> 64 rows of D = 4096 the incrementa
 than the naive one, with the same result. Ratios come from one run on one machine.
 """
 
+import contextlib
 import json
 import resource
 import statistics
@@ -20,7 +21,7 @@ from diffdistill.config import build_config
 from diffdistill.losses import memory_loss_dense
 from diffdistill.memory import MemoryBank, select_adaptive, similarity_matrix
 from diffdistill.runtime import package_versions
-from diffdistill.stages.train import train_stage
+from diffdistill.stages.train import most_per_class, train_stage
 
 
 def best_of(fn, repeats: int) -> float:
@@ -51,13 +52,27 @@ def prune(rows: int = 72, keep: int = 64, dim: int = 4096, trials: int = 20) -> 
             "incremental_ms": round(fast * 1e3, 3), "speedup": round(naive / fast, 2)}
 
 
+def demo_batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`count` seeded batches at the demo's memory shape: 32 rows of D = 256 over 10 classes."""
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(32, 256, generator=g), torch.randint(0, 10, (32,), generator=g)) for _ in range(count)]
+
+
+@contextlib.contextmanager
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def push_times(policy: str, pushes: int = 60) -> dict:
     """ms of process time per push into 10 banks of 64 rows of D = 256 (the demo's shape), batch 32, one thread:
     eager; eager with `most` (the batch's largest class, as the training loop passes it); compiled (inductor;
     the first push compiles). The compiled banks must end equal to the eager ones, to the bit."""
-    g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(32, 256, generator=g), torch.randint(0, 10, (32,), generator=g))
-               for _ in range(20 + pushes)]
+    batches = demo_batches(20 + pushes)
     banks = {name: MemoryBank(10, 64, 256, policy) for name in ("eager", "eager, told most", "compiled")}
     t0 = time.perf_counter()
     banks["compiled"].compile()
@@ -67,15 +82,13 @@ def push_times(policy: str, pushes: int = 60) -> dict:
         for rows, labels in batches[int(name == "compiled"):20]:
             bank.push(rows, labels)
     times = {name: [] for name in banks}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    for _ in range(3):  # alternated, the median of three
-        for name, bank in banks.items():
-            t = time.process_time()
-            for rows, labels in batches[20:]:
-                bank.push(rows, labels, most=int(torch.bincount(labels).max()) if name != "eager" else None)
-            times[name].append((time.process_time() - t) / pushes)
-    torch.set_num_threads(threads)
+    with one_thread():
+        for _ in range(3):  # alternated, the median of three
+            for name, bank in banks.items():
+                t = time.process_time()
+                for rows, labels in batches[20:]:
+                    bank.push(rows, labels, most=most_per_class(labels) if name != "eager" else None)
+                times[name].append((time.process_time() - t) / pushes)
     states = [b.state_dict() for b in banks.values()]
     same = all(torch.equal(a, b) for other in states[1:] for a, b in zip(states[0].values(), other.values()))
     return {**{f"{k}_ms": round(1e3 * statistics.median(v), 3) for k, v in times.items()},
@@ -86,30 +99,26 @@ def step_parts(steps: int = 60) -> dict:
     """ms of process time for each part of one step's memory work at the demo's shape (10 classes × 64 rows,
     D = 256, batch 32, one thread), in the training loop's order: the memory loss's forward, its backward, the
     two adaptive pushes told the largest class; and the minor page faults of the pushes per step."""
-    g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(32, 256, generator=g), torch.randint(0, 10, (32,), generator=g))
-               for _ in range(20 + steps)]
+    batches = demo_batches(20 + steps)
     real, gen = MemoryBank(10, 64, 256, "adaptive"), MemoryBank(10, 64, 256, "adaptive")
     for rows, labels in batches[:20]:
         real.push(rows, labels)
         gen.push(0.5 * rows + 0.1, labels)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     times, faults = {"loss_forward": 0.0, "loss_backward": 0.0, "two_pushes": 0.0}, 0
-    for rows, labels in batches[20:]:
-        x0 = rows.clone().requires_grad_()
-        t0 = time.process_time()
-        loss = memory_loss_dense(x0, labels, real.rows, real.counts, gen.rows, gen.counts, 0.002, 0.008)[0]
-        t1 = time.process_time()
-        loss.backward()
-        t2, f2 = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        most = int(torch.bincount(labels).max())
-        real.push(rows, labels, most=most)
-        gen.push(x0.detach(), labels, most=most)
-        faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f2
-        for key, seconds in zip(times, (t1 - t0, t2 - t1, time.process_time() - t2)):
-            times[key] += seconds
-    torch.set_num_threads(threads)
+    with one_thread():
+        for rows, labels in batches[20:]:
+            x0 = rows.clone().requires_grad_()
+            t0 = time.process_time()
+            loss = memory_loss_dense(x0, labels, real.rows, real.counts, gen.rows, gen.counts, 0.002, 0.008)[0]
+            t1 = time.process_time()
+            loss.backward()
+            t2, f2 = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            most = most_per_class(labels)
+            real.push(rows, labels, most=most)
+            gen.push(x0.detach(), labels, most=most)
+            faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f2
+            for key, seconds in zip(times, (t1 - t0, t2 - t1, time.process_time() - t2)):
+                times[key] += seconds
     return {**{f"{k}_ms": round(1e3 * v / steps, 3) for k, v in times.items()},
             "push_page_faults_per_step": round(faults / steps, 1)}
 
