@@ -10,6 +10,7 @@ The sets are drawn here from a seed (class subfolders of PNGs, train and val), s
 
     python benchmarks/own_data.py --seeds 0,1,2        # configs/own-data.yaml, as a user would run it
     python benchmarks/own_data.py --seeds 0,1,2 --jobs 4   # on a GPU: four runs at once
+    python benchmarks/own_data.py --seeds 0,1,2 --resume   # after a change to sampling: keeps the trained models
 
 Not part of `make bench` (hours on 2 CPU cores; minutes on a GPU). Neither glyphs nor textures are
 flip-invariant: own-data.yaml has `data.hflip: false`. Glyphs need Pillow's scalable default font
@@ -130,14 +131,16 @@ def _write_table(path: Path, rows: list[dict]) -> None:
                 [r["check"] for r in runs if r["check"] is not None]
             table.append(f"| {name} | {ipc} | {len(runs)} | {_mean_std(d)} | {_mean_std(rr)} | "
                          f"{np.mean(d) - np.mean(rr):+.1f} | {_mean_std(fid) if fid else '—'} | "
-                         f"{_mean_std(chk) if chk else '—'} | {_mean_std([r['minutes'] for r in runs])} |")
+                         f"{_mean_std(chk) if chk else '—'} | {_mean_std([r['minutes'] for r in runs])}"
+                         f"{' (resumed)' if any(r.get('resumed') for r in runs) else ''} |")
     table += ["", "| set | seed | IPC | distilled | random real | gap | fidelity | check | minutes | auto |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         for ipc, e in r["ipc"].items():
             table.append(f"| {r['set']} | {r['seed']} | {ipc} | {e['distilled']:.1f} | {e['random_real']:.1f} | "
                          f"{e['distilled'] - e['random_real']:+.1f} | {r['fidelity']} | {r['check']} | "
-                         f"{r['minutes']} | {'; '.join(f'{k} = {v}' for k, v in r['auto'].items())} |")
+                         f"{r['minutes']}{' (resumed)' if r.get('resumed') else ''} | "
+                         f"{'; '.join(f'{k} = {v}' for k, v in r['auto'].items())} |")
     path.write_text("\n".join(table) + "\n")
 
 
@@ -162,13 +165,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="runs/own-data")
     parser.add_argument("--keep", action="store_true", help="keep the runs that an earlier call with the same "
                         "config and overrides finished (own-data.json)")
+    parser.add_argument("--resume", action="store_true", help="run each run with --resume instead of --force: "
+                        "finished stages whose settings and inputs did not change are kept (their time is not in "
+                        "the minutes, which are then marked resumed)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (on one GPU "
                         "the small runs leave it mostly idle: four at once took 3.1 min each on an H200)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     root = Path(args.out)
     saved = root / "own-data.json"
-    setup = {"benchmark": "own data", "config": args.config, "overrides": args.overrides}
+    setup = {"benchmark": "own data", "config": args.config, "overrides": args.overrides}  # what --keep compares
     earlier = json.loads(saved.read_text()) if args.keep and saved.is_file() else {}
     same = {k: earlier.get(k) for k in setup} == setup
     done = {(r["set"], r["seed"]): r for r in earlier.get("runs", [])
@@ -182,13 +188,13 @@ def main(argv: list[str] | None = None) -> None:
 
     def command(run: str, seed: int, data: Path) -> list[str]:
         return ["run", args.config, f"out_dir={root}", f"name={run}", f"seed={seed}", f"data.train={data / 'train'}",
-                f"data.val={data / 'val'}", *args.overrides, "--force"]
+                f"data.val={data / 'val'}", *args.overrides, "--resume" if args.resume else "--force"]
 
     def record(name: str, seed: int, run: str, seconds: float) -> None:
         res = json.loads((root / run / "results.json").read_text())
         check = root / run / "pretrain" / "check.json"
         finished[(name, seed)] = {
-            "set": name, "seed": seed, "minutes": round(seconds / 60, 1),
+            "set": name, "seed": seed, "minutes": round(seconds / 60, 1), "resumed": args.resume,
             "fidelity": (res.get("fidelity") or {}).get("mean"),
             "check": json.loads(check.read_text())["fidelity"] if check.is_file() else None,
             "auto": _auto_choices(root / run),

@@ -32,7 +32,7 @@ def test_sets_are_class_folders_drawn_from_a_seed(tmp_path, name, classes, size,
 def test_one_tiny_run_gives_the_table(tmp_path, capsys, monkeypatch):
     tiny = ["pretrain.steps=10", "finetune.steps=2", "sample.steps=2", "sample.ipc=[1]", "evaluate.epochs=1",
             "evaluate.full_epochs=1", "evaluate.seeds=1", "evaluate.width=8", "pretrain.check_images=0",
-            "sample.redraw=0"]  # no check, so nothing to redraw by
+            "sample.candidates=1"]  # no check, so nothing to choose by
     own_data.main(["--sets", "glyphs", "--seeds", "0", "--train-per-class", "4", "--val-per-class", "2",
                    "--out", str(tmp_path), *tiny])
     out = capsys.readouterr().out
@@ -53,6 +53,13 @@ def test_one_tiny_run_gives_the_table(tmp_path, capsys, monkeypatch):
                    "--out", str(tmp_path), "--keep", *tiny])
     out = capsys.readouterr().out
     assert json.loads(out[out.index('{\n  "benchmark"'):])["runs"] == [run]
+    # --resume: each run resumes (a stage runs again only if its settings or inputs changed); minutes marked
+    calls = []
+    monkeypatch.setattr(diffdistill.cli, "main", lambda argv: calls.append(argv) or 0)
+    own_data.main(["--sets", "glyphs", "--seeds", "0", "--train-per-class", "4", "--val-per-class", "2",
+                   "--out", str(tmp_path), "--resume", *tiny])
+    assert len(calls) == 1 and calls[0][-1] == "--resume" and "--force" not in calls[0]
+    assert (tmp_path / "own-data.md").read_text().splitlines()[6].split(" | ")[8].endswith("(resumed)")
 
 
 @pytest.mark.slow
@@ -61,7 +68,7 @@ def test_runs_at_once_give_the_same_table_in_order(tmp_path, capsys):
     beside its folder. A run that fails stops the sweep with one line naming its log."""
     tiny = ["pretrain.steps=4", "finetune.steps=2", "sample.steps=2", "sample.ipc=[1]", "evaluate.epochs=1",
             "evaluate.full_epochs=1", "evaluate.seeds=1", "evaluate.width=8", "pretrain.check_images=0",
-            "sample.redraw=0", "evaluate.workers=1", "threads=1"]
+            "sample.candidates=1", "evaluate.workers=1", "threads=1"]
     own_data.main(["--sets", "glyphs", "--seeds", "1,0", "--train-per-class", "4", "--val-per-class", "2",
                    "--out", str(tmp_path), "--jobs", "2", *tiny])
     out = capsys.readouterr().out

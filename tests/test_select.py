@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffdistill.select import SELECTORS, herding, kcenter, kmeans, nearest
+from diffdistill.select import SELECTORS, herd_slots, herding, kcenter, kmeans, nearest
 
 LINE = torch.tensor([[0.0], [1.0], [2.0], [10.0]])  # mean 3.25
 
@@ -91,3 +91,20 @@ def test_modes_come_in_herding_order_so_ipc_1_gets_the_mode_nearest_the_class_me
         modes.classes, modes.k, modes.cached = ["a"], 3, {}
         got = modes.of_class(0).flatten(1)
         assert torch.allclose(got, centers, atol=0.1), seed  # mean (3, 2): A nearest; then A+B = (5, 0); then C
+
+
+def test_herd_slots_picks_one_candidate_per_slot_toward_the_target():
+    """Slot 0 keeps the candidate nearest the target; slot 1 the one that brings the mean of the two kept points
+    closest to it (hand-computed on a line); a slot's allowed candidates win over nearer ones it is not allowed,
+    a slot with none allowed picks among all; the picks of the first slots do not depend on later slots."""
+    x = torch.tensor([[[3.0], [1.0], [-1.5]], [[3.0], [1.0], [-1.5]]])  # [S=2, K=3, D=1], target 0
+    target = torch.zeros(1)
+    # slot 0: |3|, |1|, |-1.5| -> 1; slot 1: |1 + 3| / 2, |1 + 1| / 2, |1 - 1.5| / 2 -> 2
+    assert herd_slots(x, target).tolist() == [1, 2]
+    allowed = torch.tensor([[True, False, True], [False, False, False]])
+    # slot 0 among {0, 2}: -1.5; slot 1 none allowed, so all: |-1.5 + 3|, |-1.5 + 1|, |-1.5 - 1.5| -> 1
+    assert herd_slots(x, target, allowed).tolist() == [2, 1]
+    assert herd_slots(x[:1], target, allowed[:1]).tolist() == [2]
+    assert herd_slots(torch.zeros(2, 3, 4), torch.zeros(4)).tolist() == [0, 0]  # exact ties: the lowest index
+    with pytest.raises(ValueError, match="candidates"):
+        herd_slots(torch.zeros(3, 4), torch.zeros(4))

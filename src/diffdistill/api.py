@@ -32,6 +32,7 @@ from diffdistill.runs import (
     check_classifier_file,
     checkpoint_root,
     generator_check_file,
+    judge_missing,
     remade_inputs,
     results_file,
     run_order,
@@ -204,13 +205,17 @@ def run(cfg: Config, force: bool = False, resume: bool = False) -> Result:
         remade = ([u for u in stage_reads(cfg, name) if u in ran] or (remade_inputs(cfg, name) if done else [])) \
             if resume else []
         changed = changed_settings(cfg, name) if done else []
-        if done and not remade and not changed and not (
-                name == "check" and cfg.sample.redraw and not check_classifier_file(cfg.run_dir).is_file()):
+        # sampling reads the check's classifier: one it cannot use (missing, or without class means) is made again
+        unusable = judge_missing(check_classifier_file(cfg.run_dir), cfg.sample) \
+            if done and name == "check" and cfg.sample.judged else None
+        if done and not remade and not changed and not unusable:
             say(f"== {name} ({number}/{len(order)}) == done before: {output}")
             continue
         why = []
         if changed:
             why.append(f"before with other settings ({'; '.join(changed)})")
+        if unusable:
+            why.append(f"before, but its classifier {check_classifier_file(cfg.run_dir)} {unusable}")
         if remade and done:
             why.append(f"before {' and '.join(remade)} {'were' if len(remade) > 1 else 'was'} made again")
         say(f"== {name} ({number}/{len(order)}) ==" + (f" done {', and '.join(why)}: running it again" if why else ""))

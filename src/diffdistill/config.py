@@ -183,6 +183,17 @@ class SampleConfig:
     # its class stays, else the draw that gives its class the highest probability. Needs the check (this run's
     # pretraining, pretrain.check_images > 0, evaluate.full). 0: every image is kept as first drawn
     redraw: int = _num(0, NON_NEGATIVE)
+    # draws per image (1: one). With K > 1 every image of a class is drawn K times (draw 0 is the image a run
+    # with 1 makes, draw k the seed redraw k would take) and the generator check's classifier keeps one per image
+    # in its features: image i keeps the draw that brings the mean of the class's kept images 0..i closest to
+    # the real class's mean (herding, one pick per image), among the draws it assigns their class if any.
+    # Needs the check, as redraw does; not together with redraw
+    candidates: int = _num(1, POSITIVE)
+
+    @property
+    def judged(self) -> bool:
+        """Whether sampling reads the generator check's classifier."""
+        return self.redraw > 0 or self.candidates > 1
 
 
 @dataclass(frozen=True)
@@ -320,6 +331,8 @@ _RELATIONS: tuple[tuple[str, typing.Callable[[Config], bool], str], ...] = (
     ("diffusion.beta_end", lambda c: c.diffusion.schedule != "linear" or c.diffusion.beta_start < c.diffusion.beta_end,
      "a number larger than diffusion.beta_start"),
     ("sample.steps", lambda c: c.sample.steps <= c.diffusion.train_steps, "at most diffusion.train_steps"),
+    ("sample.candidates", lambda c: c.sample.candidates == 1 or c.sample.redraw == 0,
+     "1 while sample.redraw is set (both choose among draws by the generator check's classifier: set one)"),
     ("data.train", lambda c: c.data.train is not None or c.data.builtin is not None,
      "a folder of class subfolders when data.builtin is null"),
     ("sample.clip_denoised", lambda c: not c.sample.clip_denoised or (

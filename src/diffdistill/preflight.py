@@ -18,7 +18,7 @@ from pathlib import Path
 from diffdistill.config import Config, epochs_for_ipc
 from diffdistill.data.datasets import data_classes, list_images, train_counts
 from diffdistill.errors import StageError
-from diffdistill.runs import TRAINING_STAGES, check_classifier_file, stage_dir
+from diffdistill.runs import TRAINING_STAGES, check_classifier_file, judge_missing, judge_setting, stage_dir
 from diffdistill.teachers import check_teacher
 
 # how many classifier trainings evaluation runs per (net, seed): distilled and random real per IPC, + full
@@ -248,17 +248,21 @@ def _check_sampling(cfg: Config, classes: int, order: list[str], out: Preflight)
         raise StageError(f"sample.checkpoint is {source}, but {stage_dir(cfg.run_dir, source)} does not exist "
                          f"and this command does not make it: run `diffdistill {source}` with this config first")
     judge = check_classifier_file(cfg.run_dir)
-    if cfg.sample.redraw and "check" not in order and not judge.is_file():
+    why = judge_missing(judge, cfg.sample) if cfg.sample.judged and "check" not in order else None
+    if why:
+        setting, off = judge_setting(cfg.sample)
+        key = setting.split("=")[0]
         how = ("run `diffdistill check` with this config first (pretrain.check_images > 0, evaluate.full)"
                if stage_dir(cfg.run_dir, "pretrain").is_dir() or "pretrain" in order else
                "the check needs this run's pretraining, and there is none")
-        raise StageError(f"sample.redraw is {cfg.sample.redraw}, but the generator check's classifier {judge} does "
-                         f"not exist and this command does not make it: {how}; or set sample.redraw=0")
+        raise StageError(f"{setting}, but the generator check's classifier {judge} {why} and this "
+                         f"command does not make it: {how}; or set {key}={off}")
     per = max(cfg.sample.ipc)
-    redraw = (f"; up to {cfg.sample.redraw} redraws of an image the check's classifier assigns to another class"
-              if cfg.sample.redraw else "")
+    choice = (f"; up to {cfg.sample.redraw} redraws of an image the check's classifier assigns to another class"
+              if cfg.sample.redraw else f"; each image the check's classifier's pick of {cfg.sample.candidates} "
+              f"draws" if cfg.sample.candidates > 1 else "")
     out.say(f"sample: {per * classes} images ({per} per class), {cfg.sample.scheduler} {cfg.sample.steps} steps, "
-            f"guidance {cfg.sample.guidance}{redraw}")
+            f"guidance {cfg.sample.guidance}{choice}")
 
 
 def _check_evaluation(cfg: Config, counts: dict[str, int], order: list[str], distilled: str | None,

@@ -17,8 +17,9 @@ import json
 from pathlib import Path
 
 import yaml
+from safetensors import safe_open
 
-from diffdistill.config import Config, flat_keys, to_dict
+from diffdistill.config import Config, SampleConfig, flat_keys, to_dict
 from diffdistill.errors import StageError
 
 TRAINING_STAGES = ("pretrain", "finetune")
@@ -53,8 +54,32 @@ def generator_check_file(run_dir: Path) -> Path:
 
 
 def check_classifier_file(run_dir: Path) -> Path:
-    """The classifier the generator check trained on the real train set (`sample.redraw` judges by it)."""
+    """The classifier the generator check trained on the real train set (`sample.redraw` and
+    `sample.candidates` judge by it)."""
     return stage_dir(run_dir, "pretrain") / "check-classifier.safetensors"
+
+
+CLASS_MEANS = "class_means"  # in the check's classifier file: each real class's mean feature [classes, F]
+
+
+JUDGE_OFF = ("sample.redraw=0", "sample.candidates=1")  # sampling that reads no check (compare, sweep)
+
+
+def judge_setting(scfg: SampleConfig) -> tuple[str, str]:
+    """The setting that makes sampling read the check's classifier, as key=value, and the value that switches
+    it off."""
+    return (f"sample.redraw={scfg.redraw}", "0") if scfg.redraw else (f"sample.candidates={scfg.candidates}", "1")
+
+
+def judge_missing(path: Path, scfg: SampleConfig) -> str | None:
+    """Why the check's classifier file cannot serve these sampling settings (None: it can)."""
+    if not path.is_file():
+        return "does not exist"
+    if scfg.candidates > 1:
+        with safe_open(path, "pt") as f:
+            if CLASS_MEANS not in f.keys():
+                return "holds no class feature means (it was made before sample.candidates existed)"
+    return None
 
 
 def training_log(run_dir: Path, stage: str) -> Path:
@@ -84,7 +109,7 @@ def run_order(cfg: Config) -> list[str]:
 # `run --resume` and finished stages: a stage runs again when a setting its output depends on changed since
 # it ran (compared with the config it recorded) or when the output of a stage it reads was made again since
 # (STAGE_READS; each output records a token of its own and those of the outputs it read; the sample stage
-# reads the check's classifier only with sample.redraw).
+# reads the check's classifier only with sample.redraw or sample.candidates).
 STAGE_READS = {"check": ("pretrain",), "finetune": ("pretrain",), "sample": ("pretrain", "finetune"),
                "evaluate": ("sample", "check")}  # the report quotes the check
 SHARED = {"seed", "precision", "data", "autoencoder", "model", "diffusion", "prepare"}  # every stage's output
@@ -97,8 +122,9 @@ NO_RESULT_LEAVES = {"log_every", "checkpoint_every", "keep_checkpoints", "worker
 # the check samples from noise with the run's sampler and trains the first evaluation net on the real set:
 # sample.* and evaluate.* count for it, except these (and mode_guidance.*, soft.*)
 CHECK_IGNORES = {"sample.ipc", "sample.checkpoint", "sample.weights", "sample.start", "sample.prototype_strength",
-                 "sample.redraw", "evaluate.seeds", "evaluate.ipc", "evaluate.pool", "evaluate.epochs",
-                 "evaluate.eval_every", "evaluate.metrics", "evaluate.knn", "evaluate.labels", "evaluate.full"}
+                 "sample.redraw", "sample.candidates", "evaluate.seeds", "evaluate.ipc", "evaluate.pool",
+                 "evaluate.epochs", "evaluate.eval_every", "evaluate.metrics", "evaluate.knn", "evaluate.labels",
+                 "evaluate.full"}
 
 
 def _depends(stage: str, key: str) -> bool:
@@ -126,7 +152,7 @@ def recorded_config(run_dir: Path, stage: str) -> dict | None:
 
 def stage_reads(cfg: Config, stage: str) -> tuple[str, ...]:
     """The stages whose output `stage` reads in this run."""
-    return STAGE_READS.get(stage, ()) + (("check",) if stage == "sample" and cfg.sample.redraw else ())
+    return STAGE_READS.get(stage, ()) + (("check",) if stage == "sample" and cfg.sample.judged else ())
 
 
 def _record(run_dir: Path, stage: str) -> dict | None:

@@ -6,6 +6,8 @@ mode guidance / prototype starts). Euclidean distance; ties go to the lowest ind
 - `kcenter`: greedy k-center; first the point nearest the mean, then each step the point farthest from its
   nearest chosen point.
 - `kmeans`: Lloyd's algorithm from a seeded k-means++ start; `nearest` maps centroids to real points.
+- `herd_slots`: herding with one pick per slot among that slot's candidates (the sample stage's
+  `sample.candidates`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,25 @@ def herding(x: Tensor, k: int, target: Tensor | None = None) -> Tensor:
         taken[i] = True
         total += x[i]
     return torch.tensor(chosen, dtype=torch.long)
+
+
+def herd_slots(x: Tensor, target: Tensor, allowed: Tensor | None = None) -> Tensor:
+    """Per slot the index of the candidate kept [S], for candidates x [S, K, D]: slot i keeps the candidate that
+    brings the mean of the kept points of slots 0..i closest to `target` [D] (so a slot's pick depends on the
+    slots before it only: the first j picks are the same for any S ≥ j). `allowed` [S, K] (bool): a slot
+    with any allowed candidate picks among those. Ties go to the lowest index."""
+    if x.dim() != 3 or x.shape[1] == 0:
+        raise ValueError(f"expected candidates [S, K, D] with K >= 1, got shape {tuple(x.shape)}")
+    x, mu = x.double(), target.double().to(x.device)
+    total, picks = torch.zeros_like(mu), []
+    for i, row in enumerate(x):  # row [K, D]
+        dist = ((total + row) / (i + 1) - mu).pow(2).sum(1)  # [K]
+        if allowed is not None and allowed[i].any():
+            dist = dist.masked_fill(~allowed[i].to(dist.device), float("inf"))
+        j = _argmin(dist)
+        picks.append(j)
+        total += row[j]
+    return torch.tensor(picks, dtype=torch.long)
 
 
 def kcenter(x: Tensor, k: int) -> Tensor:

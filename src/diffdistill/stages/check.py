@@ -5,7 +5,8 @@ images per class from the pretrained EMA model with the run's sampler (from nois
 the real train set (the full-data recipe, `evaluate.full_epochs`), and report the share of generated images
 it assigns to their class: a fidelity estimate on a small sample. The result goes to
 <run>/pretrain/check.json and to the terminal, with a hint when it is below the report's fidelity goal; the
-classifier is kept (<run>/pretrain/check-classifier.safetensors): `sample.redraw` judges samples by it.
+classifier is kept (<run>/pretrain/check-classifier.safetensors) with each real class's mean feature:
+`sample.redraw` and `sample.candidates` judge samples by it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from diffdistill.files import atomic_write_json
 from diffdistill.models.dit import load_dit
 from diffdistill.runs import check_classifier_file, generator_check_file, input_tokens, model_source
 from diffdistill.runtime import derive_seed, sample_batch, setup
-from diffdistill.stages.evaluate import accuracy, on_device, train_classifier
+from diffdistill.stages.evaluate import accuracy, class_means, on_device, train_classifier
 from diffdistill.stages.report import FIDELITY_GOAL
 from diffdistill.stages.sample import Judge, sample_images
 
@@ -69,12 +70,14 @@ def generator_check(cfg: Config) -> Path:
         generated = _generate(cfg, model, train.classes, per_class, device)
         size, net = ecfg.image_size or cfg.data.image_size, ecfg.nets[0]
         norm = channel_stats(train, size, device)
-        res = train_classifier(net, *on_device(train, size, device), *on_device(generated, size, device), norm,
+        real_xy = on_device(train, size, device)
+        res = train_classifier(net, *real_xy, *on_device(generated, size, device), norm,
                                len(train.classes), ecfg.full_epochs, derive_seed(cfg.seed, "check", "classifier"),
                                ecfg, cfg.data.hflip)
         real = accuracy(res.model, *on_device(val, size, device), norm)  # how far the judge itself can be trusted
+        means = class_means(res.model, *real_xy, norm, len(train.classes))  # candidates' aim
         Judge.save(check_classifier_file(cfg.run_dir), res.model, net, ecfg.width, ecfg.norm, size, norm,
-                   train.classes)  # sample.redraw judges by it
+                   train.classes, means)  # sample.redraw and sample.candidates judge by it
     good = res.final >= FIDELITY_GOAL
     hint = "" if good else (f"; below the {FIDELITY_GOAL:.0f} % goal: the generator underfits — raise pretrain.steps "
                             f"(now {cfg.pretrain.steps}) or model.size (now {cfg.model.size}) before distilling")

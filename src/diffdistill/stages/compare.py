@@ -46,7 +46,15 @@ from diffdistill.models.classifiers import build_classifier
 from diffdistill.plots import compare_plot
 from diffdistill.preflight import check_plan
 from diffdistill.recipe import describe, resolve_config
-from diffdistill.runs import TRAINING_STAGES, evaluate_jobs, results_file, run_order, stage_dir
+from diffdistill.runs import (
+    JUDGE_OFF,
+    TRAINING_STAGES,
+    evaluate_jobs,
+    judge_setting,
+    results_file,
+    run_order,
+    stage_dir,
+)
 from diffdistill.runtime import derive_seed, setup, write_run_info
 from diffdistill.select import PREFIX_STABLE, SELECTORS
 from diffdistill.stages.evaluate import evaluate_stage, features
@@ -120,10 +128,10 @@ def run_compare(config: str | Path, methods: list[str], seeds: list[int], overri
     `dry_run`: check the plan and print it (the runs it would make), train nothing."""
     raw = read_yaml(Path(config))
     base = _build(raw, overrides)
-    if base.sample.redraw:  # every method samples as drawn, under one protocol
-        print(f"compare: sample.redraw={base.sample.redraw} is off here (it needs the generator check's "
+    if base.sample.judged:  # every method samples as drawn, under one protocol
+        print(f"compare: {judge_setting(base.sample)[0]} is off here (it needs the generator check's "
               f"classifier, and compare runs no check)", flush=True)
-        overrides = [*overrides, "sample.redraw=0"]
+        overrides = [*overrides, *JUDGE_OFF]
         base = _build(raw, overrides)
     for line in describe(base):
         print(line, flush=True)

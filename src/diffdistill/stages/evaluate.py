@@ -579,6 +579,22 @@ def features(model: torch.nn.Module, x: Pixels, norm: tuple[Tensor, Tensor]) -> 
                       for xb in batches(x, torch.arange(len(x)).split(eval_batch(x.shape[-1])))])
 
 
+@torch.no_grad()
+def class_means(model: torch.nn.Module, x: Pixels, y: Tensor, norm: tuple[Tensor, Tensor], num_classes: int) -> Tensor:
+    """Each class's mean penultimate feature [num_classes, F] (float64, on the CPU) of uint8 images x, batch by
+    batch (a large set's features are never all held at once)."""
+    model.eval()
+    total, count = None, torch.zeros(num_classes, dtype=torch.float64)
+    order = torch.arange(len(y)).split(eval_batch(x.shape[-1]))
+    for idx, xb in zip(order, batches(x, order)):
+        f = model.features((to_unit(xb) - norm[0]) / norm[1]).flatten(1).double().cpu()  # [b, F]
+        labels = y[idx.to(y.device)].cpu()
+        total = torch.zeros(num_classes, f.shape[1], dtype=torch.float64) if total is None else total
+        total.index_add_(0, labels, f)
+        count += torch.bincount(labels, minlength=num_classes)
+    return total / count.clamp_min(1)[:, None]
+
+
 def feature_metrics(plan: Plan, records: dict) -> dict:
     """Diversity and coverage of the distilled set and of the random-real subset (seed 0) at each IPC,
     against the real train set, in the features of the first net's full-data classifier (seed 0)."""

@@ -90,10 +90,30 @@ TOO_ALIKE = 0.75
 UNREALISTIC = 0.75
 
 
-def redraw_summary(results: dict) -> dict | None:
-    """The distilled set's `sample.redraw` counts ({redrawn, assigned, of}), if its sampling redrew images."""
+def choice_summary(results: dict) -> tuple[str, dict] | None:
+    """How the distilled set's sampling let the check's classifier choose its images: ("redraw", {redrawn,
+    replaced, assigned, of}) or ("candidates", {draws, first_kept, assigned, assigned_draws, of}); None if not."""
     info = Path(results["data"].get("distilled_set") or "") / "run_info.json"
-    return json.loads(info.read_text()).get("redraw") if info.is_file() else None
+    recorded = json.loads(info.read_text()) if info.is_file() else {}
+    return next(((kind, recorded[kind]) for kind in ("redraw", "candidates") if recorded.get(kind)), None)
+
+
+def drawn_fidelity(kind: str, summary: dict) -> tuple[float, str]:
+    """The generator's own fidelity by the check's classifier before it chose (%), and what it counts."""
+    if kind == "redraw":
+        return 100 * (summary["of"] - summary["redrawn"]) / max(summary["of"], 1), "first draws (before sample.redraw)"
+    return (100 * summary["assigned_draws"] / max(summary["of"] * summary["draws"], 1),
+            "draws (before sample.candidates chose)")
+
+
+def candidates_line(c: dict) -> str:
+    """report.md's line on `sample.candidates` ({draws, first_kept, assigned, assigned_draws, of})."""
+    return (f"**Chosen from {c['draws']} draws**: each of the {c['of']} distilled images is the generator check's "
+            f"classifier's pick of {c['draws']} draws (`sample.candidates`: herding in its features toward the real "
+            f"class's mean, among the draws it assigns their class). It assigned {c['assigned_draws']} of all "
+            f"{c['of'] * c['draws']} draws their class and {c['assigned']} of the kept images; {c['first_kept']} "
+            "kept their first draw. The fidelity above is then partly by construction (a classifier of the same "
+            "kind, trained on the same data, chose them).")
 
 
 def redraw_line(redraw: dict) -> str:
@@ -114,13 +134,14 @@ def redraw_line(redraw: dict) -> str:
 def verdicts(results: dict) -> list[str]:
     """One line per IPC at which the distilled set scores below random real images (the first net): the
     gap, the likely cause read from fidelity and the diversity metrics, and what to try. With `sample.redraw`
-    the generator is judged by its first draws (the fidelity of the kept images is partly by construction)."""
+    or `sample.candidates` the generator is judged by its draws before the check's classifier chose among them (the
+    fidelity of the kept images is partly by construction)."""
     cfg, fid = results["config"], results.get("fidelity")
-    redraw = redraw_summary(results)
-    of_first = " of the first draws" if redraw else ""
-    if fid and redraw:
-        first = 100 * (redraw["of"] - redraw["redrawn"]) / max(redraw["of"], 1)
-        fid = {**fid, "mean": min(fid["mean"], first)}
+    choice = choice_summary(results)
+    drawn, which = drawn_fidelity(*choice) if choice else (None, "distilled images")
+    of_first = f" of the {which.split(' (')[0]}" if choice else ""
+    if fid and choice:
+        fid = {**fid, "mean": min(fid["mean"], drawn)}
     metrics = (results.get("metrics") or {}).get("ipc", {})
     lines = []
     for ipc, e in results["ipc"].items():
@@ -146,7 +167,6 @@ def verdicts(results: dict) -> list[str]:
             line += "The set was made elsewhere (--distilled): this run's generator settings do not apply to it."
         elif fid and fid["mean"] < FIDELITY_GOAL:
             stage = "pretrain" if cfg["pretrain"]["steps"] > 0 else "finetune"
-            which = "first draws (before sample.redraw)" if redraw else "distilled images"
             line += (f"Likely cause: the generator is not good enough yet — {fid['mean']:.1f} % of the {which} "
                      f"are classified as their class (goal ≥ {FIDELITY_GOAL:.0f} %). Try: train longer "
                      f"({stage}.steps, now {cfg[stage]['steps']}) or a larger model (model.size, now "
@@ -264,9 +284,9 @@ def accuracy_section(run_dir: Path, results: dict) -> list[str]:
              "shown only for comparison with papers that report it.", ""]
     if results.get("fidelity"):
         lines += [f"**Fidelity**: {fidelity_line(results['fidelity'])}", ""]
-    redraw = redraw_summary(results)
-    if redraw:
-        lines += [redraw_line(redraw), ""]
+    choice = choice_summary(results)
+    if choice:
+        lines += [redraw_line(choice[1]) if choice[0] == "redraw" else candidates_line(choice[1]), ""]
     check = generator_check_file(run_dir)
     if check.is_file():
         c = json.loads(check.read_text())

@@ -2,9 +2,11 @@
 
 Image i of class c starts from noise (and draws its ancestral noise) from its own generator seeded by
 (seed, class name, i): any class or image can be regenerated alone, the set does not depend on the batch
-size, and the first k images of a class are exactly what a run with IPC = k would make. With
-`sample.redraw`, an image the generator check's classifier rejects is drawn again from a seed of its own
-(seed, class, i, attempt); the manifest records the seed of the draw that was kept.
+size, and the first k images of a class are exactly what a run with IPC = k would make. Draw k ≥ 1 of
+image i has a seed of its own (seed, class, i, k): with `sample.redraw` an image the generator check's
+classifier rejects is drawn again; with `sample.candidates` = K every image is drawn K times and the classifier
+keeps one (herding in its features, image by image, so the prefix property holds). The manifest records the
+seed of the draw that was kept.
 """
 
 from __future__ import annotations
@@ -35,9 +37,17 @@ from diffdistill.latents import RealLatents, cache_key
 from diffdistill.models.classifiers import build_classifier
 from diffdistill.models.dit import eps_prediction, learns_sigma, load_dit, null_class
 from diffdistill.progress import progress
-from diffdistill.runs import check_classifier_file, model_source, samples_partial, stage_dir
+from diffdistill.runs import (
+    CLASS_MEANS,
+    check_classifier_file,
+    judge_missing,
+    judge_setting,
+    model_source,
+    samples_partial,
+    stage_dir,
+)
 from diffdistill.runtime import autocast, compiled, derive_seed, sample_batch, setup, write_run_info
-from diffdistill.select import herding, kmeans
+from diffdistill.select import herd_slots, herding, kmeans
 
 
 def image_file(class_name: str, index: int) -> str:
@@ -120,39 +130,68 @@ def sample_images(model, decoder, cfg: Config, labels: Tensor, generators: list[
 
 
 class Judge:
-    """The generator check's classifier (trained on the real train set) as `sample.redraw` asks it: does it
-    assign each generated image its class, and with what probability. Saved by `save`, read back by the
+    """The generator check's classifier (trained on the real train set) as `sample.redraw` and
+    `sample.candidates` ask it: does it assign each generated image its class, with what probability, and
+    where its features lie; beside it each real class's mean feature. Saved by `save`, read back by the
     constructor; the class list must match the run's."""
 
-    def __init__(self, path: Path, classes: list[str], device: torch.device) -> None:
-        if not path.is_file():
-            raise StageError(f"sample.redraw needs the generator check's classifier {path}: run `diffdistill "
-                             f"check` with this config (pretrain.check_images > 0), or set sample.redraw=0")
+    def __init__(self, path: Path, scfg: SampleConfig, classes: list[str], device: torch.device) -> None:
+        why = judge_missing(path, scfg)
+        if why:
+            setting, off = judge_setting(scfg)
+            key = setting.split("=")[0]
+            raise StageError(f"{setting} needs the generator check's classifier {path}, which {why}: run "
+                             f"`diffdistill check` with this config (pretrain.check_images > 0), or set {key}={off}")
         with safe_open(path, "pt") as f:
             meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
         if json.loads(meta["classes"]) != classes:
             raise StageError(f"{path} was trained on other classes than this run's; run `diffdistill check` again")
         self.size, self.device = int(meta["image_size"]), device
         self.mean, self.std = tensors.pop("mean").to(device), tensors.pop("std").to(device)
+        self.class_means = tensors.pop(CLASS_MEANS, None)  # [classes, F] float64 on the CPU
         self.model = build_classifier(meta["net"], self.mean.shape[1], len(classes), self.size, int(meta["width"]),
                                       meta["norm"] or None).to(device).eval()
         self.model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items()})
 
     @staticmethod
     def save(path: Path, model: torch.nn.Module, net: str, width: int, norm_layer: str | None, size: int,
-             norm: tuple[Tensor, Tensor], classes: list[str]) -> None:
+             norm: tuple[Tensor, Tensor], classes: list[str], means: Tensor) -> None:
+        """`means` [classes, F]: each real class's mean feature of `model`."""
         tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         tensors.update(mean=norm[0].detach().cpu().contiguous(), std=norm[1].detach().cpu().contiguous())
+        tensors[CLASS_MEANS] = means.double().cpu().contiguous()
         meta = {"net": net, "width": str(width), "norm": norm_layer or "", "image_size": str(size),
                 "classes": json.dumps(classes)}
         atomic_write_bytes(path, safetensors_save(tensors, metadata=meta))
 
     @torch.no_grad()
-    def __call__(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """uint8 images [B, C, H, W] and their labels [B] -> (assigned [B] bool, own-class probability [B])."""
+    def score(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """uint8 images [B, C, H, W] and their labels [B] -> (assigned [B] bool, own-class probability [B],
+        penultimate features [B, F] float64), on the CPU."""
         x = (to_unit(resize_uint8(images.to(self.device), self.size)) - self.mean) / self.std
-        probs = self.model(x).float().softmax(1).cpu()  # [B, K]
-        return probs.argmax(1) == labels, probs.gather(1, labels[:, None])[:, 0]
+        feats = self.model.features(x).flatten(1)  # [B, F]
+        probs = self.model.classifier(feats).float().softmax(1).cpu()  # [B, K]
+        return probs.argmax(1) == labels, probs.gather(1, labels[:, None])[:, 0], feats.double().cpu()
+
+    def __call__(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(assigned [B] bool, own-class probability [B]) of uint8 images [B, C, H, W] with labels [B]."""
+        return self.score(images, labels)[:2]
+
+    def choose(self, images: Tensor, jobs: list[tuple[int, int]], k: int) -> tuple[Tensor, list[dict]]:
+        """`sample.candidates`: images [len(jobs) · k, C, H, W], the k draws of each job (class, index) in turn,
+        jobs of a class in index order and starting at index 0 -> (the kept image of each job [len(jobs), C, H,
+        W], a record per job: {kept: the draw kept, draws: k, assigned: whether the kept draw is assigned its
+        class, assigned_draws: how many of its k draws are})."""
+        labels = torch.tensor([c for c, _ in jobs]).repeat_interleave(k)
+        ok, _, feats = self.score(images, labels)
+        ok, feats = ok.view(len(jobs), k), feats.view(len(jobs), k, -1)  # [J, k], [J, k, F]
+        picks = torch.zeros(len(jobs), dtype=torch.long)
+        for c in dict.fromkeys(c for c, _ in jobs):
+            rows = torch.tensor([n for n, (cls, _) in enumerate(jobs) if cls == c])
+            picks[rows] = herd_slots(feats[rows], self.class_means[c], ok[rows])
+        kept = images.view(len(jobs), k, *images.shape[1:])[torch.arange(len(jobs)), picks]
+        return kept, [{"kept": int(p), "draws": k, "assigned": bool(row[p]), "assigned_draws": int(row.sum())}
+                      for p, row in zip(picks, ok)]
 
 
 def _sample_fitting(make: Callable[[list], Tensor], batch: list, fits: list[int]) -> Tensor:
@@ -229,7 +268,7 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
     spec = {"checkpoint": source, "checkpoint_files": _fingerprint(source), "sample": full["sample"],
             "seed": cfg.seed, "classes": classes, "class_ids": cfg.model.class_ids,
             "autoencoder": full["autoencoder"], "diffusion": full["diffusion"], "precision": cfg.precision}
-    if scfg.redraw:  # another judge keeps other draws
+    if scfg.judged:  # another judge keeps other draws
         spec["judge_files"] = _fingerprint(str(check_classifier_file(cfg.run_dir)))
     if needs_modes(scfg):  # the modes come from the real train set: another set, other images
         spec["modes_from"] = cache_key(cfg)
@@ -244,24 +283,31 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
     seeds = {job: derive_seed(cfg.seed, "sample", classes[job[0]], job[1]) for job in jobs}
     size = sample_batch(scfg.batch_size, device)
     fits = [size]  # the images per forward that fit in memory (lowered on an out-of-memory error)
-    batches = [jobs[k : k + size] for k in range(0, len(jobs), size)]
+    draws = scfg.candidates
+    if draws > 1:  # image i's pick depends on the picks of images 0..i-1 of its class: whole classes per batch
+        per = max(1, size // (ipc * draws))
+        batches = [[(c, i) for c in range(lo, min(lo + per, len(classes))) for i in range(ipc)]
+                   for lo in range(0, len(classes), per)]
+    else:
+        batches = [jobs[k : k + size] for k in range(0, len(jobs), size)]
     mine = [b for n, b in enumerate(batches) if n % dist.world_size() == dist.rank()
             and not all((work / image_file(classes[c], i)).is_file() for c, i in b)]
     bar = progress(total=sum(map(len, mine)), desc="sample", unit="img", disable=not dist.is_main())
-    judge = Judge(check_classifier_file(cfg.run_dir), classes, device) if scfg.redraw else None
+    judge = Judge(check_classifier_file(cfg.run_dir), scfg, classes, device) if scfg.judged else None
     if judge and dist.is_main():
-        (work / REDRAWS).mkdir(exist_ok=True)
+        (work / CHOICES).mkdir(exist_ok=True)
     dist.barrier()
 
-    def draw(part: list[tuple[int, int]], attempt: int, part_modes: Tensor | None) -> Tensor:
-        """images of the jobs `part` (their modes `part_modes` [len(part), C, H, W], if any), draw `attempt`"""
-        row = {job: k for k, job in enumerate(part)}
+    def draw(part: list[tuple[tuple[int, int], int]], part_modes: Tensor | None) -> Tensor:
+        """images of the draws `part`, pairs (job, draw number) (their modes `part_modes` [len(part), C, H, W])"""
+        row = {pair: k for k, pair in enumerate(part)}
         return _sample_fitting(lambda chunk: sample_images(
-            model, ae, cfg, torch.tensor([cond[c] for c, _ in chunk]),
-            [torch.Generator().manual_seed(draw_seed(job, attempt)) for job in chunk], device,
-            None if part_modes is None else part_modes[[row[job] for job in chunk]]), part, fits)
+            model, ae, cfg, torch.tensor([cond[c] for (c, _), _ in chunk]),
+            [torch.Generator().manual_seed(draw_seed(job, k)) for job, k in chunk], device,
+            None if part_modes is None else part_modes[[row[pair] for pair in chunk]]), part, fits)
 
     def draw_seed(job: tuple[int, int], attempt: int) -> int:
+        """draw 0 is the image's own seed; draw k ≥ 1 (a redraw or a candidate) has one of its own"""
         return seeds[job] if attempt == 0 else derive_seed(cfg.seed, "sample", classes[job[0]], job[1], "redraw",
                                                            attempt)
 
@@ -270,17 +316,23 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
         pending: list[Future] = []
         for batch in mine:
             batch_modes = modes.batch(batch) if modes else None  # once per batch: redraws reuse them
-            images = draw(batch, 0, batch_modes)
-            if judge:  # redraw the images the classifier assigns to another class (see SampleConfig.redraw)
+            files = [image_file(classes[c], i) for c, i in batch]
+            if draws > 1:  # every image drawn `draws` times; the judge keeps one (see SampleConfig.candidates)
+                every = draw([(job, k) for job in batch for k in range(draws)],
+                             None if batch_modes is None else batch_modes.repeat_interleave(draws, 0))
+                images, kept = judge.choose(every, batch, draws)
+                atomic_write_json(work / CHOICES / f"{batch[0][0]}-{batch[0][1]}.json", dict(zip(files, kept)))
+            else:
+                images = draw([(job, 0) for job in batch], batch_modes)
+            if scfg.redraw:  # redraw the images the classifier assigns to another class (see SampleConfig.redraw)
                 labels = torch.tensor([c for c, _ in batch])
-                files = [image_file(classes[c], i) for c, i in batch]
                 records = {f: {"kept": 0, "draws": 1} for f in files}  # kept: the draw kept, 0 = the first
                 ok, best = judge(images, labels)
                 for attempt in range(1, scfg.redraw + 1):
                     redo = (~ok).nonzero()[:, 0]
                     if len(redo) == 0:
                         break
-                    again = draw([batch[k] for k in redo.tolist()], attempt,
+                    again = draw([(batch[k], attempt) for k in redo.tolist()],
                                  None if batch_modes is None else batch_modes[redo])
                     ok_again, prob = judge(again, labels[redo])
                     better = ok_again | (prob > best[redo])  # assigned, or closer to it than any earlier draw
@@ -291,7 +343,7 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
                             records[files[k]]["kept"] = attempt
                 for f, assigned in zip(files, ok.tolist()):
                     records[f]["assigned"] = assigned
-                atomic_write_json(work / REDRAWS / f"{batch[0][0]}-{batch[0][1]}.json", records)
+                atomic_write_json(work / CHOICES / f"{batch[0][0]}-{batch[0][1]}.json", records)
             for future in pending:
                 future.result()
             pending = [pool.submit(save_png, hwc(img), work / image_file(classes[c], i))
@@ -305,19 +357,20 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
         missing = [image_file(classes[c], i) for c, i in jobs if not (work / image_file(classes[c], i)).is_file()]
         if missing:
             raise StageError(f"sample: {len(missing)} images were not written (first: {work / missing[0]})")
-        judged = {}  # the redraw records of every batch, this rank's and the others'
-        for f in sorted((work / REDRAWS).glob("*.json")) if scfg.redraw else []:
+        judged = {}  # the judge's records of every batch, this rank's and the others'
+        for f in sorted((work / CHOICES).glob("*.json")) if scfg.judged else []:
             judged.update(json.loads(f.read_text()))
-        lost = [image_file(classes[c], i) for c, i in jobs if scfg.redraw and image_file(classes[c], i) not in judged]
+        lost = [image_file(classes[c], i) for c, i in jobs if scfg.judged and image_file(classes[c], i) not in judged]
         if lost:
-            raise StageError(f"sample: {len(lost)} images have no redraw record in {work / REDRAWS} (first: "
+            raise StageError(f"sample: {len(lost)} images have no record of their draws in {work / CHOICES} (first: "
                              f"{lost[0]}); run `diffdistill sample --force`")
+        choice = "redraw" if scfg.redraw else "candidates"  # the manifest's key for the judge's record
         records = []
         for c, i in jobs:
             record = {"file": image_file(classes[c], i), "class": classes[c], "label": c, "condition_id": cond[c],
                       "index": i, "seed": draw_seed((c, i), judged.get(image_file(classes[c], i), {}).get("kept", 0))}
-            if scfg.redraw:
-                record["redraw"] = judged[image_file(classes[c], i)]
+            if scfg.judged:
+                record[choice] = judged[image_file(classes[c], i)]
             records.append(record)
         atomic_write_json(work / "manifest.json", {
             "checkpoint": source, "weights": scfg.weights, "classes": classes, "ipc": ipc,
@@ -326,13 +379,13 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
                         "timestep_spacing": scfg.timestep_spacing or DEFAULT_SPACING[scfg.scheduler],
                         "clip_denoised": scfg.clip_denoised, "learned_sigma": learns_sigma(model),
                         "mode_guidance": full["sample"]["mode_guidance"], "start": scfg.start,
-                        "prototype_strength": scfg.prototype_strength,
+                        "prototype_strength": scfg.prototype_strength, "candidates": scfg.candidates,
                         "modes": f"k-means (k = {ipc}) of each class's real latents ({modes.real.source})"
                         if modes else None},
             "images": records,
         })
         (work / SPEC_FILE).unlink()
-        shutil.rmtree(work / REDRAWS, ignore_errors=True)
+        shutil.rmtree(work / CHOICES, ignore_errors=True)
         for tmp in work.glob("*/.*.tmp"):  # left by an interrupted run
             tmp.unlink()
         summary = {}
@@ -340,6 +393,11 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
             summary["redraw"] = {"redrawn": sum(r["redraw"]["draws"] > 1 for r in records),
                                  "replaced": sum(r["redraw"]["kept"] > 0 for r in records),  # a later draw kept
                                  "assigned": sum(r["redraw"]["assigned"] for r in records), "of": len(records)}
+        if draws > 1:  # how the judge chose, for the report: all draws assigned = the generator's own fidelity
+            summary["candidates"] = {"draws": draws, "first_kept": sum(r["candidates"]["kept"] == 0 for r in records),
+                                     "assigned": sum(r["candidates"]["assigned"] for r in records),
+                                     "assigned_draws": sum(r["candidates"]["assigned_draws"] for r in records),
+                                     "of": len(records)}
         write_run_info(work, cfg, "sample", {"checkpoint": source, "num_images": len(records),
                                              "world_size": dist.world_size(), **summary})
         replace_dir(work, final)
@@ -348,7 +406,7 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
 
 
 SPEC_FILE = ".spec.json"  # what the partial folder's images were made with
-REDRAWS = ".redraws"  # in the partial folder: each batch's redraw records, gathered into manifest.json
+CHOICES = ".choices"  # in the partial folder: each batch's records of the judge's choices, into manifest.json
 
 
 def _fingerprint(source: str) -> list:
