@@ -1,12 +1,15 @@
 """Your own data, measured: three folder sets, each run end to end through a config with several seeds; prints
-JSON and writes own-data.md (distilled vs random real per IPC, fidelity, time). Textures and shapes30 were never
-used to choose own-data.yaml's settings; its sampling settings were chosen on glyphs.
+JSON and writes own-data.md (distilled vs random real per IPC, fidelity, time). Its sampling settings were chosen
+on glyphs, and sample.candidates after looking at all three of the first sets; doodles came after every choice
+(held out).
 
 The sets are drawn here from a seed (class subfolders of PNGs, train and val), so anyone can remake them:
 - glyphs:   10 letters, grayscale 28 px: a font's glyph at a random size, rotation, shift and stroke blur.
 - textures: 10 classes of RGB 32 px textures: oriented gratings and blobs whose orientation, frequency and
             palette depend on the class, with noise.
 - shapes30: 30 classes (5 shapes × 6 hues) of RGB 32 px drawings on cluttered backgrounds.
+- doodles:  10 classes of RGB 32 px hand-drawn-like strokes (a class's polyline jittered, turned, scaled and
+            shifted, in a random colour and width) over colour gradients with noise.
 
     python benchmarks/own_data.py --seeds 0,1,2        # configs/own-data.yaml, as a user would run it
     python benchmarks/own_data.py --seeds 0,1,2 --jobs 4   # on a GPU: four runs at once
@@ -91,9 +94,30 @@ def shape(label: int, rng: np.random.Generator, size: int = 32) -> Image.Image:
     return img
 
 
-# name -> (drawing function, number of classes)
+def doodle_template(label: int) -> np.ndarray:
+    """The class's stroke: 5 points in [0.15, 0.85]², fixed per class (its own seed)."""
+    return np.random.default_rng([7, label]).uniform(0.15, 0.85, (5, 2))
+
+
+def doodle(label: int, rng: np.random.Generator, size: int = 32) -> Image.Image:
+    """The class's stroke drawn by hand: its points jittered, the whole turned, scaled and shifted, in a random
+    colour and width, over a random colour gradient with noise."""
+    pts = doodle_template(label) + rng.normal(0, 0.05, (5, 2)) - 0.5
+    angle, scale = rng.uniform(-0.35, 0.35), rng.uniform(0.8, 1.1)
+    rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    pts = (pts @ rot.T * scale + 0.5 + rng.uniform(-0.08, 0.08, 2)) * size
+    a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    ramp = np.linspace(0, 1, size)[None, :, None] if rng.random() < 0.5 else np.linspace(0, 1, size)[:, None, None]
+    bg = a * (1 - ramp) + b * ramp + rng.normal(0, 10, (size, size, 3))
+    img = Image.fromarray(bg.clip(0, 255).astype(np.uint8))
+    ink = tuple(int(v) for v in 255 - (a + b) // 2)  # away from the background's colours
+    ImageDraw.Draw(img).line([tuple(p) for p in pts.tolist()], fill=ink, width=int(rng.integers(2, 4)), joint="curve")
+    return img
+
+
+# name -> (drawing function, number of classes); a new set goes last (each set's seed is its index here)
 SETS: dict[str, tuple[Callable[[int, np.random.Generator], Image.Image], int]] = {
-    "glyphs": (glyph, 10), "textures": (texture, 10), "shapes30": (shape, 30)}
+    "glyphs": (glyph, 10), "textures": (texture, 10), "shapes30": (shape, 30), "doodles": (doodle, 10)}
 
 
 def make_set(root: Path, name: str, train_per_class: int, val_per_class: int, seed: int = 0) -> Path:
@@ -184,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         data = make_set(root / "data", name, args.train_per_class, args.val_per_class)
         runs += [(name, int(seed), f"{name}-s{seed}", data) for seed in args.seeds.split(",")]
     todo = [r for r in runs if r[:2] not in done]
+    resumed = {run for _, _, run, _ in todo if args.resume and (root / run).is_dir()}  # stages kept: minutes partial
     finished = dict(done)
 
     def command(run: str, seed: int, data: Path) -> list[str]:
@@ -194,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         res = json.loads((root / run / "results.json").read_text())
         check = root / run / "pretrain" / "check.json"
         finished[(name, seed)] = {
-            "set": name, "seed": seed, "minutes": round(seconds / 60, 1), "resumed": args.resume,
+            "set": name, "seed": seed, "minutes": round(seconds / 60, 1), "resumed": run in resumed,
             "fidelity": (res.get("fidelity") or {}).get("mean"),
             "check": json.loads(check.read_text())["fidelity"] if check.is_file() else None,
             "auto": _auto_choices(root / run),

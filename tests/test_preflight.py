@@ -3,6 +3,7 @@
 import time
 
 import pytest
+import torch
 from helpers import make_shapes
 
 from diffdistill.cli import main
@@ -108,3 +109,19 @@ def test_the_time_estimate_counts_one_evaluation_per_kind_of_label(monkeypatch):
     assert ipc_part > 100
     assert evaluate_minutes("[hard,soft]", True) - evaluate_minutes("[hard]", True) == pytest.approx(ipc_part, abs=0.2)
     assert evaluate_minutes("[hard]", True) > ipc_part + 1  # the full-data classifier counts, once
+
+
+def test_the_time_estimate_counts_every_candidate_draw(monkeypatch):
+    """sample.candidates = K draws each image K times, in batches of whole classes: the sampling minutes count
+    the forwards those batches take (batches of 64 on a CPU, 4 classes, 10 steps at 1 s each)."""
+    from diffdistill import preflight
+
+    monkeypatch.setattr(preflight, "_seconds_per_call", lambda fn: 1.0)
+
+    def sample_minutes(ipc: int, candidates: int) -> float:
+        cfg = build_config({}, [f"sample.ipc=[{ipc}]", "sample.steps=10", f"sample.candidates={candidates}"])
+        return preflight._dit_minutes(cfg, ["sample"], 4, 1, torch.device("cpu"))["sample"]
+
+    assert sample_minutes(16, 1) == pytest.approx(10 / 60)  # 64 images: one forward per step
+    assert sample_minutes(16, 4) == pytest.approx(4 * 10 / 60)  # a class's 64 draws per batch
+    assert sample_minutes(10, 8) == pytest.approx(8 * 10 / 60)  # a class's 80 draws: forwards of 64 and 16

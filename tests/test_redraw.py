@@ -205,6 +205,27 @@ def test_candidates_keep_one_draw_per_image_by_herding_in_the_judges_features(tm
     assert info["candidates"] == {"draws": 3, "first_kept": 3, "assigned": 6, "assigned_draws": 12, "of": 6}
     assert main(["evaluate", "configs/demo-digits.yaml", *out, "evaluate.nets=[convnet3]", "--force"]) == 0
     assert "**Chosen from 3 draws**" in (tmp_path / "demo-digits" / "report.md").read_text()
+    # the real judge with prototype starts (each draw from its image's mode) makes the same set in one batch
+    # and in three (one class each), also when interrupted in the second and resumed
+    monkeypatch.undo()
+    proto = ["sample.candidates=2", "sample.start=prototype", "--force"]
+    assert main(["sample", "configs/demo-digits.yaml", *out, *proto]) == 0
+    whole = {p.relative_to(samples).as_posix(): p.read_bytes() for p in samples.rglob("*.png")}
+    real_score = S.Judge.score
+
+    def stop_second(self, images, labels, seen=[]):  # noqa: B006 - counts the calls of this one run
+        seen.append(1)
+        if len(seen) == 2:
+            raise S.StageError("stopped")
+        return real_score(self, images, labels)
+
+    monkeypatch.setattr(S.Judge, "score", stop_second)
+    assert main(["sample", "configs/demo-digits.yaml", *out, *proto, "sample.batch_size=4"]) == 2
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["sample", "configs/demo-digits.yaml", *out, *proto, "sample.batch_size=4"]) == 0
+    assert "(2 images already there)" in capsys.readouterr().out  # the first batch: class 0's two images
+    assert {p.relative_to(samples).as_posix(): p.read_bytes() for p in samples.rglob("*.png")} == whole
     # a classifier file from before the class means: refused before sampling, made again by run --resume
     judge_file = check_classifier_file(tmp_path / "demo-digits")
     tensors = load_file(judge_file)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffdistill.stages.report import verdicts, write_report
+from diffdistill.stages.report import candidates_line, verdicts, write_report
 
 
 def summary(mean: float, std: float = 0.5) -> dict:
@@ -190,6 +190,26 @@ def test_redrawn_samples_judge_the_generator_by_its_first_draws(tmp_path):
     (samples / "run_info.json").write_text(json.dumps({"redraw": {"redrawn": 1, "assigned": 100, "of": 100}}))
     (line,) = verdicts(res)
     assert "generator is not good enough" not in line and "fidelity 99.0 % of the first draws" in line
+
+
+def test_candidates_judge_the_generator_by_all_its_draws(tmp_path):
+    """With sample.candidates the cause is read from the share of all draws the check's classifier assigned their
+    class, not from the kept images' fidelity; report.md's line says how the images were chosen."""
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    summary = {"draws": 8, "first_kept": 20, "assigned": 100, "assigned_draws": 760, "of": 100}
+    (samples / "run_info.json").write_text(json.dumps({"candidates": summary}))
+    res = results({"10": 93.4}, {"10": 96.9}, fidelity=100.0)
+    res["config"]["out_dir"], res["config"]["name"] = str(tmp_path.parent), tmp_path.name
+    res["data"]["distilled_set"] = str(samples)
+    (line,) = verdicts(res)
+    assert "generator is not good enough" in line and "95.0 % of the draws (before sample.candidates chose)" in line
+    (samples / "run_info.json").write_text(json.dumps({"candidates": {**summary, "assigned_draws": 790}}))
+    (line,) = verdicts(res)
+    assert "generator is not good enough" not in line and "fidelity 98.8 % of the draws," in line
+    text = candidates_line(summary)
+    assert text.startswith("**Chosen from 8 draws**: each of the 100 distilled images")
+    assert "760 of all 800 draws" in text and "20 kept their first draw" in text and "by construction" in text
 
 
 def test_the_redraw_line_says_partly_by_construction_only_when_an_image_was_redrawn():

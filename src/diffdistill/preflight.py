@@ -141,7 +141,7 @@ def _dit_minutes(cfg: Config, order: list[str], classes: int, channels: int, dev
 
     from diffdistill.autoencoders import IdentityAutoencoder
     from diffdistill.models.dit import build_dit
-    from diffdistill.runtime import sample_batch
+    from diffdistill.runtime import sample_batch, sample_batches
 
     latent = IdentityAutoencoder(cfg.autoencoder.unshuffle).latent_shape(channels, cfg.data.image_size)
     dit = build_dit(cfg.model.size, *latent[:2], classes, cfg.model.learn_sigma).to(device)
@@ -162,9 +162,10 @@ def _dit_minutes(cfg: Config, order: list[str], classes: int, channels: int, dev
     out = {s: getattr(cfg, s).steps * _seconds_per_call(lambda s=s: step(getattr(cfg, s).batch_size)) / 60
            for s in TRAINING_STAGES if s in order}
     if "sample" in order:
-        images = max(cfg.sample.ipc) * classes
-        batch = min(sample_batch(cfg.sample.batch_size, device), images)
-        out["sample"] = _seconds_per_call(lambda: guided_forward(batch)) * cfg.sample.steps * -(-images // batch) / 60
+        size, ipc, draws = sample_batch(cfg.sample.batch_size, device), max(cfg.sample.ipc), cfg.sample.candidates
+        forwards = sum(-(-len(b) * draws // size) for b in sample_batches(classes, ipc, draws, size))
+        batch = min(size, ipc * classes * draws)
+        out["sample"] = _seconds_per_call(lambda: guided_forward(batch)) * cfg.sample.steps * forwards / 60
     return out
 
 

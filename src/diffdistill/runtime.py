@@ -60,6 +60,17 @@ def sample_batch(size: int | str, device: torch.device) -> int:
     return SAMPLE_BATCH.get(device.type, 64) if size == "auto" else int(size)
 
 
+def sample_batches(classes: int, ipc: int, draws: int, size: int) -> list[list[tuple[int, int]]]:
+    """The sample stage's batches of jobs (class, image index), class-major: `size` images at a time; with
+    several draws per image (`sample.candidates`) whole classes (image i's pick depends on images 0..i−1 of its
+    class), as many as fit in `size` draws and at least one. A batch's draws are sampled `size` at a time."""
+    jobs = [(c, i) for c in range(classes) for i in range(ipc)]
+    if draws == 1:
+        return [jobs[k : k + size] for k in range(0, len(jobs), size)]
+    per = max(1, size // (ipc * draws))
+    return [jobs[k : k + per * ipc] for k in range(0, len(jobs), per * ipc)]
+
+
 def compiled(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
     """`model` through torch.compile when the config asks for it (`compile`, `compile_mode`), else itself. The
     compiled module forwards attribute reads (config, ...) to the model; weights stay shared."""

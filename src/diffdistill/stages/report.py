@@ -140,8 +140,8 @@ def verdicts(results: dict) -> list[str]:
     choice = choice_summary(results)
     drawn, which = drawn_fidelity(*choice) if choice else (None, "distilled images")
     of_first = f" of the {which.split(' (')[0]}" if choice else ""
-    if fid and choice:
-        fid = {**fid, "mean": min(fid["mean"], drawn)}
+    if fid and choice:  # the kept images were chosen by a classifier like the evaluation's: judge the draws
+        fid = {**fid, "mean": drawn}
     metrics = (results.get("metrics") or {}).get("ipc", {})
     lines = []
     for ipc, e in results["ipc"].items():

@@ -46,7 +46,15 @@ from diffdistill.runs import (
     samples_partial,
     stage_dir,
 )
-from diffdistill.runtime import autocast, compiled, derive_seed, sample_batch, setup, write_run_info
+from diffdistill.runtime import (
+    autocast,
+    compiled,
+    derive_seed,
+    sample_batch,
+    sample_batches,
+    setup,
+    write_run_info,
+)
 from diffdistill.select import herd_slots, herding, kmeans
 
 
@@ -183,7 +191,8 @@ class Judge:
         W], a record per job: {kept: the draw kept, draws: k, assigned: whether the kept draw is assigned its
         class, assigned_draws: how many of its k draws are})."""
         labels = torch.tensor([c for c, _ in jobs]).repeat_interleave(k)
-        ok, _, feats = self.score(images, labels)
+        parts = [self.score(x, y) for x, y in zip(images.split(JUDGE_BATCH), labels.split(JUDGE_BATCH))]
+        ok, feats = torch.cat([p[0] for p in parts]), torch.cat([p[2] for p in parts])
         ok, feats = ok.view(len(jobs), k), feats.view(len(jobs), k, -1)  # [J, k], [J, k, F]
         picks = torch.zeros(len(jobs), dtype=torch.long)
         for c in dict.fromkeys(c for c, _ in jobs):
@@ -252,9 +261,10 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
     """Write max(sample.ipc) PNGs per class under <run>/samples/<class>/ plus manifest.json.
 
     Work happens in <run>/.samples.partial/, which survives an interruption: a rerun with the same sampling
-    settings skips the batches whose images all exist. Batches are cut from the global image list and
-    dealt to torchrun ranks round-robin, so every image is computed in the same batch whatever the number
-    of processes and the set is identical for any world size."""
+    settings skips the batches whose images all exist. Batches are cut from the global image list (whole
+    classes with `sample.candidates`; runtime.sample_batches) and dealt to torchrun ranks round-robin, so every
+    image is computed in the same batch whatever the number of processes and the set is identical for any
+    world size."""
     scfg = cfg.sample
     device = dist.init(setup(cfg))
     final = stage_dir(cfg.run_dir, "sample")
@@ -284,12 +294,7 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
     size = sample_batch(scfg.batch_size, device)
     fits = [size]  # the images per forward that fit in memory (lowered on an out-of-memory error)
     draws = scfg.candidates
-    if draws > 1:  # image i's pick depends on the picks of images 0..i-1 of its class: whole classes per batch
-        per = max(1, size // (ipc * draws))
-        batches = [[(c, i) for c in range(lo, min(lo + per, len(classes))) for i in range(ipc)]
-                   for lo in range(0, len(classes), per)]
-    else:
-        batches = [jobs[k : k + size] for k in range(0, len(jobs), size)]
+    batches = sample_batches(len(classes), ipc, draws, size)
     mine = [b for n, b in enumerate(batches) if n % dist.world_size() == dist.rank()
             and not all((work / image_file(classes[c], i)).is_file() for c, i in b)]
     bar = progress(total=sum(map(len, mine)), desc="sample", unit="img", disable=not dist.is_main())
@@ -405,6 +410,7 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
     return final
 
 
+JUDGE_BATCH = 256  # images per judge forward when it chooses among candidates (a class's draws can be many)
 SPEC_FILE = ".spec.json"  # what the partial folder's images were made with
 CHOICES = ".choices"  # in the partial folder: each batch's records of the judge's choices, into manifest.json
 
