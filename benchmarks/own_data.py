@@ -1,4 +1,4 @@
-"""Your own data, measured: three folder sets, each run end to end through a config with several seeds; prints
+"""Your own data, measured: four folder sets, each run end to end through a config with several seeds; prints
 JSON and writes own-data.md (distilled vs random real per IPC, fidelity, time). Its sampling settings were chosen
 on glyphs, and sample.candidates after looking at all three of the first sets; doodles came after every choice
 (held out).
@@ -15,7 +15,7 @@ The sets are drawn here from a seed (class subfolders of PNGs, train and val), s
     python benchmarks/own_data.py --seeds 0,1,2 --jobs 4   # on a GPU: four runs at once
     python benchmarks/own_data.py --seeds 0,1,2 --resume   # after a change to sampling: keeps the trained models
 
-Not part of `make bench` (hours on 2 CPU cores; minutes on a GPU). Neither glyphs nor textures are
+Not part of `make bench` (hours on 2 CPU cores; minutes on a GPU). Glyphs, textures and doodles are not
 flip-invariant: own-data.yaml has `data.hflip: false`. Glyphs need Pillow's scalable default font
 (Pillow >= 10.1 with FreeType).
 """

@@ -163,8 +163,9 @@ def _dit_minutes(cfg: Config, order: list[str], classes: int, channels: int, dev
            for s in TRAINING_STAGES if s in order}
     if "sample" in order:
         size, ipc, draws = sample_batch(cfg.sample.batch_size, device), max(cfg.sample.ipc), cfg.sample.candidates
-        forwards = sum(-(-len(b) * draws // size) for b in sample_batches(classes, ipc, draws, size))
-        batch = min(size, ipc * classes * draws)
+        batches = sample_batches(classes, ipc, draws, size)
+        forwards = sum(-(-len(b) * draws // size) for b in batches)
+        batch = min(size, max(len(b) for b in batches) * draws)  # the largest forward
         out["sample"] = _seconds_per_call(lambda: guided_forward(batch)) * cfg.sample.steps * forwards / 60
     return out
 

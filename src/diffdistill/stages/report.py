@@ -138,10 +138,11 @@ def verdicts(results: dict) -> list[str]:
     fidelity of the kept images is partly by construction)."""
     cfg, fid = results["config"], results.get("fidelity")
     choice = choice_summary(results)
-    drawn, which = drawn_fidelity(*choice) if choice else (None, "distilled images")
-    of_first = f" of the {which.split(' (')[0]}" if choice else ""
-    if fid and choice:  # the kept images were chosen by a classifier like the evaluation's: judge the draws
-        fid = {**fid, "mean": drawn}
+    which, of_first = "distilled images", ""
+    if fid and choice:  # the kept images were chosen by a classifier like the evaluation's: judge by the draws
+        drawn, draws = drawn_fidelity(*choice)
+        if drawn < fid["mean"]:
+            fid, which, of_first = {**fid, "mean": drawn}, draws, f" of the {draws.split(' (')[0]}"
     metrics = (results.get("metrics") or {}).get("ipc", {})
     lines = []
     for ipc, e in results["ipc"].items():

@@ -2,11 +2,12 @@
 
 Image i of class c starts from noise (and draws its ancestral noise) from its own generator seeded by
 (seed, class name, i): any class or image can be regenerated alone, the set does not depend on the batch
-size, and the first k images of a class are exactly what a run with IPC = k would make. Draw k ≥ 1 of
+size, and the first k images of a class are exactly what a run with IPC = k would make (from noise; modes are
+k-means with k = the largest IPC, so with them the smaller IPCs of one run are its prefixes). Draw k ≥ 1 of
 image i has a seed of its own (seed, class, i, k): with `sample.redraw` an image the generator check's
 classifier rejects is drawn again; with `sample.candidates` = K every image is drawn K times and the classifier
-keeps one (herding in its features, image by image, so the prefix property holds). The manifest records the
-seed of the draw that was kept.
+keeps one (herding in its features, image by image: image i's pick depends on images 0..i−1 only, so the
+prefixes hold). The manifest records the seed of the draw that was kept.
 """
 
 from __future__ import annotations
