@@ -18,7 +18,7 @@ from pathlib import Path
 from diffdistill.config import Config, epochs_for_ipc
 from diffdistill.data.datasets import data_classes, list_images, train_counts
 from diffdistill.errors import StageError
-from diffdistill.runs import TRAINING_STAGES, check_classifier_file, judge_missing, judge_setting, stage_dir
+from diffdistill.runs import JUDGE_OFF, TRAINING_STAGES, check_classifier_file, judge_missing, judge_setting, stage_dir
 from diffdistill.teachers import check_teacher
 
 # how many classifier trainings evaluation runs per (net, seed): distilled and random real per IPC, + full
@@ -252,13 +252,12 @@ def _check_sampling(cfg: Config, classes: int, order: list[str], out: Preflight)
     judge = check_classifier_file(cfg.run_dir)
     why = judge_missing(judge, cfg.sample) if cfg.sample.judged and "check" not in order else None
     if why:
-        setting, off = judge_setting(cfg.sample)
-        key = setting.split("=")[0]
+        key, value = judge_setting(cfg.sample)
         how = ("run `diffdistill check` with this config first (pretrain.check_images > 0, evaluate.full)"
                if stage_dir(cfg.run_dir, "pretrain").is_dir() or "pretrain" in order else
                "the check needs this run's pretraining, and there is none")
-        raise StageError(f"{setting}, but the generator check's classifier {judge} {why} and this "
-                         f"command does not make it: {how}; or set {key}={off}")
+        raise StageError(f"{key}={value}, but the generator check's classifier {judge} {why} and this "
+                         f"command does not make it: {how}; or set {key}={JUDGE_OFF[key]}")
     per = max(cfg.sample.ipc)
     choice = (f"; up to {cfg.sample.redraw} redraws of an image the check's classifier assigns to another class"
               if cfg.sample.redraw else f"; each image the check's classifier's pick of {cfg.sample.candidates} "

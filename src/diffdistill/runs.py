@@ -62,13 +62,19 @@ def check_classifier_file(run_dir: Path) -> Path:
 CLASS_MEANS = "class_means"  # in the check's classifier file: each real class's mean feature [classes, F]
 
 
-JUDGE_OFF = ("sample.redraw=0", "sample.candidates=1")  # sampling that reads no check (compare, sweep)
+# the settings that make sampling read the check's classifier, and the values that switch them off (compare and
+# sweep sample with these: they run no check)
+JUDGE_OFF = {"sample.redraw": 0, "sample.candidates": 1}
 
 
-def judge_setting(scfg: SampleConfig) -> tuple[str, str]:
-    """The setting that makes sampling read the check's classifier, as key=value, and the value that switches
-    it off."""
-    return (f"sample.redraw={scfg.redraw}", "0") if scfg.redraw else (f"sample.candidates={scfg.candidates}", "1")
+def judge_setting(scfg: SampleConfig) -> tuple[str, int]:
+    """The setting that makes sampling read the check's classifier: (key, value)."""
+    return ("sample.redraw", scfg.redraw) if scfg.redraw else ("sample.candidates", scfg.candidates)
+
+
+def judge_off() -> list[str]:
+    """JUDGE_OFF as key=value overrides."""
+    return [f"{key}={value}" for key, value in JUDGE_OFF.items()]
 
 
 def judge_missing(path: Path, scfg: SampleConfig) -> str | None:

@@ -47,9 +47,9 @@ from diffdistill.plots import compare_plot
 from diffdistill.preflight import check_plan
 from diffdistill.recipe import describe, resolve_config
 from diffdistill.runs import (
-    JUDGE_OFF,
     TRAINING_STAGES,
     evaluate_jobs,
+    judge_off,
     judge_setting,
     results_file,
     run_order,
@@ -129,9 +129,10 @@ def run_compare(config: str | Path, methods: list[str], seeds: list[int], overri
     raw = read_yaml(Path(config))
     base = _build(raw, overrides)
     if base.sample.judged:  # every method samples as drawn, under one protocol
-        print(f"compare: {judge_setting(base.sample)[0]} is off here (it needs the generator check's "
+        key, value = judge_setting(base.sample)
+        print(f"compare: {key}={value} is off here (it needs the generator check's "
               f"classifier, and compare runs no check)", flush=True)
-        overrides = [*overrides, *JUDGE_OFF]
+        overrides = [*overrides, *judge_off()]
         base = _build(raw, overrides)
     for line in describe(base):
         print(line, flush=True)

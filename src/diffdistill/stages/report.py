@@ -98,12 +98,12 @@ def choice_summary(results: dict) -> tuple[str, dict] | None:
     return next(((kind, recorded[kind]) for kind in ("redraw", "candidates") if recorded.get(kind)), None)
 
 
-def drawn_fidelity(kind: str, summary: dict) -> tuple[float, str]:
-    """The generator's own fidelity by the check's classifier before it chose (%), and what it counts."""
+def drawn_fidelity(kind: str, summary: dict) -> tuple[float, str, str]:
+    """The generator's own fidelity by the check's classifier before it chose (%), what it counts, and when."""
     if kind == "redraw":
-        return 100 * (summary["of"] - summary["redrawn"]) / max(summary["of"], 1), "first draws (before sample.redraw)"
-    return (100 * summary["assigned_draws"] / max(summary["of"] * summary["draws"], 1),
-            "draws (before sample.candidates chose)")
+        return 100 * (summary["of"] - summary["redrawn"]) / max(summary["of"], 1), "first draws", "before sample.redraw"
+    return (100 * summary["assigned_draws"] / max(summary["of"] * summary["draws"], 1), "draws",
+            "before sample.candidates chose")
 
 
 def candidates_line(c: dict) -> str:
@@ -140,9 +140,9 @@ def verdicts(results: dict) -> list[str]:
     choice = choice_summary(results)
     which, of_first = "distilled images", ""
     if fid and choice:  # the kept images were chosen by a classifier like the evaluation's: judge by the draws
-        drawn, draws = drawn_fidelity(*choice)
+        drawn, counted, when = drawn_fidelity(*choice)
         if drawn < fid["mean"]:
-            fid, which, of_first = {**fid, "mean": drawn}, draws, f" of the {draws.split(' (')[0]}"
+            fid, which, of_first = {**fid, "mean": drawn}, f"{counted} ({when})", f" of the {counted}"
     metrics = (results.get("metrics") or {}).get("ipc", {})
     lines = []
     for ipc, e in results["ipc"].items():

@@ -40,6 +40,7 @@ from diffdistill.models.dit import eps_prediction, learns_sigma, load_dit, null_
 from diffdistill.progress import progress
 from diffdistill.runs import (
     CLASS_MEANS,
+    JUDGE_OFF,
     check_classifier_file,
     judge_missing,
     judge_setting,
@@ -147,10 +148,10 @@ class Judge:
     def __init__(self, path: Path, scfg: SampleConfig, classes: list[str], device: torch.device) -> None:
         why = judge_missing(path, scfg)
         if why:
-            setting, off = judge_setting(scfg)
-            key = setting.split("=")[0]
-            raise StageError(f"{setting} needs the generator check's classifier {path}, which {why}: run "
-                             f"`diffdistill check` with this config (pretrain.check_images > 0), or set {key}={off}")
+            key, value = judge_setting(scfg)
+            raise StageError(f"{key}={value} needs the generator check's classifier {path}, which {why}: run "
+                             f"`diffdistill check` with this config (pretrain.check_images > 0), or set "
+                             f"{key}={JUDGE_OFF[key]}")
         with safe_open(path, "pt") as f:
             meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
         if json.loads(meta["classes"]) != classes:
