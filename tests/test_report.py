@@ -107,6 +107,10 @@ def test_report_and_terminal_lead_with_the_loss(tmp_path, loses):
     assert ("scores below random real" in report.split("Top-1 accuracy")[0]) == loses  # above the tables
     assert ("below random real (convnet3): IPC 10: distilled 92.5 %" in printed) == loses
     assert "IPC 1:" not in printed  # distilled wins at IPC 1
+    # the fidelity's yardstick: what the same classifiers score on real images (full: 99.0 ± 0.5)
+    yardstick = "(on real validation images the same classifiers score 99.0 ± 0.5 %)"
+    assert "fidelity: 90.0 ± 0.0 % of the 100 distilled images" in printed and yardstick in printed
+    assert yardstick in report
 
 
 def _png(data: bytes) -> np.ndarray:
