@@ -157,15 +157,20 @@ def _write_table(path: Path, rows: list[dict]) -> None:
                          f"{np.mean(d) - np.mean(rr):+.1f} | {_mean_std(fid) if fid else '—'} | "
                          f"{_mean_std(chk) if chk else '—'} | {_mean_std([r['minutes'] for r in runs])}"
                          f"{' (resumed)' if any(r.get('resumed') for r in runs) else ''} |")
-    table += ["", "| set | seed | IPC | distilled | random real | gap | fidelity | check | minutes | auto |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    table += ["", "| set | seed | IPC | distilled | random real | gap | fidelity | of all draws | check | "
+                  "pretrain steps | minutes | auto |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         for ipc, e in r["ipc"].items():
             table.append(f"| {r['set']} | {r['seed']} | {ipc} | {e['distilled']:.1f} | {e['random_real']:.1f} | "
-                         f"{e['distilled'] - e['random_real']:+.1f} | {r['fidelity']} | {r['check']} | "
+                         f"{e['distilled'] - e['random_real']:+.1f} | {r['fidelity']} | {r.get('drawn') or '—'} | "
+                         f"{r['check']} | {r.get('pretrain_steps') or '—'} | "
                          f"{r['minutes']}{' (resumed)' if r.get('resumed') else ''} | "
                          f"{'; '.join(f'{k} = {v}' for k, v in r['auto'].items())} |")
     path.write_text("\n".join(table) + "\n")
+
+
+def _info(folder: Path) -> dict:
+    return json.loads((folder / "run_info.json").read_text()) if (folder / "run_info.json").is_file() else {}
 
 
 def _auto_choices(run_dir: Path) -> dict[str, str]:
@@ -218,10 +223,17 @@ def main(argv: list[str] | None = None) -> None:
     def record(name: str, seed: int, run: str, seconds: float) -> None:
         res = json.loads((root / run / "results.json").read_text())
         check = root / run / "pretrain" / "check.json"
+        pretrain, sampled = (_info(root / run / stage) for stage in ("pretrain", "samples"))
+        draws = sampled.get("candidates") or {}
         finished[(name, seed)] = {
             "set": name, "seed": seed, "minutes": round(seconds / 60, 1), "resumed": run in resumed,
             "fidelity": (res.get("fidelity") or {}).get("mean"),
+            # the share of all draws the check's classifier assigned their class (sample.candidates > 1)
+            "drawn": round(100 * draws["assigned_draws"] / (draws["of"] * draws["draws"]), 1) if draws else None,
             "check": json.loads(check.read_text())["fidelity"] if check.is_file() else None,
+            # steps pretraining ran, and the checks on the way that made it go on past pretrain.steps
+            "pretrain_steps": pretrain.get("steps"),
+            "checks_on_the_way": (pretrain.get("extension") or {}).get("checks"),
             "auto": _auto_choices(root / run),
             "ipc": {ipc: {"distilled": e["distilled"]["mean"], "random_real": e["random_real"]["mean"]}
                     for ipc, e in res["ipc"].items()}}

@@ -40,11 +40,14 @@ def test_one_tiny_run_gives_the_table(tmp_path, capsys, monkeypatch):
     (run,) = report["runs"]
     assert run["set"] == "glyphs" and set(run["ipc"]) == {"1"} and 0 <= run["ipc"]["1"]["distilled"] <= 100
     # configs/own-data.yaml sized the rest: 16 px gray -> unshuffle 2 and the tiny DiT; steps were given
-    assert run["auto"] == {"autoencoder.unshuffle": "2", "model.size": "tiny"} and run["check"] is None
+    assert run["auto"] == {"autoencoder.unshuffle": "2", "model.size": "tiny", "pretrain.max_steps": "0"}
+    assert run["check"] is None
     table = (tmp_path / "own-data.md").read_text().splitlines()
     assert len(table) == 7 and table[2].startswith("| glyphs | 1 | 1 |")
     assert table[6].startswith("| glyphs | 0 | 1 |")
-    assert table[6].endswith("autoencoder.unshuffle = 2; model.size = tiny |")
+    cells = table[6].split(" | ")
+    assert cells[7:10] == ["—", "None", "10"]  # no candidates' draws, no check; 10 pretraining steps
+    assert table[6].endswith("autoencoder.unshuffle = 2; model.size = tiny; pretrain.max_steps = 0 |")
     # a second call with --keep reuses the finished run instead of training it again
     import diffdistill.cli
 
@@ -59,7 +62,7 @@ def test_one_tiny_run_gives_the_table(tmp_path, capsys, monkeypatch):
     own_data.main(["--sets", "glyphs", "--seeds", "0", "--train-per-class", "4", "--val-per-class", "2",
                    "--out", str(tmp_path), "--resume", *tiny])
     assert len(calls) == 1 and calls[0][-1] == "--resume" and "--force" not in calls[0]
-    assert (tmp_path / "own-data.md").read_text().splitlines()[6].split(" | ")[8].endswith("(resumed)")
+    assert (tmp_path / "own-data.md").read_text().splitlines()[6].split(" | ")[10].endswith("(resumed)")
 
 
 @pytest.mark.slow

@@ -64,7 +64,9 @@ def test_dry_run_prints_the_plan_and_makes_nothing(folders, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "auto: pretrain.steps = 2000" in out
     assert f"data: {folders}/train: 18 train images in 3 classes (6 per class), 16 px" in out
-    assert "pretrain: 2000 steps of batch 64 (2000 epochs)" in out  # a batch larger than the set takes it all
+    assert "auto: pretrain.max_steps = 4000: 2 x pretrain.steps" in out
+    # a batch larger than the set takes it all
+    assert "pretrain: 2000 steps of batch 64 (2000 epochs); up to 4000 while the generator checks on the way" in out
     assert "sample: 15 images (5 per class), ddpm 50 steps, guidance 2.0" in out
     assert "evaluate: 15 classifier trainings (convnet3 × 3 seeds × IPC 1, 5" in out
     stages = [line.split(":")[0] for line in out.splitlines()
@@ -75,6 +77,8 @@ def test_dry_run_prints_the_plan_and_makes_nothing(folders, tmp_path, capsys):
     minutes = dict(part.strip().split(" ~") for part in timed.split(": ", 1)[1].split(";")[0].split(","))
     assert list(minutes) == ["pretrain", "check", "finetune", "sample", "evaluate"]
     assert float(minutes["pretrain"]) > 0 and all(float(m) >= 0 for m in minutes.values())
+    total, most = (float(timed.split(word, 1)[1].split()[0].rstrip(",")) for word in ("total ~", "up to ~"))
+    assert most >= total + float(minutes["pretrain"]) - 1 and "if pretraining goes on to pretrain.max_steps" in timed
     assert not (tmp_path / "runs").exists()
 
 

@@ -125,11 +125,14 @@ def finetune(cfg: Config, force: bool = False, resume: bool = False) -> Result:
 
 
 def _train(cfg: Config, stage: str, force: bool, resume: bool, checked: bool = False) -> Result:
+    from diffdistill.stages.check import FidelityProbe
     from diffdistill.stages.train import train_stage
 
     if not checked:
         _start(cfg, [stage], force, resume)
-    train_stage(cfg, stage, force, resume)
+    # pretrain.max_steps: pretraining goes on while the generator check on the way is below its goal
+    probe = FidelityProbe(cfg) if stage == "pretrain" and cfg.pretrain.max_steps else None
+    train_stage(cfg, stage, force, resume, probe)
     return Result(cfg.run_dir)
 
 

@@ -29,7 +29,7 @@ from diffdistill.files import atomic_torch_save, atomic_write_json, atomic_write
 from diffdistill.runs import VAL_KEYS, unused_data_keys
 
 # keys that may change between a checkpoint and its resumption (they do not change the result)
-RESUME_FREE = {"steps", "checkpoint_every", "keep_checkpoints", "log_every"}
+RESUME_FREE = {"steps", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every"}
 # what a checkpoint holds and how the loop uses it; bump when a resumed run would no longer repeat the original
 # (2: the DiT runs with the original DiT's timestep spacing; ranks share one data order per epoch; 3: on a GPU
 # timesteps and noise come from a generator there, saved with the rank's state)

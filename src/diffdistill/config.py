@@ -136,6 +136,10 @@ class TrainConfig:
     # pretrain only, in `run`: sample this many images per class from the new model and score them with a
     # classifier trained on the real train set (a fidelity estimate before fine-tuning); 0: no check
     check_images: int = _num(0, NON_NEGATIVE)
+    # pretrain only, with the check: while a generator check made on the way (the check's classifier and seeds, on
+    # the EMA model) is below the fidelity goal, pretraining goes on past `steps` in rounds of steps / 2, up to
+    # max_steps in all; 0: it stops at `steps`; auto: 2 × steps. The same weights as a run of that many steps
+    max_steps: int | Literal["auto"] = _num(0, _check(lambda v: v == AUTO or v >= 0, "a number >= 0 or auto"))
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 
@@ -333,6 +337,13 @@ _RELATIONS: tuple[tuple[str, typing.Callable[[Config], bool], str], ...] = (
     ("sample.steps", lambda c: c.sample.steps <= c.diffusion.train_steps, "at most diffusion.train_steps"),
     ("sample.candidates", lambda c: c.sample.candidates == 1 or c.sample.redraw == 0,
      "1 while sample.redraw is set (both choose among draws by the generator check's classifier: set one)"),
+    ("finetune.max_steps", lambda c: c.finetune.max_steps == 0,
+     "0 (only pretraining goes on while the generator check is below its goal)"),
+    ("pretrain.max_steps", lambda c: c.pretrain.max_steps in (0, AUTO) or c.pretrain.check_images > 0,
+     "0 or auto while pretrain.check_images is 0 (pretraining goes on only while the generator check is below its "
+     "goal)"),
+    ("pretrain.max_steps", lambda c: AUTO in (c.pretrain.max_steps, c.pretrain.steps) or c.pretrain.max_steps == 0
+     or c.pretrain.max_steps >= c.pretrain.steps, "0, auto or at least pretrain.steps"),
     ("data.train", lambda c: c.data.train is not None or c.data.builtin is not None,
      "a folder of class subfolders when data.builtin is null"),
     ("sample.clip_denoised", lambda c: not c.sample.clip_denoised or (

@@ -132,8 +132,13 @@ def estimate(cfg: Config, order: list[str], counts: dict[str, int], channels: in
                 minutes["evaluate"] = passes * cfg.evaluate.seeds * len(cfg.evaluate.nets) * per_image / 60
     parts = ", ".join(f"{s} ~{minutes[s]:.1f}" for s in order if s in minutes)
     skipped = f" (not timed: {', '.join(untimed)}, a VAE or a loaded model)" if untimed else ""
+    pre = cfg.pretrain
+    more = ""
+    if "pretrain" in minutes and pre.max_steps > pre.steps:  # the steps past `steps`, and the checks' classifier
+        extra = minutes["pretrain"] * (pre.max_steps / pre.steps - 1) + minutes.get("check", 0)
+        more = f", up to ~{sum(minutes.values()) + extra:.0f} if pretraining goes on to pretrain.max_steps"
     return (f"time (from a few timed steps on {device.type}, minutes): {parts or 'nothing timed'}; "
-            f"total ~{sum(minutes.values()):.0f}{skipped}")
+            f"total ~{sum(minutes.values()):.0f}{more}{skipped}")
 
 
 def _dit_minutes(cfg: Config, order: list[str], classes: int, channels: int, device) -> dict[str, float]:
@@ -240,8 +245,10 @@ def _check_training(cfg: Config, stage: str, order: list[str], total: int, out: 
     if tcfg.init in TRAINING_STAGES and tcfg.init not in order and not stage_dir(cfg.run_dir, tcfg.init).is_dir():
         raise StageError(f"{stage}.init is {tcfg.init}, but {stage_dir(cfg.run_dir, tcfg.init)} does not exist and "
                          f"this command does not make it: run `diffdistill {tcfg.init}` with this config first")
+    more = f"; up to {tcfg.max_steps} while the generator checks on the way are below their goal" \
+        if tcfg.max_steps > tcfg.steps else ""
     out.say(f"{stage}: {tcfg.steps} steps of batch {tcfg.batch_size} "
-            f"({tcfg.steps * min(tcfg.batch_size, total) / total:.0f} epochs)")
+            f"({tcfg.steps * min(tcfg.batch_size, total) / total:.0f} epochs){more}")
 
 
 def _check_sampling(cfg: Config, classes: int, order: list[str], out: Preflight) -> None:

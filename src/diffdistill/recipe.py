@@ -19,6 +19,8 @@ from diffdistill.models.dit import SIZES
 EPOCHS = 200
 STEPS_PER_CLASS = 480
 STEP_FLOOR, STEP_CEILING = 2000, 20000
+# pretrain.max_steps: how far pretraining may go on while the generator check is below its goal
+MAX_STEPS_FACTOR = 2
 # model.size: the tiny DiT while a token carries few values; a wider one for RGB tokens
 TOKEN_VALUES_TINY = 64
 SIZE_NARROW, SIZE_WIDE = "tiny", "small"
@@ -35,7 +37,8 @@ class DataFacts:
 
 
 def has_auto(cfg: Config) -> bool:
-    return AUTO in (cfg.pretrain.steps, cfg.finetune.steps, cfg.model.size, cfg.autoencoder.unshuffle)
+    return AUTO in (cfg.pretrain.steps, cfg.pretrain.max_steps, cfg.finetune.steps, cfg.model.size,
+                    cfg.autoencoder.unshuffle)
 
 
 def data_facts(cfg: Config) -> DataFacts:
@@ -97,6 +100,15 @@ def resolve(cfg: Config, facts: DataFacts) -> Config:
         steps, why = pretrain_steps(facts.images, facts.classes, pretrain.batch_size)
         pretrain = dataclasses.replace(pretrain, steps=steps)
         chosen.append(("pretrain.steps", f"{steps}: {why}"))
+    if pretrain.max_steps == AUTO:
+        most = MAX_STEPS_FACTOR * pretrain.steps if pretrain.check_images else 0
+        pretrain = dataclasses.replace(pretrain, max_steps=most)
+        chosen.append(("pretrain.max_steps", f"{most}: {MAX_STEPS_FACTOR} x pretrain.steps, reached only while the "
+                                             "generator checks on the way are below their goal" if most else
+                       "0: no generator check to go on by (pretrain.check_images is 0)"))
+    elif 0 < pretrain.max_steps < pretrain.steps:
+        raise ConfigError(f"config key 'pretrain.max_steps': expected 0, auto or at least pretrain.steps "
+                          f"({pretrain.steps}), got {pretrain.max_steps}")
     return dataclasses.replace(cfg, autoencoder=ae, model=model, pretrain=pretrain, auto=cfg.auto + tuple(chosen))
 
 

@@ -11,6 +11,7 @@ classifier is kept (<run>/pretrain/check-classifier.safetensors) with each real 
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import replace
@@ -27,7 +28,7 @@ from diffdistill.data.pixels import channel_stats
 from diffdistill.errors import StageError
 from diffdistill.files import atomic_write_json
 from diffdistill.models.dit import load_dit
-from diffdistill.runs import check_classifier_file, generator_check_file, input_tokens, model_source
+from diffdistill.runs import check_classifier_file, generator_check_file, input_tokens, model_source, stage_dir
 from diffdistill.runtime import derive_seed, sample_batch, setup
 from diffdistill.stages.evaluate import accuracy, class_means, on_device, train_classifier
 from diffdistill.stages.report import FIDELITY_GOAL
@@ -35,13 +36,12 @@ from diffdistill.stages.sample import Judge, sample_images
 
 
 @torch.no_grad()
-def _generate(cfg: Config, source: str, classes: list[str], per_class: int, device: torch.device) -> ImageSet:
-    """`per_class` images of each class from the model folder `source`, uint8 at data.image_size: the run's
-    sampler from pure noise, without mode guidance (a prototype start or modes would lend the generator the
-    real images they come from)."""
+def _generate(cfg: Config, model, classes: list[str], per_class: int, device: torch.device) -> ImageSet:
+    """`per_class` images of each class from the DiT `model`, uint8 at data.image_size: the run's sampler from
+    pure noise, without mode guidance (a prototype start or modes would lend the generator the real images they
+    come from)."""
     plain = replace(cfg.sample, start="noise", mode_guidance=replace(cfg.sample.mode_guidance, scale=0.0))
     cfg = replace(cfg, sample=plain)
-    model = load_dit(source, key="pretrain").to(device).eval()
     decoder = build_decoder(cfg.autoencoder).to(device)
     cond, _ = condition_ids(classes, cfg.model.class_ids)
     jobs = [(c, i) for c in range(len(classes)) for i in range(per_class)]
@@ -53,6 +53,48 @@ def _generate(cfg: Config, source: str, classes: list[str], per_class: int, devi
         images.append(sample_images(model, decoder, cfg, torch.tensor([cond[c] for c, _ in batch]), generators,
                                     device))
     return ImageSet(torch.cat(images), torch.tensor([c for c, _ in jobs]), classes)
+
+
+def _train_judge(cfg: Config, real_xy, generated: ImageSet, norm, num_classes: int):
+    """The check's classifier: the first evaluation net on the real train set (the full-data recipe, the check's
+    seed); `generated` is its validation set (read, never trained on)."""
+    ecfg = cfg.evaluate
+    size = ecfg.image_size or cfg.data.image_size
+    return train_classifier(ecfg.nets[0], *real_xy, *on_device(generated, size, real_xy[1].device), norm,
+                            num_classes, ecfg.full_epochs, derive_seed(cfg.seed, "check", "classifier"), ecfg,
+                            cfg.data.hflip)
+
+
+def _trained_steps(cfg: Config) -> int:
+    """The steps pretraining ran: pretrain.steps, or more where the checks on the way made it go on."""
+    info = stage_dir(cfg.run_dir, "pretrain") / "run_info.json"
+    return json.loads(info.read_text()).get("steps", cfg.pretrain.steps) if info.is_file() else cfg.pretrain.steps
+
+
+class FidelityProbe:
+    """The generator check on the way (`pretrain.max_steps`): the share (%) of a model's check samples (the
+    check's seeds, from noise) that the check's classifier assigns their class. The classifier is trained at the
+    first call (it then scores what the check will find, from the same seeds) and kept for the later ones."""
+
+    goal = FIDELITY_GOAL
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg, self.judge = cfg, None
+
+    def __call__(self, model) -> float:
+        cfg = self.cfg
+        device = next(model.parameters()).device
+        with torch.random.fork_rng(devices=[]):  # training goes on with the random state it had
+            if self.judge is None:
+                train, _ = load_data(cfg.data, need_val=False)
+                self.classes = train.classes
+                self.size = cfg.evaluate.image_size or cfg.data.image_size
+                self.norm = channel_stats(train, self.size, device)
+            generated = _generate(self.cfg, model.eval(), self.classes, cfg.pretrain.check_images, device)
+            if self.judge is None:
+                self.judge = _train_judge(cfg, on_device(train, self.size, device), generated, self.norm,
+                                          len(self.classes)).model
+            return accuracy(self.judge, *on_device(generated, self.size, device), self.norm)
 
 
 def generator_check(cfg: Config) -> Path:
@@ -67,20 +109,23 @@ def generator_check(cfg: Config) -> Path:
     device, ecfg, t0 = setup(cfg), cfg.evaluate, time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # the stages after this one see the random state they always saw
         train, val = load_data(cfg.data, need_val=True)
-        generated = _generate(cfg, model, train.classes, per_class, device)
+        dit = load_dit(model, key="pretrain").to(device).eval()
+        generated = _generate(cfg, dit, train.classes, per_class, device)
         size, net = ecfg.image_size or cfg.data.image_size, ecfg.nets[0]
         norm = channel_stats(train, size, device)
         real_xy = on_device(train, size, device)
-        res = train_classifier(net, *real_xy, *on_device(generated, size, device), norm,
-                               len(train.classes), ecfg.full_epochs, derive_seed(cfg.seed, "check", "classifier"),
-                               ecfg, cfg.data.hflip)
+        res = _train_judge(cfg, real_xy, generated, norm, len(train.classes))
         real = accuracy(res.model, *on_device(val, size, device), norm)  # how far the judge itself can be trusted
         means = class_means(res.model, *real_xy, norm, len(train.classes))  # candidates' aim
         Judge.save(check_classifier_file(cfg.run_dir), res.model, net, ecfg.width, ecfg.norm, size, norm,
                    train.classes, means)  # sample.redraw and sample.candidates judge by it
     good = res.final >= FIDELITY_GOAL
+    trained = _trained_steps(cfg)
+    went_on = f", {trained} with the checks on the way (pretrain.max_steps {cfg.pretrain.max_steps})" \
+        if trained != cfg.pretrain.steps else ""
     hint = "" if good else (f"; below the {FIDELITY_GOAL:.0f} % goal: the generator underfits — raise pretrain.steps "
-                            f"(now {cfg.pretrain.steps}) or model.size (now {cfg.model.size}) before distilling")
+                            f"(now {cfg.pretrain.steps}{went_on}) or model.size (now {cfg.model.size}) before "
+                            "distilling")
     line = (f"generator check: {res.final:.1f} % of {len(generated)} images sampled after pretraining are assigned "
             f"their class by a {net} trained on the real train set (which scores {real:.1f} % on real val "
             f"images){hint}")

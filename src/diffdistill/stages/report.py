@@ -170,13 +170,12 @@ def verdicts(results: dict) -> list[str]:
             stage = "pretrain" if cfg["pretrain"]["steps"] > 0 else "finetune"
             line += (f"Likely cause: the generator is not good enough yet — {fid['mean']:.1f} % of the {which} "
                      f"are classified as their class (goal ≥ {FIDELITY_GOAL:.0f} %). Try: train longer "
-                     f"({stage}.steps, now {cfg[stage]['steps']}) or a larger model (model.size, now "
-                     f"{cfg['model']['size']}).")
+                     f"({_steps_now(cfg, stage)}) or a larger model (model.size, now {cfg['model']['size']}).")
         elif unlike:
             line += (f"Likely cause: the samples are unlike real images (precision {dm['precision']:.2f} vs "
                      f"{rm['precision']:.2f} for random real images{fine}: recognisable, but oversaturated or with "
                      f"artifacts). Try: a larger model (model.size, now {cfg['model']['size']}), more pretraining "
-                     f"(pretrain.steps, now {cfg['pretrain']['steps']}) or {guidance}; and compare with real-image "
+                     f"({_steps_now(cfg, 'pretrain')}) or {guidance}; and compare with real-image "
                      "coresets (diffdistill compare CONFIG --methods random,herding,kmeans,adaptive).")
         elif alike:
             line += (f"Likely cause: the samples are too alike ({' and '.join(alike)} for random real images"
@@ -204,6 +203,14 @@ def accuracy_tables(results: dict) -> str:
     by_net = _by_net(results)
     return "\n\n".join((f"{net} ({entry['norm']} norm)\n\n" if len(by_net) > 1 else "") + accuracy_table(entry)
                        for net, entry in by_net.items())
+
+
+def _steps_now(cfg: dict, stage: str) -> str:
+    """The key that sets a stage's training length, and its value; pretrain.max_steps beside it where set."""
+    tcfg = cfg[stage]
+    most = tcfg.get("max_steps") or 0
+    went_on = f", and pretrain.max_steps, now {most}" if stage == "pretrain" and most > tcfg["steps"] else ""
+    return f"{stage}.steps, now {tcfg['steps']}{went_on}"
 
 
 def fidelity_line(fid: dict, full: dict | None = None) -> str:

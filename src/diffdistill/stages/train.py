@@ -12,6 +12,7 @@ steps nothing is read back from the device: loss parts, the non-finite check and
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -68,9 +70,20 @@ from diffdistill.runtime import (
 )
 
 
-def train_stage(cfg: Config, stage: str, force: bool = False, resume: bool = False) -> Path:
+class Probe(Protocol):
+    """What pretraining asks where it may go on (pretrain.max_steps): a model's fidelity (%) and its goal;
+    stages.check.FidelityProbe, handed in by api.py (training does not import the check stage)."""
+
+    goal: float
+
+    def __call__(self, model) -> float: ...
+
+
+def train_stage(cfg: Config, stage: str, force: bool = False, resume: bool = False,
+                probe: Probe | None = None) -> Path:
     """Run `pretrain` or `finetune` per the config; returns the stage's output folder. Under torchrun every
-    rank trains (DDP) and rank 0 writes the outputs."""
+    rank trains (DDP) and rank 0 writes the outputs. `probe` scores the EMA model where training may go on past
+    `steps` (pretrain.max_steps); rank 0 calls it and every rank follows its answer."""
     tcfg: TrainConfig = getattr(cfg, stage)
     final = stage_dir(cfg.run_dir, stage)
     device = dist.init(setup(cfg))
@@ -108,7 +121,7 @@ def train_stage(cfg: Config, stage: str, force: bool = False, resume: bool = Fal
         if resume and found:
             loop.load(found[0])
         try:
-            summary = loop.run(out, ckpt_root)
+            summary = loop.run(out, ckpt_root, probe)
         finally:
             source.close()  # the latent cache's reader thread
         if dist.is_main():
@@ -217,8 +230,11 @@ class TrainLoop:
                                     dist.world_size(), owns_generator=True)
         else:  # one process: the order is drawn from the run's generator (the order of every earlier version)
             self.order = BatchOrder(len(source), tcfg.batch_size, self.generator)
-        # running log sums stay on the device (float64) and are read at log steps only: no host sync per step
-        self.step, self.sums, self.log_rows = 0, {}, []
+        # running log sums stay on the device (float64) and are read at log steps only: no host sync per step;
+        # window: the steps they hold
+        self.step, self.sums, self.window, self.log_rows = 0, {}, 0, []
+        # where training stops now: `steps`, moved on by pretrain.max_steps while the checks on the way are low
+        self.target, self.checks = self.tcfg.steps, []
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
         self.bad_loss = torch.zeros((), device=device)
         self.mem_timer = DeviceTimer(device)  # the memory work (loss terms and pushes)
@@ -241,7 +257,8 @@ class TrainLoop:
                          "scaler": self.scaler.state_dict()}
         sums = {k: v.cpu() if isinstance(v, Tensor) else v for k, v in self.sums.items()}
         rank_state = {"generator": self.generator.get_state(), "device_generator": self.device_generator.get_state(),
-                      "order": self.order.state_dict(), "sums": sums,
+                      "order": self.order.state_dict(), "sums": sums, "window": self.window,
+                      "extension": {"target": self.target, "checks": self.checks},
                       "banks": {k: {n: v.cpu() for n, v in b.state_dict().items()} for k, b in self.banks.items()}}
         save_checkpoint(root, Checkpoint(self.step, tensors, optimizer, rank_state, self.log_rows),
                         self._spec(), self.tcfg.keep_checkpoints)
@@ -277,48 +294,87 @@ class TrainLoop:
         for name, bank in self.banks.items():
             bank.load_state_dict({k: v.to(bank.rows.device) for k, v in ckpt.rank["banks"][name].items()})
         self.log_rows, self.step = ckpt.log, ckpt.step
+        # checkpoints from before these were kept: a window from the last multiple of log_every, no checks yet
+        self.window = ckpt.rank.get("window", (self.step - 1) % self.tcfg.log_every + 1 if self.sums else 0)
+        extension = ckpt.rank.get("extension", {"target": self.tcfg.steps, "checks": []})
+        self.target, self.checks = max(extension["target"], self.tcfg.steps), extension["checks"]
         print(f"resumed {self.stage} from {folder} (step {self.step})", flush=True)
 
     # -- training ----------------------------------------------------------------------------------------
-    def run(self, out: Path, ckpt_root: Path) -> dict:
-        tcfg = self.tcfg
+    def run(self, out: Path, ckpt_root: Path, probe: Probe | None = None) -> dict:
+        """Train to `steps`; where pretrain.max_steps allows, go on in rounds of steps / 2 while the generator
+        check on the way (`probe`) is below its goal."""
         log_file = (out / "log.jsonl").open("w") if dist.is_main() else None
         if log_file:  # the log of the steps before a resumed checkpoint
             log_file.writelines(json.dumps(r) + "\n" for r in self.log_rows)
         t_start = self.t_log = time.perf_counter()  # this session's share
         self.timed_steps = 0  # steps since t_log (after a resume, fewer than the log row's mean covers)
-        bar = progress(range(self.step + 1, tcfg.steps + 1), desc=self.stage, unit="step",
-                       initial=self.step, total=tcfg.steps, disable=not dist.is_main())
         row: dict = self.log_rows[-1] if self.log_rows else {}
         try:
-            for step in bar:
-                self.step = step
-                for k, v in self.train_step().items():
-                    self.sums[k] = self.sums.get(k, 0.0) + v.detach().double()
-                self.timed_steps += 1
-                log_now = step % tcfg.log_every == 0 or step == tcfg.steps
-                save_now = bool(tcfg.checkpoint_every) and step % tcfg.checkpoint_every == 0 and step < tcfg.steps
-                if log_now or save_now:  # the only host reads: before a log row or a checkpoint
-                    self._check_finite()
-                if log_now:
-                    row = self._log_row(step)
-                    self.log_rows.append(row)
-                    if log_file:
-                        log_file.write(json.dumps(row) + "\n")
-                        log_file.flush()
-                    bar.set_postfix(loss=f"{row['diffusion']:.4f}")
-                if save_now:
-                    self.save(ckpt_root)
+            row = self._train_to(self.target, ckpt_root, log_file, row)
+            while self._go_on(probe):
+                row = self._train_to(self.target, ckpt_root, log_file, row)
         finally:
             if log_file:
                 log_file.close()
         seconds = time.perf_counter() - t_start
         memory = self.mem_timer.seconds()  # device time of the memory work (CUDA events on a GPU)
-        return {"steps": tcfg.steps, "seconds": round(seconds, 2), "memory_seconds": round(memory, 3),
-                "memory_share_percent": round(100 * memory / max(seconds, 1e-9), 2), "last_log": row}
+        went_on = {"extension": {"max_steps": self.tcfg.max_steps, "goal": probe.goal, "checks": self.checks}} \
+            if probe is not None and self.tcfg.max_steps else {}
+        return {"steps": self.step, "seconds": round(seconds, 2), "memory_seconds": round(memory, 3),
+                "memory_share_percent": round(100 * memory / max(seconds, 1e-9), 2), "last_log": row, **went_on}
+
+    def _train_to(self, target: int, ckpt_root: Path, log_file, row: dict) -> dict:
+        """Steps up to `target` (a log row at it); returns the last log row."""
+        tcfg = self.tcfg
+        bar = progress(range(self.step + 1, target + 1), desc=self.stage, unit="step",
+                       initial=self.step, total=target, disable=not dist.is_main())
+        for step in bar:
+            self.step = step
+            for k, v in self.train_step().items():
+                self.sums[k] = self.sums.get(k, 0.0) + v.detach().double()
+            self.window += 1
+            self.timed_steps += 1
+            log_now = step % tcfg.log_every == 0 or step == target
+            save_now = bool(tcfg.checkpoint_every) and step % tcfg.checkpoint_every == 0 and step < target
+            if log_now or save_now:  # the only host reads: before a log row or a checkpoint
+                self._check_finite()
+            if log_now:
+                row = self._log_row(step)
+                self.log_rows.append(row)
+                if log_file:
+                    log_file.write(json.dumps(row) + "\n")
+                    log_file.flush()
+                bar.set_postfix(loss=f"{row['diffusion']:.4f}")
+            if save_now:
+                self.save(ckpt_root)
+        return row
+
+    def _go_on(self, probe: Probe | None) -> bool:
+        """At the end of a round: check the EMA model (rank 0) and, below the goal, set the next round's end.
+        The last round ends at max_steps unchecked: the generator check after the stage scores that model."""
+        most = self.tcfg.max_steps
+        if probe is None or not most or self.step >= most:
+            return False
+        fidelity = dist.broadcast_object(probe(self._ema_model()) if dist.is_main() else None)
+        self.checks.append({"step": self.step, "fidelity": fidelity})
+        if fidelity >= probe.goal:
+            say = f"reaches the {probe.goal:.0f} % goal: pretraining stops here"
+        else:
+            self.target = min(most, self.step + max(1, self.tcfg.steps // 2))
+            say = f"below the {probe.goal:.0f} % goal: pretraining goes on to step {self.target} (max_steps {most})"
+        if dist.is_main():
+            print(f"{self.stage}: generator check at step {self.step}: {fidelity:.1f} % {say}", flush=True)
+        return fidelity < probe.goal
+
+    def _ema_model(self):
+        """A copy of the model holding the EMA weights, for sampling (the training model is left as it is)."""
+        ema = copy.deepcopy(self.model)
+        ema.load_state_dict(self.trainable.folded_state_dict(self.model, self.ema.shadow))
+        return ema.eval()
 
     def _log_row(self, step: int) -> dict:
-        n = (step - 1) % self.tcfg.log_every + 1
+        n = max(self.window, 1)
         sums = {k: float(v) for k, v in self.sums.items()}
         now, k = time.perf_counter(), max(self.timed_steps, 1)
         speed = {"ms_per_step": round(1000 * (now - self.t_log) / k, 2),
@@ -337,7 +393,7 @@ class TrainLoop:
             row["rank_checksums"] = checksums
             if len(set(checksums)) > 1:
                 raise StageError(f"{self.stage}: the ranks' weights differ at step {step} ({checksums})")
-        self.sums = {}
+        self.sums, self.window = {}, 0
         return row
 
     def train_step(self) -> dict[str, Tensor]:

@@ -1,0 +1,145 @@
+"""pretrain.max_steps: pretraining goes on in rounds of steps / 2 while a generator check on the way is below its
+goal, and the model it ends with is the model a run of that many steps makes."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from diffdistill.api import _train
+from diffdistill.cli import main
+from diffdistill.config import ConfigError, load_config
+from diffdistill.models.dit import load_dit
+from diffdistill.recipe import resolve_config
+from diffdistill.runs import generator_check_file, stage_dir
+from diffdistill.stages.check import FidelityProbe
+from diffdistill.stages.train import train_stage
+
+TINY = ["pretrain.steps=8", "pretrain.batch_size=8", "pretrain.log_every=2", "pretrain.checkpoint_every=0",
+        "pretrain.check_images=1", "finetune.steps=0", "sample.steps=2", "data.classes=[0,1,2]",
+        "evaluate.full_epochs=1", "evaluate.width=8", "threads=1"]
+
+
+class Scripted:
+    """A probe that answers from a list (and counts its calls); raises where the list says so. With `inner` it
+    first lets a real probe do all its work (sampling, training the classifier) and ignores the answer."""
+
+    goal = 97.0
+
+    def __init__(self, answers: list, inner: FidelityProbe | None = None) -> None:
+        self.answers, self.calls, self.inner = list(answers), 0, inner
+
+    def __call__(self, model) -> float:
+        self.calls += 1
+        if self.inner:
+            self.inner(model)
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def _cfg(tmp_path, name: str, *overrides: str):
+    return load_config("configs/demo-digits.yaml", [f"out_dir={tmp_path}", f"name={name}", *TINY, *overrides])
+
+
+def _weights(cfg) -> dict:
+    folder = stage_dir(cfg.run_dir, "pretrain")
+    return {f"{w}:{k}": v for w in ("raw", "ema")
+            for k, v in load_file(str(folder / w / "diffusion_pytorch_model.safetensors")).items()}
+
+
+def _info(cfg) -> dict:
+    return json.loads((stage_dir(cfg.run_dir, "pretrain") / "run_info.json").read_text())
+
+
+def _losses(cfg) -> list[tuple[int, float]]:
+    rows = (stage_dir(cfg.run_dir, "pretrain") / "log.jsonl").read_text().splitlines()
+    return [(r["step"], r["diffusion"]) for r in map(json.loads, rows)]
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """A plain run of 16 steps: what a run that went on to 16 must match."""
+    cfg = _cfg(tmp_path_factory.mktemp("straight"), "straight", "pretrain.steps=16")
+    train_stage(cfg, "pretrain")
+    return cfg
+
+
+def test_a_low_check_makes_pretraining_go_on_to_the_model_of_a_longer_run(tmp_path, straight, capsys):
+    cfg = _cfg(tmp_path, "goes-on", "pretrain.max_steps=16")
+    # at step 8 and 12 (the last round ends at max_steps unchecked); the real probe's work leaves training as it was
+    probe = Scripted([10.0, 50.0], inner=FidelityProbe(cfg))
+    train_stage(cfg, "pretrain", probe=probe)
+    assert probe.calls == 2
+    assert _same(_weights(cfg), _weights(straight))
+    assert _losses(cfg) == _losses(straight)  # the log rows too: same steps, same means
+    info = _info(cfg)
+    assert info["steps"] == 16 and info["extension"] == {
+        "max_steps": 16, "goal": 97.0, "checks": [{"step": 8, "fidelity": 10.0}, {"step": 12, "fidelity": 50.0}]}
+    assert main(["check", "configs/demo-digits.yaml", f"out_dir={tmp_path}", "name=goes-on", *TINY,
+                 "pretrain.max_steps=16"]) == 0  # a tiny model of 16 steps: below the goal
+    out = capsys.readouterr().out
+    assert "raise pretrain.steps (now 8, 16 with the checks on the way (pretrain.max_steps 16))" in out
+    assert "generator check at step 8: 10.0 % below the 97 % goal: pretraining goes on to step 12 (max_steps 16)" \
+        in out and "goes on to step 16" in out
+
+
+def test_a_check_that_reaches_the_goal_stops_pretraining_there(tmp_path, capsys):
+    cfg = _cfg(tmp_path, "stop", "pretrain.max_steps=16")
+    probe = Scripted([97.0])
+    train_stage(cfg, "pretrain", probe=probe)
+    assert probe.calls == 1 and _info(cfg)["steps"] == 8
+    assert _info(cfg)["extension"]["checks"] == [{"step": 8, "fidelity": 97.0}]
+    assert [s for s, _ in _losses(cfg)] == [2, 4, 6, 8]
+    assert "97.0 % reaches the 97 % goal: pretraining stops here" in capsys.readouterr().out
+
+
+def test_an_interrupted_round_resumes_to_the_same_model(tmp_path, straight):
+    cfg = _cfg(tmp_path, "resumed", "pretrain.max_steps=16", "pretrain.checkpoint_every=2",
+               "pretrain.keep_checkpoints=1")
+    with pytest.raises(RuntimeError, match="stopped"):  # the check at step 12 fails: the newest checkpoint is 10
+        train_stage(cfg, "pretrain", probe=Scripted([10.0, RuntimeError("stopped")]))
+    probe = Scripted([40.0])  # resumed at 10 inside the round that ends at 12: only the check at 12 is left
+    train_stage(cfg, "pretrain", resume=True, probe=probe)
+    assert probe.calls == 1 and _same(_weights(cfg), _weights(straight))
+    assert _losses(cfg) == _losses(straight)
+    assert _info(cfg)["extension"]["checks"] == [{"step": 8, "fidelity": 10.0}, {"step": 12, "fidelity": 40.0}]
+
+
+def test_the_check_on_the_way_scores_what_the_generator_check_finds(tmp_path):
+    """The probe trains the check's classifier and samples the check's seeds: on the final model it gives
+    check.json's fidelity; `run` hands it to pretraining only where max_steps is set."""
+    cfg = resolve_config(_cfg(tmp_path, "probe", "pretrain.max_steps=8"))
+    _train(cfg, "pretrain", force=False, resume=False)
+    assert _info(cfg)["steps"] == 8 and "extension" in _info(cfg)  # max_steps = steps: no round, no check
+    assert _info(cfg)["extension"]["checks"] == []
+    assert main(["check", "configs/demo-digits.yaml", f"out_dir={tmp_path}", "name=probe", *TINY,
+                 "pretrain.max_steps=8"]) == 0
+    found = json.loads(generator_check_file(cfg.run_dir).read_text())["fidelity"]
+    model = load_dit(str(stage_dir(cfg.run_dir, "pretrain") / "ema"), key="pretrain")
+    probe = FidelityProbe(cfg)
+    assert probe(model) == found and probe(model) == found  # the classifier is trained once, then kept
+
+
+def test_max_steps_is_checked_and_auto_doubles_the_steps():
+    def load(*overrides):
+        return resolve_config(load_config("configs/demo-digits.yaml", ["pretrain.check_images=1", *overrides]))
+
+    auto = load("pretrain.steps=3000", "pretrain.max_steps=auto")
+    assert auto.pretrain.max_steps == 6000
+    assert any(k == "pretrain.max_steps" and v.startswith("6000: 2 x pretrain.steps") for k, v in auto.auto)
+    with pytest.raises(ConfigError, match=r"'pretrain.max_steps': expected 0, auto or at least pretrain.steps"):
+        load("pretrain.steps=3000", "pretrain.max_steps=2000")
+    with pytest.raises(ConfigError, match=r"'pretrain.max_steps': expected 0 or auto while pretrain.check_images "
+                                          r"is 0"):
+        load("pretrain.check_images=0", "pretrain.max_steps=4000")
+    unchecked = load("pretrain.check_images=0", "pretrain.max_steps=auto")  # own-data.yaml without its check
+    assert unchecked.pretrain.max_steps == 0
+    assert ("pretrain.max_steps", "0: no generator check to go on by (pretrain.check_images is 0)") in unchecked.auto
+    with pytest.raises(ConfigError, match=r"'finetune.max_steps': expected 0 \(only pretraining goes on"):
+        load("finetune.max_steps=100")
