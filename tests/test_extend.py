@@ -58,6 +58,10 @@ def _losses(cfg) -> list[tuple[int, float]]:
     return [(r["step"], r["diffusion"]) for r in map(json.loads, rows)]
 
 
+def _checks(cfg) -> list[tuple[int, float]]:
+    return [(c["step"], c["fidelity"]) for c in _info(cfg)["extension"]["checks"]]
+
+
 def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
 
@@ -79,8 +83,8 @@ def test_a_low_check_makes_pretraining_go_on_to_the_model_of_a_longer_run(tmp_pa
     assert _same(_weights(cfg), _weights(straight))
     assert _losses(cfg) == _losses(straight)  # the log rows too: same steps, same means
     info = _info(cfg)
-    assert info["steps"] == 16 and info["extension"] == {
-        "max_steps": 16, "goal": 97.0, "checks": [{"step": 8, "fidelity": 10.0}, {"step": 12, "fidelity": 50.0}]}
+    assert info["steps"] == 16 and info["extension"]["max_steps"] == 16 and info["extension"]["goal"] == 97.0
+    assert _checks(cfg) == [(8, 10.0), (12, 50.0)]
     assert main(["check", "configs/demo-digits.yaml", f"out_dir={tmp_path}", "name=goes-on", *TINY,
                  "pretrain.max_steps=16"]) == 0  # a tiny model of 16 steps: below the goal
     out = capsys.readouterr().out
@@ -93,8 +97,7 @@ def test_a_check_that_reaches_the_goal_stops_pretraining_there(tmp_path, capsys)
     cfg = _cfg(tmp_path, "stop", "pretrain.max_steps=16")
     probe = Scripted([97.0])
     train_stage(cfg, "pretrain", probe=probe)
-    assert probe.calls == 1 and _info(cfg)["steps"] == 8
-    assert _info(cfg)["extension"]["checks"] == [{"step": 8, "fidelity": 97.0}]
+    assert probe.calls == 1 and _info(cfg)["steps"] == 8 and _checks(cfg) == [(8, 97.0)]
     assert [s for s, _ in _losses(cfg)] == [2, 4, 6, 8]
     assert "97.0 % reaches the 97 % goal: pretraining stops here" in capsys.readouterr().out
 
@@ -108,18 +111,44 @@ def test_an_interrupted_round_resumes_to_the_same_model(tmp_path, straight):
     train_stage(cfg, "pretrain", resume=True, probe=probe)
     assert probe.calls == 1 and _same(_weights(cfg), _weights(straight))
     assert _losses(cfg) == _losses(straight)
-    assert _info(cfg)["extension"]["checks"] == [{"step": 8, "fidelity": 10.0}, {"step": 12, "fidelity": 40.0}]
+    assert _checks(cfg) == [(8, 10.0), (12, 40.0)]
+
+
+def test_round_ends_off_the_log_steps_write_the_log_of_a_longer_run(tmp_path):
+    """steps 5, log_every 2, going on to 10 in rounds of 2 (ends 5, 7, 9, 10): rows at 2, 4, 6, 8, 10, each the
+    mean of its own 2 steps, as a run of 10 steps writes them; a run of 5 steps ends with a row at 5."""
+    common = ["pretrain.steps=5", "pretrain.log_every=2"]
+    straight = _cfg(tmp_path, "ten", *common, "pretrain.steps=10")
+    train_stage(straight, "pretrain")
+    cfg = _cfg(tmp_path, "rounds", *common, "pretrain.max_steps=10")
+    train_stage(cfg, "pretrain", probe=Scripted([1.0, 2.0, 3.0]))
+    assert _checks(cfg) == [(5, 1.0), (7, 2.0), (9, 3.0)]
+    assert _losses(cfg) == _losses(straight) and [s for s, _ in _losses(cfg)] == [2, 4, 6, 8, 10]
+    assert _same(_weights(cfg), _weights(straight))
+    short = _cfg(tmp_path, "five", *common, "pretrain.max_steps=10")
+    train_stage(short, "pretrain", probe=Scripted([99.0]))
+    assert [s for s, _ in _losses(short)] == [2, 4, 5]
+
+
+def test_a_lower_max_steps_on_resume_ends_the_round_sooner(tmp_path):
+    cfg = _cfg(tmp_path, "lower", "pretrain.max_steps=16", "pretrain.checkpoint_every=2")
+    with pytest.raises(RuntimeError, match="stopped"):  # went on at 8 (to 12), stopped at 12: checkpoint 10
+        train_stage(cfg, "pretrain", probe=Scripted([10.0, RuntimeError("stopped")]))
+    lower = _cfg(tmp_path, "lower", "pretrain.max_steps=11", "pretrain.checkpoint_every=2")
+    probe = Scripted([])
+    train_stage(lower, "pretrain", resume=True, probe=probe)
+    assert _info(lower)["steps"] == 11 and probe.calls == 0  # max_steps reached: no check, stopped there
 
 
 def test_the_check_on_the_way_scores_what_the_generator_check_finds(tmp_path):
-    """The probe trains the check's classifier and samples the check's seeds: on the final model it gives
-    check.json's fidelity; `run` hands it to pretraining only where max_steps is set."""
-    cfg = resolve_config(_cfg(tmp_path, "probe", "pretrain.max_steps=8"))
+    """`run` hands the real probe to pretraining where max_steps is set: it trains the check's classifier and
+    samples the check's seeds, so on the final model it gives check.json's fidelity."""
+    cfg = resolve_config(_cfg(tmp_path, "probe", "pretrain.max_steps=12"))
     _train(cfg, "pretrain", force=False, resume=False)
-    assert _info(cfg)["steps"] == 8 and "extension" in _info(cfg)  # max_steps = steps: no round, no check
-    assert _info(cfg)["extension"]["checks"] == []
+    (check,) = _info(cfg)["extension"]["checks"]  # a tiny model of 8 steps is below the goal: it went on to 12
+    assert check["step"] == 8 and check["fidelity"] < 97 and _info(cfg)["steps"] == 12
     assert main(["check", "configs/demo-digits.yaml", f"out_dir={tmp_path}", "name=probe", *TINY,
-                 "pretrain.max_steps=8"]) == 0
+                 "pretrain.max_steps=12"]) == 0
     found = json.loads(generator_check_file(cfg.run_dir).read_text())["fidelity"]
     model = load_dit(str(stage_dir(cfg.run_dir, "pretrain") / "ema"), key="pretrain")
     probe = FidelityProbe(cfg)

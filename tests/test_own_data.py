@@ -100,7 +100,9 @@ def test_the_generator_check_samples_from_noise_when_the_run_starts_from_prototy
     seen = []
     monkeypatch.setattr(check, "sample_images", lambda model, dec, c, labels, *a, **k: seen.append(c.sample) or
                         torch.zeros(len(labels), 1, 16, 16, dtype=torch.uint8))
+    from diffdistill.models.dit import load_dit
     from diffdistill.stages.train import train_stage
 
-    check._generate(cfg, str(train_stage(cfg, "pretrain") / "ema"), ["A", "C"], 2, torch.device("cpu"))
+    model = load_dit(str(train_stage(cfg, "pretrain") / "ema"), key="pretrain")
+    check._generate(cfg, model, ["A", "C"], 2, torch.device("cpu"))
     assert seen and all(s.start == "noise" and s.mode_guidance.scale == 0 for s in seen)

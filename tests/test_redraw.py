@@ -149,8 +149,13 @@ def test_compare_and_sweep_sample_as_drawn_and_refuse_to_vary_redraw(tmp_path, c
     assert main(["compare", "configs/demo-digits.yaml", "--methods", "random,dit", f"out_dir={tmp_path}",
                  "sample.candidates=4"]) == 2
     assert seen == [0, 1] and "sample.candidates=4 is off here" in capsys.readouterr().out
+    # pretraining that goes on by the check stops at pretrain.steps there too
+    monkeypatch.setattr(compare, "describe", lambda cfg: seen.append(cfg.pretrain.max_steps) or [])
+    assert main(["compare", "configs/demo-digits.yaml", "--methods", "random,dit", f"out_dir={tmp_path}",
+                 "pretrain.max_steps=auto"]) == 2
+    assert seen[-1] == 0 and "pretrain.max_steps=8000 is off here" in capsys.readouterr().out
     seen.clear()
-    for key in ("sample.redraw=0,1", "sample.candidates=1,4"):
+    for key in ("sample.redraw=0,1", "sample.candidates=1,4", "pretrain.max_steps=0,8000"):
         assert main(["sweep", "configs/demo-digits.yaml", "--vary", key, f"out_dir={tmp_path}"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and key.split("=")[0] in err and "runs no check" in err
@@ -164,6 +169,11 @@ def test_compare_and_sweep_sample_as_drawn_and_refuse_to_vary_redraw(tmp_path, c
     assert main(["sweep", "configs/demo-digits.yaml", "--vary", "sample.guidance=1,2", f"out_dir={tmp_path}",
                  "sample.redraw=1"]) == 2
     assert seen == [0] and "sample.redraw=1 is off here" in capsys.readouterr().out
+    monkeypatch.setattr(train, "train_stage", lambda cfg, stage, **kw: seen.append(cfg.pretrain.max_steps) or
+                        (_ for _ in ()).throw(S.StageError("stop here")))
+    assert main(["sweep", "configs/demo-digits.yaml", "--vary", "sample.guidance=1,2", f"out_dir={tmp_path}",
+                 "pretrain.max_steps=auto"]) == 2
+    assert seen[-1] == 0 and "pretrain.max_steps=8000 is off here" in capsys.readouterr().out
     assert not any(p.is_file() for p in tmp_path.rglob("*"))
 
 

@@ -230,3 +230,24 @@ def test_the_redraw_line_says_partly_by_construction_only_when_an_image_was_redr
     lost = redraw_line({"redrawn": 2, "replaced": 0, "assigned": 98, "of": 100})  # every redraw did worse
     assert "by construction" not in lost and "0 kept a later draw" in lost and "the generator's own" in lost
     assert "2 kept a later draw" in redraw_line({"redrawn": 6, "replaced": 2, "assigned": 98, "of": 100})
+
+
+def test_the_report_says_how_long_pretraining_went_on_and_why(tmp_path):
+    res = results({"1": 85.0}, {"1": 65.0})
+    (tmp_path / "evaluate").mkdir()
+    (tmp_path / "evaluate" / "results.json").write_text(json.dumps(res))
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain" / "check.json").write_text(json.dumps(
+        {"fidelity": 91.0, "num_images": 100, "classifier": "convnet3, 30 epochs on the real train set"}))
+    info = {"steps": 12000, "extension": {"max_steps": 16000, "goal": 97.0, "checks": [
+        {"step": 8000, "fidelity": 76.0, "seconds": 30.0}, {"step": 12000, "fidelity": 97.0, "seconds": 9.0}]}}
+    (tmp_path / "pretrain" / "run_info.json").write_text(json.dumps(info))
+    write_report(tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert ("Generator check right after pretraining (before fine-tuning): 91.0 % of 100 samples assigned their "
+            "class by a convnet3, 30 epochs on the real train set. Pretraining ran 12000 steps: the checks on the "
+            "way (pretrain.max_steps 16000, goal 97 %) found 76 % at step 8000, 97 % at step 12000.") in report
+    info["extension"]["checks"] = []  # it stopped at pretrain.steps without a check: nothing more to say
+    (tmp_path / "pretrain" / "run_info.json").write_text(json.dumps(info))
+    write_report(tmp_path)
+    assert "the real train set.\n" in (tmp_path / "report.md").read_text()

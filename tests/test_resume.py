@@ -215,6 +215,25 @@ def test_a_setting_an_older_version_did_not_write_counts_with_its_default(tmp_pa
     assert changed_settings(cfg, "check") == [] and changed_settings(cfg, "evaluate") == []  # nothing written
 
 
+def test_a_pretraining_that_goes_on_by_the_check_depends_on_the_checks_settings(tmp_path):
+    """With pretrain.max_steps the check's verdict decides how long pretraining runs: a finished pretraining is
+    made again when a setting the check reads changes (not when only sampling's own keys do)."""
+    from diffdistill.config import load_config, to_dict
+    from diffdistill.runs import changed_settings
+
+    def changes(then: list[str], now: list[str]) -> list[str]:
+        saved = to_dict(load_config("configs/demo-digits.yaml", [f"out_dir={tmp_path}", *then]))
+        (tmp_path / "demo-digits" / "pretrain").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "demo-digits" / "pretrain" / "config.yaml").write_text(yaml.safe_dump(saved))
+        return changed_settings(load_config("configs/demo-digits.yaml", [f"out_dir={tmp_path}", *now]), "pretrain")
+
+    assert changes([], ["pretrain.check_images=5", "sample.guidance=3"]) == []  # stops at pretrain.steps anyway
+    going_on = ["pretrain.max_steps=8000"]
+    assert changes(going_on, [*going_on, "pretrain.check_images=5", "sample.guidance=3", "sample.ipc=[1]"]) == [
+        "pretrain.check_images: 10 -> 5", "sample.guidance: 2.0 -> 3.0"]
+    assert changes([], going_on) == ["pretrain.max_steps: 0 -> 8000"]
+
+
 def test_the_builtin_data_settings_count_only_without_data_folders(tmp_path):
     """data.builtin, val_fraction and split_seed choose nothing while data.train is set: a config that changes
     them (own-data.yaml setting data.builtin to null) does not make a finished stage run again."""

@@ -339,9 +339,10 @@ _RELATIONS: tuple[tuple[str, typing.Callable[[Config], bool], str], ...] = (
      "1 while sample.redraw is set (both choose among draws by the generator check's classifier: set one)"),
     ("finetune.max_steps", lambda c: c.finetune.max_steps == 0,
      "0 (only pretraining goes on while the generator check is below its goal)"),
-    ("pretrain.max_steps", lambda c: c.pretrain.max_steps in (0, AUTO) or c.pretrain.check_images > 0,
-     "0 or auto while pretrain.check_images is 0 (pretraining goes on only while the generator check is below its "
-     "goal)"),
+    ("pretrain.max_steps", lambda c: c.pretrain.max_steps in (0, AUTO) or (c.pretrain.check_images > 0
+                                                                             and c.evaluate.full),
+     "0 or auto while pretrain.check_images is 0 or evaluate.full is false (pretraining goes on only while the "
+     "generator check, whose classifier is a full-data one, is below its goal)"),
     ("pretrain.max_steps", lambda c: AUTO in (c.pretrain.max_steps, c.pretrain.steps) or c.pretrain.max_steps == 0
      or c.pretrain.max_steps >= c.pretrain.steps, "0, auto or at least pretrain.steps"),
     ("data.train", lambda c: c.data.train is not None or c.data.builtin is not None,

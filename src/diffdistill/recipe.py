@@ -101,11 +101,14 @@ def resolve(cfg: Config, facts: DataFacts) -> Config:
         pretrain = dataclasses.replace(pretrain, steps=steps)
         chosen.append(("pretrain.steps", f"{steps}: {why}"))
     if pretrain.max_steps == AUTO:
-        most = MAX_STEPS_FACTOR * pretrain.steps if pretrain.check_images else 0
+        why_not = {"pretrain.steps is 0": pretrain.steps == 0, "pretrain.check_images is 0": not pretrain.check_images,
+                   "evaluate.full is false": not cfg.evaluate.full}  # the check needs a full-data classifier
+        off = next((why for why, holds in why_not.items() if holds), None)
+        most = 0 if off else MAX_STEPS_FACTOR * pretrain.steps
         pretrain = dataclasses.replace(pretrain, max_steps=most)
-        chosen.append(("pretrain.max_steps", f"{most}: {MAX_STEPS_FACTOR} x pretrain.steps, reached only while the "
-                                             "generator checks on the way are below their goal" if most else
-                       "0: no generator check to go on by (pretrain.check_images is 0)"))
+        chosen.append(("pretrain.max_steps", f"0: no generator check to go on by ({off})" if off else
+                       f"{most}: {MAX_STEPS_FACTOR} x pretrain.steps, reached only while the generator checks on the "
+                       "way are below their goal"))
     elif 0 < pretrain.max_steps < pretrain.steps:
         raise ConfigError(f"config key 'pretrain.max_steps': expected 0, auto or at least pretrain.steps "
                           f"({pretrain.steps}), got {pretrain.max_steps}")

@@ -67,6 +67,10 @@ CLASS_MEANS = "class_means"  # in the check's classifier file: each real class's
 JUDGE_OFF = {"sample.redraw": 0, "sample.candidates": 1}
 
 
+# what else reads the generator check: pretraining that goes on while it is low, and its off value
+CHECK_OFF = {**JUDGE_OFF, "pretrain.max_steps": 0}
+
+
 def judge_setting(scfg: SampleConfig) -> tuple[str, int]:
     """The setting that makes sampling read the check's classifier: (key, value)."""
     return ("sample.redraw", scfg.redraw) if scfg.redraw else ("sample.candidates", scfg.candidates)
@@ -193,8 +197,11 @@ def changed_settings(cfg: Config, stage: str) -> list[str]:
     if stage == "check":  # its classifier is the first net's
         saved["evaluate.nets"], now["evaluate.nets"] = list(saved["evaluate.nets"])[:1], list(now["evaluate.nets"])[:1]
     unused = unused_data_keys(saved, now)
+    # pretraining that went on by the check's verdict (pretrain.max_steps) depends on what the check does
+    checked = stage == "pretrain" and bool(saved.get("pretrain.max_steps") or now.get("pretrain.max_steps"))
     return [f"{key}: {saved.get(key)} -> {value}" for key, value in now.items()
-            if _depends(stage, key) and saved.get(key) != value and key not in unused]
+            if (_depends(stage, key) or (checked and _depends("check", key))) and saved.get(key) != value
+            and key not in unused]
 
 
 def unused_data_keys(saved: dict, now: dict) -> set[str]:

@@ -134,6 +134,11 @@ def run_compare(config: str | Path, methods: list[str], seeds: list[int], overri
               f"classifier, and compare runs no check)", flush=True)
         overrides = [*overrides, *judge_off()]
         base = _build(raw, overrides)
+    if base.pretrain.max_steps:  # the shared pretraining stops at pretrain.steps
+        print(f"compare: pretrain.max_steps={base.pretrain.max_steps} is off here (pretraining goes on by the "
+              "generator check, and compare runs no check): pretraining stops at pretrain.steps", flush=True)
+        overrides = [*overrides, "pretrain.max_steps=0"]
+        base = _build(raw, overrides)
     for line in describe(base):
         print(line, flush=True)
     root = base.run_dir.parent / f"{base.name}-compare"

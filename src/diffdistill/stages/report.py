@@ -302,8 +302,19 @@ def accuracy_section(run_dir: Path, results: dict) -> list[str]:
     if check.is_file():
         c = json.loads(check.read_text())
         lines += [f"Generator check right after pretraining (before fine-tuning): {c['fidelity']:.1f} % of "
-                  f"{c['num_images']} samples assigned their class by a {c['classifier']}.", ""]
+                  f"{c['num_images']} samples assigned their class by a {c['classifier']}.{_went_on(run_dir)}", ""]
     return lines
+
+
+def _went_on(run_dir: Path) -> str:
+    """What the checks on the way decided (pretrain.max_steps), from the pretrain stage's run_info.json."""
+    info = stage_dir(run_dir, "pretrain") / "run_info.json"
+    ext = json.loads(info.read_text()).get("extension") if info.is_file() else None
+    if not ext or not ext["checks"]:
+        return ""
+    said = ", ".join(f"{c['fidelity']:.0f} % at step {c['step']}" for c in ext["checks"])
+    return (f" Pretraining ran {json.loads(info.read_text())['steps']} steps: the checks on the way "
+            f"(pretrain.max_steps {ext['max_steps']}, goal {ext['goal']:.0f} %) found {said}.")
 
 
 def samples_section(run_dir: Path, results: dict) -> list[str]:

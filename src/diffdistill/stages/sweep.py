@@ -37,7 +37,7 @@ from diffdistill.files import atomic_write_bytes, atomic_write_text
 from diffdistill.metrics import spread
 from diffdistill.plots import fig4_plot
 from diffdistill.recipe import describe, resolve_config
-from diffdistill.runs import JUDGE_OFF, judge_off, judge_setting, results_file, stage_dir
+from diffdistill.runs import CHECK_OFF, judge_off, judge_setting, results_file, stage_dir
 
 # keys a point may not change if the pretrained model is shared (they change what pretraining makes)
 PRETRAIN_KEYS = ("pretrain.", "data.", "model.", "diffusion.", "autoencoder.", "prepare.")
@@ -127,9 +127,9 @@ def run_sweep(sweep: Sweep, out_dir: str | None = None) -> Path:
     from diffdistill.stages.sample import sample_stage
     from diffdistill.stages.train import train_stage
 
-    varied = next((k for p in sweep.points for o in p.overrides if (k := o.split("=")[0]) in JUDGE_OFF), None)
+    varied = next((k for p in sweep.points for o in p.overrides if (k := o.split("=")[0]) in CHECK_OFF), None)
     if varied:
-        raise ConfigError(f"sweep {sweep.name}: {varied} needs the generator check's classifier, and a sweep "
+        raise ConfigError(f"sweep {sweep.name}: {varied} needs the generator check, and a sweep "
                           "runs no check; leave it out of the points")
     base = _build(sweep.base, sweep.common)
     if base.sample.judged:  # every point samples as drawn
@@ -137,6 +137,11 @@ def run_sweep(sweep: Sweep, out_dir: str | None = None) -> Path:
         print(f"sweep {sweep.name}: {key}={value} is off here (it needs the generator check's "
               "classifier, and a sweep runs no check)", flush=True)
         sweep = replace(sweep, common=[*sweep.common, *judge_off()])
+        base = _build(sweep.base, sweep.common)
+    if base.pretrain.max_steps:  # pretraining stops at pretrain.steps
+        print(f"sweep {sweep.name}: pretrain.max_steps={base.pretrain.max_steps} is off here (pretraining goes on "
+              f"by the generator check, and a sweep runs no check): pretraining stops at pretrain.steps", flush=True)
+        sweep = replace(sweep, common=[*sweep.common, "pretrain.max_steps=0"])
         base = _build(sweep.base, sweep.common)
     root = Path(out_dir or base.out_dir) / sweep.name
     shared = base.pretrain.steps > 0 and not any(o.split("=")[0].startswith(PRETRAIN_KEYS)

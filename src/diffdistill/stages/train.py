@@ -296,8 +296,10 @@ class TrainLoop:
         self.log_rows, self.step = ckpt.log, ckpt.step
         # checkpoints from before these were kept: a window from the last multiple of log_every, no checks yet
         self.window = ckpt.rank.get("window", (self.step - 1) % self.tcfg.log_every + 1 if self.sums else 0)
+        # a round's end as saved, within this run's max_steps (a run resumed with a lower one stops sooner)
         extension = ckpt.rank.get("extension", {"target": self.tcfg.steps, "checks": []})
-        self.target, self.checks = max(extension["target"], self.tcfg.steps), extension["checks"]
+        most = max(self.tcfg.max_steps, self.tcfg.steps)
+        self.target, self.checks = max(self.step, self.tcfg.steps, min(extension["target"], most)), extension["checks"]
         print(f"resumed {self.stage} from {folder} (step {self.step})", flush=True)
 
     # -- training ----------------------------------------------------------------------------------------
@@ -309,11 +311,14 @@ class TrainLoop:
             log_file.writelines(json.dumps(r) + "\n" for r in self.log_rows)
         t_start = self.t_log = time.perf_counter()  # this session's share
         self.timed_steps = 0  # steps since t_log (after a resume, fewer than the log row's mean covers)
+        self.check_seconds = 0.0  # this session's checks on the way
         row: dict = self.log_rows[-1] if self.log_rows else {}
         try:
             row = self._train_to(self.target, ckpt_root, log_file, row)
-            while self._go_on(probe):
+            while self._go_on(probe, ckpt_root):
                 row = self._train_to(self.target, ckpt_root, log_file, row)
+            if self.window:  # the last step's row, as a run of exactly these steps writes it
+                row = self._write_row(self.step, log_file)
         finally:
             if log_file:
                 log_file.close()
@@ -321,11 +326,13 @@ class TrainLoop:
         memory = self.mem_timer.seconds()  # device time of the memory work (CUDA events on a GPU)
         went_on = {"extension": {"max_steps": self.tcfg.max_steps, "goal": probe.goal, "checks": self.checks}} \
             if probe is not None and self.tcfg.max_steps else {}
+        training = seconds - self.check_seconds  # the share of the steps' time, not of the checks'
         return {"steps": self.step, "seconds": round(seconds, 2), "memory_seconds": round(memory, 3),
-                "memory_share_percent": round(100 * memory / max(seconds, 1e-9), 2), "last_log": row, **went_on}
+                "memory_share_percent": round(100 * memory / max(training, 1e-9), 2), "last_log": row, **went_on}
 
     def _train_to(self, target: int, ckpt_root: Path, log_file, row: dict) -> dict:
-        """Steps up to `target` (a log row at it); returns the last log row."""
+        """Steps up to `target`, a log row at every multiple of log_every (the stage's last step gets one in
+        `run`, so that a round's end writes no extra row); returns the last log row."""
         tcfg = self.tcfg
         bar = progress(range(self.step + 1, target + 1), desc=self.stage, unit="step",
                        initial=self.step, total=target, disable=not dist.is_main())
@@ -335,29 +342,41 @@ class TrainLoop:
                 self.sums[k] = self.sums.get(k, 0.0) + v.detach().double()
             self.window += 1
             self.timed_steps += 1
-            log_now = step % tcfg.log_every == 0 or step == target
+            log_now = step % tcfg.log_every == 0
             save_now = bool(tcfg.checkpoint_every) and step % tcfg.checkpoint_every == 0 and step < target
-            if log_now or save_now:  # the only host reads: before a log row or a checkpoint
+            if log_now or save_now or step == target:  # the only host reads: before a row, checkpoint or check
                 self._check_finite()
             if log_now:
-                row = self._log_row(step)
-                self.log_rows.append(row)
-                if log_file:
-                    log_file.write(json.dumps(row) + "\n")
-                    log_file.flush()
+                row = self._write_row(step, log_file)
                 bar.set_postfix(loss=f"{row['diffusion']:.4f}")
             if save_now:
                 self.save(ckpt_root)
         return row
 
-    def _go_on(self, probe: Probe | None) -> bool:
-        """At the end of a round: check the EMA model (rank 0) and, below the goal, set the next round's end.
-        The last round ends at max_steps unchecked: the generator check after the stage scores that model."""
+    def _write_row(self, step: int, log_file) -> dict:
+        row = self._log_row(step)
+        self.log_rows.append(row)
+        if log_file:
+            log_file.write(json.dumps(row) + "\n")
+            log_file.flush()
+        return row
+
+    def _go_on(self, probe: Probe | None, ckpt_root: Path) -> bool:
+        """At the end of a round: check the EMA model and, below the goal, set the next round's end (and save the
+        checkpoint a run of that many steps saves here, so a resumption does not check again). Every rank checks
+        (none waits for hours in a collective while one trains the classifier); rank 0's answer counts. The last
+        round ends at max_steps unchecked: the generator check after the stage scores that model."""
         most = self.tcfg.max_steps
         if probe is None or not most or self.step >= most:
             return False
-        fidelity = dist.broadcast_object(probe(self._ema_model()) if dist.is_main() else None)
-        self.checks.append({"step": self.step, "fidelity": fidelity})
+        t0 = time.perf_counter()
+        ema = self._ema_model()
+        fidelity = dist.broadcast_object(probe(ema))
+        del ema
+        took = time.perf_counter() - t0
+        self.checks.append({"step": self.step, "fidelity": fidelity, "seconds": round(took, 1)})
+        self.check_seconds += took
+        self.t_log = time.perf_counter()  # the check's time is not the steps' (ms_per_step of the next row)
         if fidelity >= probe.goal:
             say = f"reaches the {probe.goal:.0f} % goal: pretraining stops here"
         else:
@@ -365,6 +384,9 @@ class TrainLoop:
             say = f"below the {probe.goal:.0f} % goal: pretraining goes on to step {self.target} (max_steps {most})"
         if dist.is_main():
             print(f"{self.stage}: generator check at step {self.step}: {fidelity:.1f} % {say}", flush=True)
+        every = self.tcfg.checkpoint_every
+        if fidelity < probe.goal and every and self.step % every == 0:
+            self.save(ckpt_root)
         return fidelity < probe.goal
 
     def _ema_model(self):
