@@ -246,7 +246,7 @@ def test_the_report_says_how_long_pretraining_went_on_and_why(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert ("Generator check right after pretraining (before fine-tuning): 91.0 % of 100 samples assigned their "
             "class by a convnet3, 30 epochs on the real train set. Pretraining ran 12000 steps: the checks on the "
-            "way (pretrain.max_steps 16000, goal 97 %) found 76 % at step 8000, 97 % at step 12000.") in report
+            "way (pretrain.max_steps 16000, goal 97 %) found 76.0 % at step 8000, 97.0 % at step 12000.") in report
     info["extension"]["checks"] = []  # it stopped at pretrain.steps without a check: nothing more to say
     (tmp_path / "pretrain" / "run_info.json").write_text(json.dumps(info))
     write_report(tmp_path)

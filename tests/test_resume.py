@@ -216,22 +216,27 @@ def test_a_setting_an_older_version_did_not_write_counts_with_its_default(tmp_pa
 
 
 def test_a_pretraining_that_goes_on_by_the_check_depends_on_the_checks_settings(tmp_path):
-    """With pretrain.max_steps the check's verdict decides how long pretraining runs: a finished pretraining is
-    made again when a setting the check reads changes (not when only sampling's own keys do)."""
+    """A pretraining that checked itself on the way (pretrain.max_steps) let the check's verdict decide how long
+    it ran: it is made again when a setting the check reads changes, not when only sampling's own keys, the later
+    evaluation nets or the val folders do; one that made no check depends on its own keys only."""
     from diffdistill.config import load_config, to_dict
     from diffdistill.runs import changed_settings
 
-    def changes(then: list[str], now: list[str]) -> list[str]:
+    def changes(then: list[str], now: list[str], checks: list) -> list[str]:
         saved = to_dict(load_config("configs/demo-digits.yaml", [f"out_dir={tmp_path}", *then]))
-        (tmp_path / "demo-digits" / "pretrain").mkdir(parents=True, exist_ok=True)
-        (tmp_path / "demo-digits" / "pretrain" / "config.yaml").write_text(yaml.safe_dump(saved))
+        folder = tmp_path / "demo-digits" / "pretrain"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.yaml").write_text(yaml.safe_dump(saved))
+        (folder / "run_info.json").write_text(json.dumps({"extension": {"checks": checks}}))
         return changed_settings(load_config("configs/demo-digits.yaml", [f"out_dir={tmp_path}", *now]), "pretrain")
 
-    assert changes([], ["pretrain.check_images=5", "sample.guidance=3"]) == []  # stops at pretrain.steps anyway
     going_on = ["pretrain.max_steps=8000"]
-    assert changes(going_on, [*going_on, "pretrain.check_images=5", "sample.guidance=3", "sample.ipc=[1]"]) == [
-        "pretrain.check_images: 10 -> 5", "sample.guidance: 2.0 -> 3.0"]
-    assert changes([], going_on) == ["pretrain.max_steps: 0 -> 8000"]
+    checked = [{"step": 4000, "fidelity": 80.0}]
+    later = [*going_on, "pretrain.check_images=5", "sample.guidance=3", "sample.ipc=[1]",
+             "evaluate.nets=[convnet3,resnet18]", "data.val=/elsewhere"]
+    assert changes(going_on, later, checked) == ["pretrain.check_images: 10 -> 5", "sample.guidance: 2.0 -> 3.0"]
+    assert changes(going_on, later, []) == []  # it stopped at pretrain.steps without a check
+    assert changes([], going_on, []) == ["pretrain.max_steps: 0 -> 8000"]
 
 
 def test_the_builtin_data_settings_count_only_without_data_folders(tmp_path):

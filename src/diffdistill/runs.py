@@ -194,14 +194,15 @@ def changed_settings(cfg: Config, stage: str) -> list[str]:
     if recorded is None:
         return []
     saved, now = {**flat_keys(to_dict(Config())), **flat_keys(recorded)}, flat_keys(to_dict(cfg))
-    if stage == "check":  # its classifier is the first net's
+    # a pretraining that checked itself on the way (pretrain.max_steps) depends on what the check reads, but for
+    # the val folders (it scores only samples)
+    checked = stage == "pretrain" and bool(((_record(cfg.run_dir, stage) or {}).get("extension") or {}).get("checks"))
+    if stage == "check" or checked:  # the check's classifier is the first net's
         saved["evaluate.nets"], now["evaluate.nets"] = list(saved["evaluate.nets"])[:1], list(now["evaluate.nets"])[:1]
     unused = unused_data_keys(saved, now)
-    # pretraining that went on by the check's verdict (pretrain.max_steps) depends on what the check does
-    checked = stage == "pretrain" and bool(saved.get("pretrain.max_steps") or now.get("pretrain.max_steps"))
     return [f"{key}: {saved.get(key)} -> {value}" for key, value in now.items()
-            if (_depends(stage, key) or (checked and _depends("check", key))) and saved.get(key) != value
-            and key not in unused]
+            if (_depends(stage, key) or (checked and key not in VAL_KEYS and _depends("check", key)))
+            and saved.get(key) != value and key not in unused]
 
 
 def unused_data_keys(saved: dict, now: dict) -> set[str]:

@@ -121,10 +121,10 @@ def generator_check(cfg: Config) -> Path:
                    train.classes, means)  # sample.redraw and sample.candidates judge by it
     good = res.final >= FIDELITY_GOAL
     trained = _trained_steps(cfg)
-    went_on = f", {trained} with the checks on the way (pretrain.max_steps {cfg.pretrain.max_steps})" \
+    went_on = f" or pretrain.max_steps (now {cfg.pretrain.max_steps}; pretraining went on to {trained} steps)" \
         if trained != cfg.pretrain.steps else ""
     hint = "" if good else (f"; below the {FIDELITY_GOAL:.0f} % goal: the generator underfits — raise pretrain.steps "
-                            f"(now {cfg.pretrain.steps}{went_on}) or model.size (now {cfg.model.size}) before "
+                            f"(now {cfg.pretrain.steps}){went_on} or model.size (now {cfg.model.size}) before "
                             "distilling")
     line = (f"generator check: {res.final:.1f} % of {len(generated)} images sampled after pretraining are assigned "
             f"their class by a {net} trained on the real train set (which scores {real:.1f} % on real val "

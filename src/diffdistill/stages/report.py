@@ -312,7 +312,7 @@ def _went_on(run_dir: Path) -> str:
     ext = json.loads(info.read_text()).get("extension") if info.is_file() else None
     if not ext or not ext["checks"]:
         return ""
-    said = ", ".join(f"{c['fidelity']:.0f} % at step {c['step']}" for c in ext["checks"])
+    said = ", ".join(f"{c['fidelity']:.1f} % at step {c['step']}" for c in ext["checks"])
     return (f" Pretraining ran {json.loads(info.read_text())['steps']} steps: the checks on the way "
             f"(pretrain.max_steps {ext['max_steps']}, goal {ext['goal']:.0f} %) found {said}.")
 

@@ -83,7 +83,7 @@ def train_stage(cfg: Config, stage: str, force: bool = False, resume: bool = Fal
                 probe: Probe | None = None) -> Path:
     """Run `pretrain` or `finetune` per the config; returns the stage's output folder. Under torchrun every
     rank trains (DDP) and rank 0 writes the outputs. `probe` scores the EMA model where training may go on past
-    `steps` (pretrain.max_steps); rank 0 calls it and every rank follows its answer."""
+    `steps` (pretrain.max_steps); every rank calls it and all follow rank 0's answer."""
     tcfg: TrainConfig = getattr(cfg, stage)
     final = stage_dir(cfg.run_dir, stage)
     device = dist.init(setup(cfg))
@@ -376,7 +376,7 @@ class TrainLoop:
         took = time.perf_counter() - t0
         self.checks.append({"step": self.step, "fidelity": fidelity, "seconds": round(took, 1)})
         self.check_seconds += took
-        self.t_log = time.perf_counter()  # the check's time is not the steps' (ms_per_step of the next row)
+        self.t_log += took  # the check's time is not the steps' (ms_per_step of the next row)
         if fidelity >= probe.goal:
             say = f"reaches the {probe.goal:.0f} % goal: pretraining stops here"
         else:
