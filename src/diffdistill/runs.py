@@ -62,12 +62,12 @@ def check_classifier_file(run_dir: Path) -> Path:
 CLASS_MEANS = "class_means"  # in the check's classifier file: each real class's mean feature [classes, F]
 
 
-# the settings that make sampling read the check's classifier, and the values that switch them off (compare and
-# sweep sample with these: they run no check)
+# the settings that make sampling read the check's classifier, and the values that switch them off
 JUDGE_OFF = {"sample.redraw": 0, "sample.candidates": 1}
 
 
-# what else reads the generator check: pretraining that goes on while it is low, and its off value
+# every setting that reads the generator check (sampling's, and pretraining that goes on while it is low) and
+# its off value: compare and sweep, which run no check, set these (reads_check)
 CHECK_OFF = {**JUDGE_OFF, "pretrain.max_steps": 0}
 
 
@@ -76,9 +76,17 @@ def judge_setting(scfg: SampleConfig) -> tuple[str, int]:
     return ("sample.redraw", scfg.redraw) if scfg.redraw else ("sample.candidates", scfg.candidates)
 
 
-def judge_off() -> list[str]:
-    """JUDGE_OFF as key=value overrides."""
-    return [f"{key}={value}" for key, value in JUDGE_OFF.items()]
+def reads_check(cfg: Config) -> list[tuple[str, int, str]]:
+    """The settings of `cfg` that need the generator check, each as (key, value, what it does with the check):
+    compare and sweep, which run no check, set each to its CHECK_OFF value and say so."""
+    found = []
+    if cfg.sample.judged:
+        key, value = judge_setting(cfg.sample)
+        found.append((key, value, "it needs the generator check's classifier"))
+    if cfg.pretrain.max_steps:
+        found.append(("pretrain.max_steps", cfg.pretrain.max_steps,
+                      "pretraining goes on by the generator check; here it stops at pretrain.steps"))
+    return found
 
 
 def judge_missing(path: Path, scfg: SampleConfig) -> str | None:

@@ -47,10 +47,10 @@ from diffdistill.plots import compare_plot
 from diffdistill.preflight import check_plan
 from diffdistill.recipe import describe, resolve_config
 from diffdistill.runs import (
+    CHECK_OFF,
     TRAINING_STAGES,
     evaluate_jobs,
-    judge_off,
-    judge_setting,
+    reads_check,
     results_file,
     run_order,
     stage_dir,
@@ -128,16 +128,11 @@ def run_compare(config: str | Path, methods: list[str], seeds: list[int], overri
     `dry_run`: check the plan and print it (the runs it would make), train nothing."""
     raw = read_yaml(Path(config))
     base = _build(raw, overrides)
-    if base.sample.judged:  # every method samples as drawn, under one protocol
-        key, value = judge_setting(base.sample)
-        print(f"compare: {key}={value} is off here (it needs the generator check's "
-              f"classifier, and compare runs no check)", flush=True)
-        overrides = [*overrides, *judge_off()]
-        base = _build(raw, overrides)
-    if base.pretrain.max_steps:  # the shared pretraining stops at pretrain.steps
-        print(f"compare: pretrain.max_steps={base.pretrain.max_steps} is off here (pretraining goes on by the "
-              "generator check, and compare runs no check): pretraining stops at pretrain.steps", flush=True)
-        overrides = [*overrides, "pretrain.max_steps=0"]
+    off = reads_check(base)  # every method samples as drawn and pretrains for pretrain.steps, under one protocol
+    for key, value, why in off:
+        print(f"compare: {key}={value} is off here ({why}, and compare runs no check)", flush=True)
+    if off:
+        overrides = [*overrides, *(f"{key}={CHECK_OFF[key]}" for key, _, _ in off)]
         base = _build(raw, overrides)
     for line in describe(base):
         print(line, flush=True)

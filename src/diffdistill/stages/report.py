@@ -308,12 +308,13 @@ def accuracy_section(run_dir: Path, results: dict) -> list[str]:
 
 def _went_on(run_dir: Path) -> str:
     """What the checks on the way decided (pretrain.max_steps), from the pretrain stage's run_info.json."""
-    info = stage_dir(run_dir, "pretrain") / "run_info.json"
-    ext = json.loads(info.read_text()).get("extension") if info.is_file() else None
+    file = stage_dir(run_dir, "pretrain") / "run_info.json"
+    info = json.loads(file.read_text()) if file.is_file() else {}
+    ext = info.get("extension")
     if not ext or not ext["checks"]:
         return ""
     said = ", ".join(f"{c['fidelity']:.1f} % at step {c['step']}" for c in ext["checks"])
-    return (f" Pretraining ran {json.loads(info.read_text())['steps']} steps: the checks on the way "
+    return (f" Pretraining ran {info['steps']} steps: the checks on the way "
             f"(pretrain.max_steps {ext['max_steps']}, goal {ext['goal']:.0f} %) found {said}.")
 
 

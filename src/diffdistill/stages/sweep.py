@@ -37,7 +37,7 @@ from diffdistill.files import atomic_write_bytes, atomic_write_text
 from diffdistill.metrics import spread
 from diffdistill.plots import fig4_plot
 from diffdistill.recipe import describe, resolve_config
-from diffdistill.runs import CHECK_OFF, judge_off, judge_setting, results_file, stage_dir
+from diffdistill.runs import CHECK_OFF, reads_check, results_file, stage_dir
 
 # keys a point may not change if the pretrained model is shared (they change what pretraining makes)
 PRETRAIN_KEYS = ("pretrain.", "data.", "model.", "diffusion.", "autoencoder.", "prepare.")
@@ -132,16 +132,11 @@ def run_sweep(sweep: Sweep, out_dir: str | None = None) -> Path:
         raise ConfigError(f"sweep {sweep.name}: {varied} needs the generator check, and a sweep "
                           "runs no check; leave it out of the points")
     base = _build(sweep.base, sweep.common)
-    if base.sample.judged:  # every point samples as drawn
-        key, value = judge_setting(base.sample)
-        print(f"sweep {sweep.name}: {key}={value} is off here (it needs the generator check's "
-              "classifier, and a sweep runs no check)", flush=True)
-        sweep = replace(sweep, common=[*sweep.common, *judge_off()])
-        base = _build(sweep.base, sweep.common)
-    if base.pretrain.max_steps:  # pretraining stops at pretrain.steps
-        print(f"sweep {sweep.name}: pretrain.max_steps={base.pretrain.max_steps} is off here (pretraining goes on "
-              f"by the generator check, and a sweep runs no check): pretraining stops at pretrain.steps", flush=True)
-        sweep = replace(sweep, common=[*sweep.common, "pretrain.max_steps=0"])
+    off = reads_check(base)  # every point samples as drawn and pretrains for pretrain.steps
+    for key, value, why in off:
+        print(f"sweep {sweep.name}: {key}={value} is off here ({why}, and a sweep runs no check)", flush=True)
+    if off:
+        sweep = replace(sweep, common=[*sweep.common, *(f"{key}={CHECK_OFF[key]}" for key, _, _ in off)])
         base = _build(sweep.base, sweep.common)
     root = Path(out_dir or base.out_dir) / sweep.name
     shared = base.pretrain.steps > 0 and not any(o.split("=")[0].startswith(PRETRAIN_KEYS)
