@@ -93,6 +93,30 @@ def test_modes_come_in_herding_order_so_ipc_1_gets_the_mode_nearest_the_class_me
         assert torch.allclose(got, centers, atol=0.1), seed  # mean (3, 2): A nearest; then A+B = (5, 0); then C
 
 
+def test_medoid_modes_are_distinct_train_points_nearest_the_centroids_in_herding_order():
+    """Centroids of an elongated cluster are averages no train point equals; medoids are train points: each the
+    one nearest its centroid, distinct, in herding order (IPC 1 gets the one nearest the class mean)."""
+    from types import SimpleNamespace
+
+    from diffdistill.config import build_config
+    from diffdistill.stages.sample import Modes
+
+    # two clusters on a line: {0, 1, 2} (centroid 1, a point) and {9, 10.5} (centroid 9.75, no point)
+    z = torch.tensor([[0.0], [1.0], [2.0], [9.0], [10.5]])
+    for kind, want in (("centroid", [[1.0], [9.75]]), ("medoid", [[1.0], [9.0]])):
+        modes = Modes.__new__(Modes)
+        modes.real = SimpleNamespace(of_class=lambda c: z[:, :, None, None])  # [n, 1, 1, 1] "latents"
+        modes.cfg = build_config({}, [f"sample.prototype={kind}"])
+        modes.classes, modes.k, modes.cached = ["a"], 2, {}
+        # class mean 4.5: |1 - 4.5| = 3.5 < |9 - 4.5| = 4.5 and < |9.75 - 4.5| = 5.25, so the left mode comes first
+        assert modes.of_class(0).flatten(1).tolist() == want, kind
+    many = torch.cat([z, z + 0.01])  # every point twice: medoids stay distinct rows
+    modes.real = SimpleNamespace(of_class=lambda c: many[:, :, None, None])
+    modes.k, modes.cached = 4, {}
+    got = modes.of_class(0).flatten(1).squeeze(1).tolist()
+    assert len(set(got)) == 4 and all(v in many.squeeze(1).tolist() for v in got)
+
+
 def test_herd_slots_picks_one_candidate_per_slot_toward_the_target():
     """Slot 0 keeps the candidate nearest the target; slot 1 the one that brings the mean of the two kept points
     closest to it (hand-computed on a line); a slot's allowed candidates win over nearer ones it is not allowed,

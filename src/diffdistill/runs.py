@@ -140,9 +140,9 @@ NO_RESULT_LEAVES = {"log_every", "checkpoint_every", "keep_checkpoints", "worker
 # the check samples from noise with the run's sampler and trains the first evaluation net on the real set:
 # sample.* and evaluate.* count for it, except these (and mode_guidance.*, soft.*)
 CHECK_IGNORES = {"sample.ipc", "sample.checkpoint", "sample.weights", "sample.start", "sample.prototype_strength",
-                 "sample.redraw", "sample.candidates", "evaluate.seeds", "evaluate.ipc", "evaluate.pool",
-                 "evaluate.epochs", "evaluate.eval_every", "evaluate.metrics", "evaluate.knn", "evaluate.labels",
-                 "evaluate.full"}
+                 "sample.prototype", "sample.redraw", "sample.candidates", "evaluate.seeds", "evaluate.ipc",
+                 "evaluate.pool", "evaluate.epochs", "evaluate.eval_every", "evaluate.metrics", "evaluate.knn",
+                 "evaluate.labels", "evaluate.full"}
 
 
 def _depends(stage: str, key: str) -> bool:

@@ -57,7 +57,7 @@ from diffdistill.runtime import (
     setup,
     write_run_info,
 )
-from diffdistill.select import herd_slots, herding, kmeans
+from diffdistill.select import herd_slots, herding, kmeans, nearest
 
 
 def image_file(class_name: str, index: int) -> str:
@@ -246,13 +246,16 @@ class Modes:
             if len(z) < self.k:
                 raise StageError(f"sample: class {self.classes[c]} has {len(z)} real images; {self.k} modes "
                                  f"(IPC {self.k}) need at least {self.k}")
-            centroids, _ = kmeans(z.flatten(1), self.k, derive_seed(self.cfg.seed, "modes", self.classes[c]))
+            points = z.flatten(1)  # [n, D]
+            modes, _ = kmeans(points, self.k, derive_seed(self.cfg.seed, "modes", self.classes[c]))  # [k, D]
+            if self.cfg.sample.prototype == "medoid":
+                modes = points[nearest(points, modes)]
             # herding order: the first j modes track the class mean, so a smaller IPC (a prefix) still covers
             # the class (IPC 1 gets the mode nearest the mean, not k-means++'s random first pick)
-            centroids = centroids[herding(centroids, self.k, target=z.flatten(1).mean(0))]
+            modes = modes[herding(modes, self.k, target=points.mean(0))]
             if len(self.cached) > 1:  # batches run class by class: keep the last two
                 self.cached.pop(next(iter(self.cached)))
-            self.cached[c] = centroids.view(self.k, *z.shape[1:])  # [k, C, H, W]
+            self.cached[c] = modes.view(self.k, *z.shape[1:])  # [k, C, H, W]
         return self.cached[c]
 
     def batch(self, jobs: list[tuple[int, int]]) -> Tensor:
@@ -387,8 +390,8 @@ def sample_stage(cfg: Config, force: bool = False) -> Path:
                         "clip_denoised": scfg.clip_denoised, "learned_sigma": learns_sigma(model),
                         "mode_guidance": full["sample"]["mode_guidance"], "start": scfg.start,
                         "prototype_strength": scfg.prototype_strength, "candidates": scfg.candidates,
-                        "modes": f"k-means (k = {ipc}) of each class's real latents ({modes.real.source})"
-                        if modes else None},
+                        "modes": f"k-means (k = {ipc}) of each class's real latents, {scfg.prototype}s "
+                                 f"({modes.real.source})" if modes else None},
             "images": records,
         })
         (work / SPEC_FILE).unlink()
