@@ -93,28 +93,25 @@ def test_modes_come_in_herding_order_so_ipc_1_gets_the_mode_nearest_the_class_me
         assert torch.allclose(got, centers, atol=0.1), seed  # mean (3, 2): A nearest; then A+B = (5, 0); then C
 
 
-def test_medoid_modes_are_distinct_train_points_nearest_the_centroids_in_herding_order():
-    """Centroids of an elongated cluster are averages no train point equals; medoids are train points: each the
-    one nearest its centroid, distinct, in herding order (IPC 1 gets the one nearest the class mean)."""
+def test_medoid_modes_are_distinct_train_points_nearest_the_centroids_in_herding_order(monkeypatch):
+    """With fixed centroids (k-means' order 9.3, 9.1, 1.2): medoids are train points, each the one nearest its
+    centroid or, when an earlier centroid took it, the next nearest (9.1's nearest, 9, went to 9.3: 10); then
+    herding order toward the class mean 4.5 (1 first: |1 - 4.5| = 3.5; then (1 + 9) / 2 = 5 beats 5.5)."""
     from types import SimpleNamespace
 
     from diffdistill.config import build_config
-    from diffdistill.stages.sample import Modes
+    from diffdistill.stages import sample
 
-    # two clusters on a line: {0, 1, 2} (centroid 1, a point) and {9, 10.5} (centroid 9.75, no point)
-    z = torch.tensor([[0.0], [1.0], [2.0], [9.0], [10.5]])
-    for kind, want in (("centroid", [[1.0], [9.75]]), ("medoid", [[1.0], [9.0]])):
-        modes = Modes.__new__(Modes)
+    z = torch.tensor([[0.0], [1.0], [2.0], [5.0], [9.0], [10.0]])  # mean 4.5
+    monkeypatch.setattr(sample, "kmeans", lambda x, k, seed: (torch.tensor([[9.3], [9.1], [1.2]]), None))
+    # centroids herd 1.2, then (1.2 + 9.1) / 2 = 5.15 beats (1.2 + 9.3) / 2 = 5.25, then 9.3
+    for kind, want in (("centroid", [1.2, 9.1, 9.3]), ("medoid", [1.0, 9.0, 10.0])):
+        modes = sample.Modes.__new__(sample.Modes)
         modes.real = SimpleNamespace(of_class=lambda c: z[:, :, None, None])  # [n, 1, 1, 1] "latents"
         modes.cfg = build_config({}, [f"sample.prototype={kind}"])
-        modes.classes, modes.k, modes.cached = ["a"], 2, {}
-        # class mean 4.5: |1 - 4.5| = 3.5 < |9 - 4.5| = 4.5 and < |9.75 - 4.5| = 5.25, so the left mode comes first
-        assert modes.of_class(0).flatten(1).tolist() == want, kind
-    many = torch.cat([z, z + 0.01])  # every point twice: medoids stay distinct rows
-    modes.real = SimpleNamespace(of_class=lambda c: many[:, :, None, None])
-    modes.k, modes.cached = 4, {}
-    got = modes.of_class(0).flatten(1).squeeze(1).tolist()
-    assert len(set(got)) == 4 and all(v in many.squeeze(1).tolist() for v in got)
+        modes.classes, modes.k, modes.cached = ["a"], 3, {}
+        got = modes.of_class(0).flatten().tolist()
+        assert got == pytest.approx(want), kind
 
 
 def test_herd_slots_picks_one_candidate_per_slot_toward_the_target():

@@ -184,7 +184,7 @@ class SampleConfig:
     prototype_strength: float = _num(0.7, _check(lambda v: 0 < v <= 1, "a number in (0, 1]"))
     # what a mode (prototype start, mode guidance) is: the k-means centroid itself (an average of the cluster's
     # latents, in pixel space a blurred, low-contrast image), or the medoid: the real latent nearest each centroid
-    # (k distinct train images)
+    # (k distinct train images: a centroid whose nearest one an earlier centroid took gets the next nearest)
     prototype: Literal["centroid", "medoid"] = "centroid"
     # an image that the generator check's classifier (trained on the real train set right after pretraining)
     # assigns to another class is drawn again with a new seed, up to this many times: the first draw assigned

@@ -233,8 +233,9 @@ def needs_modes(scfg: SampleConfig) -> bool:
 
 class Modes:
     """Per class the k-means centroids (k = the IPC made, k-means++ start seeded by (seed, class)) of its
-    real latents in herding order; image i of a class gets mode i. Computed when a batch first needs the
-    class."""
+    real latents, or with `sample.prototype: medoid` for each centroid in k-means' order the nearest real latent
+    not taken by an earlier one; in herding order, image i of a class gets mode i. Computed when a batch first
+    needs the class."""
 
     def __init__(self, cfg: Config, classes: list[str], k: int, device: torch.device) -> None:
         self.real, self.cfg, self.classes, self.k = RealLatents(cfg, device), cfg, classes, k
