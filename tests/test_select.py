@@ -75,21 +75,26 @@ def test_herding_toward_a_target_mean():
     assert herding(x, 1, target=torch.tensor([1.0, 9])).tolist() == [2]
 
 
-def test_modes_come_in_herding_order_so_ipc_1_gets_the_mode_nearest_the_class_mean():
+def _modes(z: torch.Tensor, k: int, overrides: list[str]):
+    """The sample stage's Modes of one class whose real "latents" are the rows of z [n, D] (as [n, D, 1, 1])."""
     from types import SimpleNamespace
 
     from diffdistill.config import build_config
     from diffdistill.stages.sample import Modes
 
+    modes = Modes.__new__(Modes)
+    modes.real = SimpleNamespace(of_class=lambda c: z[:, :, None, None])
+    modes.cfg = build_config({}, overrides)
+    modes.classes, modes.k, modes.cached = ["a"], k, {}
+    return modes
+
+
+def test_modes_come_in_herding_order_so_ipc_1_gets_the_mode_nearest_the_class_mean():
     g = torch.Generator().manual_seed(0)
     centers = torch.tensor([[0.0, 0], [10, 0], [0, 10]])
     z = torch.cat([centers[i] + 0.1 * torch.randn(n, 2, generator=g) for i, n in enumerate((50, 30, 20))])
     for seed in range(4):  # whatever k-means++ picks first
-        modes = Modes.__new__(Modes)
-        modes.real = SimpleNamespace(of_class=lambda c: z[:, :, None, None])  # [n, 2, 1, 1] "latents"
-        modes.cfg = build_config({}, [f"seed={seed}"])
-        modes.classes, modes.k, modes.cached = ["a"], 3, {}
-        got = modes.of_class(0).flatten(1)
+        got = _modes(z, 3, [f"seed={seed}"]).of_class(0).flatten(1)
         assert torch.allclose(got, centers, atol=0.1), seed  # mean (3, 2): A nearest; then A+B = (5, 0); then C
 
 
@@ -97,20 +102,13 @@ def test_medoid_modes_are_distinct_train_points_nearest_the_centroids_in_herding
     """With fixed centroids (k-means' order 9.3, 9.1, 1.2): medoids are train points, each the one nearest its
     centroid or, when an earlier centroid took it, the next nearest (9.1's nearest, 9, went to 9.3: 10); then
     herding order toward the class mean 4.5 (1 first: |1 - 4.5| = 3.5; then (1 + 9) / 2 = 5 beats 5.5)."""
-    from types import SimpleNamespace
-
-    from diffdistill.config import build_config
     from diffdistill.stages import sample
 
     z = torch.tensor([[0.0], [1.0], [2.0], [5.0], [9.0], [10.0]])  # mean 4.5
     monkeypatch.setattr(sample, "kmeans", lambda x, k, seed: (torch.tensor([[9.3], [9.1], [1.2]]), None))
     # centroids herd 1.2, then (1.2 + 9.1) / 2 = 5.15 beats (1.2 + 9.3) / 2 = 5.25, then 9.3
     for kind, want in (("centroid", [1.2, 9.1, 9.3]), ("medoid", [1.0, 9.0, 10.0])):
-        modes = sample.Modes.__new__(sample.Modes)
-        modes.real = SimpleNamespace(of_class=lambda c: z[:, :, None, None])  # [n, 1, 1, 1] "latents"
-        modes.cfg = build_config({}, [f"sample.prototype={kind}"])
-        modes.classes, modes.k, modes.cached = ["a"], 3, {}
-        got = modes.of_class(0).flatten().tolist()
+        got = _modes(z, 3, [f"sample.prototype={kind}"]).of_class(0).flatten().tolist()
         assert got == pytest.approx(want), kind
 
 
