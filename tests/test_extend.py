@@ -11,7 +11,7 @@ from diffdistill.cli import main
 from diffdistill.config import ConfigError, load_config
 from diffdistill.models.dit import load_dit
 from diffdistill.recipe import resolve_config
-from diffdistill.runs import generator_check_file, stage_dir
+from diffdistill.runs import check_classifier_file, generator_check_file, probe_classifier_file, stage_dir
 from diffdistill.stages.check import FidelityProbe
 from diffdistill.stages.train import train_stage
 
@@ -37,6 +37,10 @@ class Scripted:
         if isinstance(answer, Exception):
             raise answer
         return answer
+
+    def keep(self, folder) -> None:
+        if self.inner:
+            self.inner.keep(folder)
 
 
 def _cfg(tmp_path, name: str, *overrides: str):
@@ -154,6 +158,35 @@ def test_the_check_on_the_way_scores_what_the_generator_check_finds(tmp_path):
     model = load_dit(str(stage_dir(cfg.run_dir, "pretrain") / "ema"), key="pretrain")
     probe = FidelityProbe(cfg)
     assert probe(model) == found and probe(model) == found  # the classifier is trained once, then kept
+
+
+def _check(tmp_path, name: str, *overrides: str) -> tuple[dict, dict]:
+    """`diffdistill check` on the run `name`: (check.json, the classifier it saved)."""
+    assert main(["check", "configs/demo-digits.yaml", f"out_dir={tmp_path}", f"name={name}", *TINY,
+                 "pretrain.max_steps=12", *overrides]) == 0
+    cfg = _cfg(tmp_path, name)
+    return json.loads(generator_check_file(cfg.run_dir).read_text()), load_file(str(check_classifier_file(cfg.run_dir)))
+
+
+def test_the_check_takes_the_classifier_the_checks_on_the_way_trained(tmp_path):
+    """The probe keeps its classifier in pretraining's folder; the check after pretraining takes it instead of
+    training the same one again, with the same result, and trains its own when a setting of it or the train
+    pixels differ."""
+    cfg = resolve_config(_cfg(tmp_path, "kept", "pretrain.max_steps=12"))
+    _train(cfg, "pretrain", force=False, resume=False)
+    assert probe_classifier_file(cfg.run_dir).is_file()
+    reused, reused_judge = _check(tmp_path, "kept")
+    assert reused["classifier_from"] == "the checks on the way (probe-classifier.safetensors)"
+    kept = probe_classifier_file(cfg.run_dir).read_bytes()
+    probe_classifier_file(cfg.run_dir).unlink()
+    trained, trained_judge = _check(tmp_path, "kept")  # no kept classifier: it trains one, the same one
+    assert trained["classifier_from"] == "trained here"
+    assert (reused["fidelity"], reused["classifier_val_accuracy"]) == (trained["fidelity"],
+                                                                       trained["classifier_val_accuracy"])
+    assert _same(reused_judge, trained_judge)
+    probe_classifier_file(cfg.run_dir).write_bytes(kept)
+    other, _ = _check(tmp_path, "kept", "evaluate.full_epochs=2")  # another classifier: trained here
+    assert other["classifier_from"] == "trained here"
 
 
 def test_max_steps_is_checked_and_auto_doubles_the_steps():

@@ -134,8 +134,9 @@ def estimate(cfg: Config, order: list[str], counts: dict[str, int], channels: in
     skipped = f" (not timed: {', '.join(untimed)}, a VAE or a loaded model)" if untimed else ""
     pre = cfg.pretrain
     more = ""
-    if "pretrain" in minutes and pre.max_steps > pre.steps:  # the steps past `steps`, and the checks' classifier
-        extra = minutes["pretrain"] * (pre.max_steps / pre.steps - 1) + minutes.get("check", 0)
+    # the steps past `steps` (the checks on the way train the check's classifier once: the check then reuses it)
+    if "pretrain" in minutes and pre.max_steps > pre.steps:
+        extra = minutes["pretrain"] * (pre.max_steps / pre.steps - 1)
         more = f", up to ~{sum(minutes.values()) + extra:.0f} if pretraining goes on to pretrain.max_steps"
     return (f"time (from a few timed steps on {device.type}, minutes): {parts or 'nothing timed'}; "
             f"total ~{sum(minutes.values()):.0f}{more}{skipped}")

@@ -2,7 +2,9 @@
 
     <out_dir>/<name>/            the run folder (Config.run_dir)
       pretrain/ finetune/        training stages: {raw,ema}/ diffusers model folders, log.jsonl, run_info.json;
-                                 pretrain/check.json: the generator check after pretraining
+                                 pretrain/check.json: the generator check after pretraining;
+                                 pretrain/check-classifier.safetensors: its classifier (and the checks on
+                                 the way's: probe-classifier.safetensors)
       checkpoints/<stage>/       resumable checkpoints of an unfinished training stage
       .samples.partial/          images of an unfinished sample stage
       samples/                   the distilled set: <class>/<i>.png + manifest.json
@@ -57,6 +59,15 @@ def check_classifier_file(run_dir: Path) -> Path:
     """The classifier the generator check trained on the real train set (`sample.redraw` and
     `sample.candidates` judge by it)."""
     return stage_dir(run_dir, "pretrain") / "check-classifier.safetensors"
+
+
+def probe_classifier_file(run_dir: Path) -> Path:
+    """The classifier the generator checks on the way trained (pretrain.max_steps): the check after pretraining
+    takes it instead of training its own when it was trained from the same settings and pixels."""
+    return stage_dir(run_dir, "pretrain") / PROBE_CLASSIFIER
+
+
+PROBE_CLASSIFIER = "probe-classifier.safetensors"  # written into pretraining's folder before it is in place
 
 
 CLASS_MEANS = "class_means"  # in the check's classifier file: each real class's mean feature [classes, F]
@@ -158,6 +169,15 @@ def _depends(stage: str, key: str) -> bool:
         return key == "pretrain.check_images" or (section in ("sample", "evaluate") and key not in CHECK_IGNORES
                                                   and not key.startswith(("sample.mode_guidance.", "evaluate.soft.")))
     return section == stage and key != "pretrain.check_images" and key != "finetune.check_images"
+
+
+def judge_settings(cfg: Config) -> dict:
+    """The settings the check's classifier is trained from: what the check depends on (`_depends`), less the
+    val folders and what only makes the generated images it is scored on (sample.*, pretrain.*)."""
+    found = {key: value for key, value in flat_keys(to_dict(cfg)).items()
+             if _depends("check", key) and key not in VAL_KEYS and key.split(".")[0] not in ("sample", "pretrain")}
+    found["evaluate.nets"] = list(found["evaluate.nets"])[:1]  # the check's classifier is the first net
+    return found
 
 
 def recorded_config(run_dir: Path, stage: str) -> dict | None:

@@ -6,7 +6,9 @@ the real train set (the full-data recipe, `evaluate.full_epochs`), and report th
 it assigns to their class: a fidelity estimate on a small sample. The result goes to
 <run>/pretrain/check.json and to the terminal, with a hint when it is below the report's fidelity goal; the
 classifier is kept (<run>/pretrain/check-classifier.safetensors) with each real class's mean feature:
-`sample.redraw` and `sample.candidates` judge samples by it.
+`sample.redraw` and `sample.candidates` judge samples by it. Where pretraining checked itself on the way
+(pretrain.max_steps), it trained the same classifier (same settings, seed and pixels) and kept it in
+pretrain/probe-classifier.safetensors: the check takes that one instead of training it again.
 """
 
 from __future__ import annotations
@@ -18,17 +20,29 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_save
 
 from diffdistill import distributed as dist
 from diffdistill.autoencoders import build_decoder
 from diffdistill.config import Config, to_dict
 from diffdistill.data.classes import condition_ids
 from diffdistill.data.datasets import ImageSet, load_data
-from diffdistill.data.pixels import channel_stats
+from diffdistill.data.pixels import channel_stats, pixel_sha256
 from diffdistill.errors import StageError
-from diffdistill.files import atomic_write_json
+from diffdistill.files import atomic_write_bytes, atomic_write_json
+from diffdistill.models.classifiers import build_classifier
 from diffdistill.models.dit import load_dit
-from diffdistill.runs import check_classifier_file, generator_check_file, input_tokens, model_source, stage_dir
+from diffdistill.runs import (
+    PROBE_CLASSIFIER,
+    check_classifier_file,
+    generator_check_file,
+    input_tokens,
+    judge_settings,
+    model_source,
+    probe_classifier_file,
+    stage_dir,
+)
 from diffdistill.runtime import derive_seed, sample_batch, setup
 from diffdistill.stages.evaluate import accuracy, class_means, on_device, train_classifier
 from diffdistill.stages.report import FIDELITY_GOAL
@@ -65,6 +79,27 @@ def _train_judge(cfg: Config, real_xy, generated: ImageSet, norm, num_classes: i
                             cfg.data.hflip)
 
 
+def _judge_key(cfg: Config, train) -> str:
+    """What the check's classifier is made from: its settings and the real train set's pixels."""
+    return json.dumps({"settings": judge_settings(cfg), "train_sha256": pixel_sha256(train)}, sort_keys=True)
+
+
+def _kept_judge(cfg: Config, key: str, channels: int, num_classes: int, device: torch.device):
+    """The classifier the checks on the way kept (`FidelityProbe.keep`), if it was made from `key`; else None."""
+    path = probe_classifier_file(cfg.run_dir)
+    if not path.is_file():
+        return None
+    with safe_open(path, "pt") as f:
+        if f.metadata().get("key") != key:
+            return None
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    ecfg = cfg.evaluate
+    model = build_classifier(ecfg.nets[0], channels, num_classes, ecfg.image_size or cfg.data.image_size,
+                             ecfg.width, ecfg.norm)
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
 def _trained_steps(cfg: Config) -> int:
     """The steps pretraining ran: pretrain.steps, or more where the checks on the way made it go on."""
     info = stage_dir(cfg.run_dir, "pretrain") / "run_info.json"
@@ -79,7 +114,7 @@ class FidelityProbe:
     goal = FIDELITY_GOAL
 
     def __init__(self, cfg: Config) -> None:
-        self.cfg, self.judge = cfg, None
+        self.cfg, self.judge, self.key = cfg, None, ""
 
     def __call__(self, model) -> float:
         cfg = self.cfg
@@ -90,11 +125,19 @@ class FidelityProbe:
                 self.classes = train.classes
                 self.size = cfg.evaluate.image_size or cfg.data.image_size
                 self.norm = channel_stats(train, self.size, device)
+                self.key = _judge_key(cfg, train)
             generated = _generate(self.cfg, model.eval(), self.classes, cfg.pretrain.check_images, device)
             if self.judge is None:
                 self.judge = _train_judge(cfg, on_device(train, self.size, device), generated, self.norm,
                                           len(self.classes)).model
             return accuracy(self.judge, *on_device(generated, self.size, device), self.norm)
+
+    def keep(self, folder: Path) -> None:
+        """Save the classifier, if a check trained it, into pretraining's output `folder` (not yet in place), for
+        the check after pretraining (`_kept_judge`)."""
+        if self.judge is not None:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.judge.state_dict().items()}
+            atomic_write_bytes(folder / PROBE_CLASSIFIER, safetensors_save(state, metadata={"key": self.key}))
 
 
 def generator_check(cfg: Config) -> Path:
@@ -114,25 +157,32 @@ def generator_check(cfg: Config) -> Path:
         size, net = ecfg.image_size or cfg.data.image_size, ecfg.nets[0]
         norm = channel_stats(train, size, device)
         real_xy = on_device(train, size, device)
-        res = _train_judge(cfg, real_xy, generated, norm, len(train.classes))
-        real = accuracy(res.model, *on_device(val, size, device), norm)  # how far the judge itself can be trusted
-        means = class_means(res.model, *real_xy, norm, len(train.classes))  # candidates' aim
-        Judge.save(check_classifier_file(cfg.run_dir), res.model, net, ecfg.width, ecfg.norm, size, norm,
+        judge = _kept_judge(cfg, _judge_key(cfg, train), train.channels, len(train.classes), device)
+        reused = judge is not None
+        if reused:  # the checks on the way trained this very classifier
+            fidelity = accuracy(judge, *on_device(generated, size, device), norm)
+        else:
+            res = _train_judge(cfg, real_xy, generated, norm, len(train.classes))
+            judge, fidelity = res.model, res.final
+        real = accuracy(judge, *on_device(val, size, device), norm)  # how far the judge itself can be trusted
+        means = class_means(judge, *real_xy, norm, len(train.classes))  # candidates' aim
+        Judge.save(check_classifier_file(cfg.run_dir), judge, net, ecfg.width, ecfg.norm, size, norm,
                    train.classes, means)  # sample.redraw and sample.candidates judge by it
-    good = res.final >= FIDELITY_GOAL
+    good = fidelity >= FIDELITY_GOAL
     trained = _trained_steps(cfg)
     went_on = f" or pretrain.max_steps (now {cfg.pretrain.max_steps}; pretraining went on to {trained} steps)" \
         if trained != cfg.pretrain.steps else ""
     hint = "" if good else (f"; below the {FIDELITY_GOAL:.0f} % goal: the generator underfits — raise pretrain.steps "
                             f"(now {cfg.pretrain.steps}){went_on} or model.size (now {cfg.model.size}) before "
                             "distilling")
-    line = (f"generator check: {res.final:.1f} % of {len(generated)} images sampled after pretraining are assigned "
+    line = (f"generator check: {fidelity:.1f} % of {len(generated)} images sampled after pretraining are assigned "
             f"their class by a {net} trained on the real train set (which scores {real:.1f} % on real val "
             f"images){hint}")
     atomic_write_json(out, {
-        "fidelity": res.final, "classifier_val_accuracy": real, "goal": FIDELITY_GOAL,
+        "fidelity": fidelity, "classifier_val_accuracy": real, "goal": FIDELITY_GOAL,
         "images_per_class": per_class, "num_images": len(generated),
         "classifier": f"{net}, {ecfg.full_epochs} epochs on the real train set",
+        "classifier_from": f"the checks on the way ({PROBE_CLASSIFIER})" if reused else "trained here",
         "sampler": {"scheduler": cfg.sample.scheduler, "steps": cfg.sample.steps, "guidance": cfg.sample.guidance,
                     "clip_denoised": cfg.sample.clip_denoised},
         "seconds": round(time.perf_counter() - t0, 1),

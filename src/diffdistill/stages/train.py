@@ -78,6 +78,9 @@ class Probe(Protocol):
 
     def __call__(self, model) -> float: ...
 
+    def keep(self, folder: Path) -> None:
+        """Save what the stage after pretraining can reuse (the check's classifier) into the stage's folder."""
+
 
 def train_stage(cfg: Config, stage: str, force: bool = False, resume: bool = False,
                 probe: Probe | None = None) -> Path:
@@ -127,6 +130,8 @@ def train_stage(cfg: Config, stage: str, force: bool = False, resume: bool = Fal
         if dist.is_main():
             save_dit(out / "raw", model, trainable.folded_state_dict(model))
             save_dit(out / "ema", model, trainable.folded_state_dict(model, loop.ema.shadow))
+            if probe is not None:
+                probe.keep(out)
         _save_banks(loop.banks, out)
         if dist.is_main():
             write_run_info(out, cfg, stage, {
