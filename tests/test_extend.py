@@ -2,16 +2,24 @@
 goal, and the model it ends with is the model a run of that many steps makes."""
 
 import json
+from dataclasses import fields
 
 import pytest
 from safetensors.torch import load_file
 
 from diffdistill.api import _train
 from diffdistill.cli import main
-from diffdistill.config import ConfigError, load_config
+from diffdistill.config import ConfigError, EvalConfig, load_config
 from diffdistill.models.dit import load_dit
 from diffdistill.recipe import resolve_config
-from diffdistill.runs import check_classifier_file, generator_check_file, probe_classifier_file, stage_dir
+from diffdistill.runs import (
+    check_classifier_file,
+    generator_check_file,
+    judge_settings,
+    probe_classifier_file,
+    stage_dir,
+)
+from diffdistill.stages import check as check_stage
 from diffdistill.stages.check import FidelityProbe
 from diffdistill.stages.train import train_stage
 
@@ -168,7 +176,7 @@ def _check(tmp_path, name: str, *overrides: str) -> tuple[dict, dict]:
     return json.loads(generator_check_file(cfg.run_dir).read_text()), load_file(str(check_classifier_file(cfg.run_dir)))
 
 
-def test_the_check_takes_the_classifier_the_checks_on_the_way_trained(tmp_path):
+def test_the_check_takes_the_classifier_the_checks_on_the_way_trained(tmp_path, monkeypatch):
     """The probe keeps its classifier in pretraining's folder; the check after pretraining takes it instead of
     training the same one again, with the same result, and trains its own when a setting of it or the train
     pixels differ."""
@@ -187,6 +195,22 @@ def test_the_check_takes_the_classifier_the_checks_on_the_way_trained(tmp_path):
     probe_classifier_file(cfg.run_dir).write_bytes(kept)
     other, _ = _check(tmp_path, "kept", "evaluate.full_epochs=2")  # another classifier: trained here
     assert other["classifier_from"] == "trained here"
+    monkeypatch.setattr(check_stage, "pixel_sha256", lambda s: "other train images")
+    other, _ = _check(tmp_path, "kept")  # the same settings, other pixels
+    assert other["classifier_from"] == "trained here"
+
+
+# the EvalConfig fields that do not change the check's classifier (hard labels, the final epoch's weights)
+NOT_THE_JUDGES = {"seeds", "ipc", "pool", "epochs", "full", "metrics", "knn", "eval_every", "resident_gb", "workers",
+                  "labels", "soft"}
+
+
+def test_every_setting_that_trains_the_checks_classifier_is_in_its_key():
+    """A field added to EvalConfig is either in the key a kept classifier is matched by, or said not to matter."""
+    settings = judge_settings(load_config("configs/demo-digits.yaml"))
+    judged = {key.split(".", 1)[1] for key in settings if key.startswith("evaluate.")}
+    assert judged == {f.name for f in fields(EvalConfig)} - NOT_THE_JUDGES
+    assert {"seed", "data.train", "data.image_size", "data.hflip", "data.classes"} <= settings.keys()
 
 
 def test_max_steps_is_checked_and_auto_doubles_the_steps():

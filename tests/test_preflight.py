@@ -77,6 +77,7 @@ def test_dry_run_prints_the_plan_and_makes_nothing(folders, tmp_path, capsys):
     minutes = dict(part.strip().split(" ~") for part in timed.split(": ", 1)[1].split(";")[0].split(","))
     assert list(minutes) == ["pretrain", "check", "finetune", "sample", "evaluate"]
     assert float(minutes["pretrain"]) > 0 and all(float(m) >= 0 for m in minutes.values())
+    assert float(minutes["check"]) == 0  # its classifier is trained by the check on the way, in pretrain's time
     total, most = (float(timed.split(word, 1)[1].split()[0].rstrip(",")) for word in ("total ~", "up to ~"))
     assert most >= total + float(minutes["pretrain"]) - 1 and "if pretraining goes on to pretrain.max_steps" in timed
     assert not (tmp_path / "runs").exists()

@@ -130,14 +130,15 @@ def estimate(cfg: Config, order: list[str], counts: dict[str, int], channels: in
                              for ipc in eval_ipcs(cfg)) * len(cfg.evaluate.labels)  # each kind of label: a training
                 passes += cfg.evaluate.full_epochs * total if cfg.evaluate.full else 0
                 minutes["evaluate"] = passes * cfg.evaluate.seeds * len(cfg.evaluate.nets) * per_image / 60
-    parts = ", ".join(f"{s} ~{minutes[s]:.1f}" for s in order if s in minutes)
-    skipped = f" (not timed: {', '.join(untimed)}, a VAE or a loaded model)" if untimed else ""
     pre = cfg.pretrain
     more = ""
-    # the steps past `steps` (the checks on the way train the check's classifier once: the check then reuses it)
     if "pretrain" in minutes and pre.max_steps > pre.steps:
-        extra = minutes["pretrain"] * (pre.max_steps / pre.steps - 1)
+        extra = minutes["pretrain"] * (pre.max_steps / pre.steps - 1)  # the steps past `steps`
         more = f", up to ~{sum(minutes.values()) + extra:.0f} if pretraining goes on to pretrain.max_steps"
+        if "check" in minutes:  # the first check on the way trains the check's classifier; the check reuses it
+            minutes["pretrain"], minutes["check"] = minutes["pretrain"] + minutes["check"], 0.0
+    parts = ", ".join(f"{s} ~{minutes[s]:.1f}" for s in order if s in minutes)
+    skipped = f" (not timed: {', '.join(untimed)}, a VAE or a loaded model)" if untimed else ""
     return (f"time (from a few timed steps on {device.type}, minutes): {parts or 'nothing timed'}; "
             f"total ~{sum(minutes.values()):.0f}{more}{skipped}")
 
@@ -223,8 +224,10 @@ def check_plan(cfg: Config, order: list[str], distilled: str | None = None, time
         if stage in TRAINING_STAGES:
             _check_training(cfg, stage, order, total, out)
         elif stage == "check":
+            by = " (by the first check on the way, during pretraining)" if cfg.pretrain.max_steps and \
+                "pretrain" in order else ""
             out.say(f"check: {cfg.pretrain.check_images} images per class, one {cfg.evaluate.nets[0]} trained on "
-                    "the train set")
+                    f"the train set{by}")
         elif stage == "sample":
             _check_sampling(cfg, len(names), order, out)
         elif stage == "evaluate":

@@ -43,7 +43,7 @@ from diffdistill.runs import (
     probe_classifier_file,
     stage_dir,
 )
-from diffdistill.runtime import derive_seed, sample_batch, setup
+from diffdistill.runtime import derive_seed, package_versions, sample_batch, setup
 from diffdistill.stages.evaluate import accuracy, class_means, on_device, train_classifier
 from diffdistill.stages.report import FIDELITY_GOAL
 from diffdistill.stages.sample import Judge, sample_images
@@ -79,9 +79,13 @@ def _train_judge(cfg: Config, real_xy, generated: ImageSet, norm, num_classes: i
                             cfg.data.hflip)
 
 
-def _judge_key(cfg: Config, train) -> str:
-    """What the check's classifier is made from: its settings and the real train set's pixels."""
-    return json.dumps({"settings": judge_settings(cfg), "train_sha256": pixel_sha256(train)}, sort_keys=True)
+def _judge_key(cfg: Config, train, device: torch.device) -> str:
+    """What the check's classifier is made from: its settings, the real train set's pixels, and what trains it
+    (the code's and torch's versions, the device type, torch's threads)."""
+    versions = package_versions()
+    return json.dumps({"settings": judge_settings(cfg), "train_sha256": pixel_sha256(train),
+                       "versions": [versions["diffdistill"], versions["torch"]], "device": device.type,
+                       "threads": torch.get_num_threads()}, sort_keys=True)
 
 
 def _kept_judge(cfg: Config, key: str, channels: int, num_classes: int, device: torch.device):
@@ -89,14 +93,18 @@ def _kept_judge(cfg: Config, key: str, channels: int, num_classes: int, device: 
     path = probe_classifier_file(cfg.run_dir)
     if not path.is_file():
         return None
-    with safe_open(path, "pt") as f:
-        if f.metadata().get("key") != key:
-            return None
-        state = {k: f.get_tensor(k) for k in f.keys()}
     ecfg = cfg.evaluate
-    model = build_classifier(ecfg.nets[0], channels, num_classes, ecfg.image_size or cfg.data.image_size,
-                             ecfg.width, ecfg.norm)
-    model.load_state_dict(state)
+    try:
+        with safe_open(path, "pt") as f:
+            if (f.metadata() or {}).get("key") != key:
+                return None
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        model = build_classifier(ecfg.nets[0], channels, num_classes, ecfg.image_size or cfg.data.image_size,
+                                 ecfg.width, ecfg.norm)
+        model.load_state_dict(state)
+    except (OSError, RuntimeError, ValueError) as e:  # unreadable or another architecture: train one instead
+        print(f"generator check: not reusing {path} ({e.__class__.__name__}); training its classifier", flush=True)
+        return None
     return model.to(device).eval()
 
 
@@ -125,7 +133,7 @@ class FidelityProbe:
                 self.classes = train.classes
                 self.size = cfg.evaluate.image_size or cfg.data.image_size
                 self.norm = channel_stats(train, self.size, device)
-                self.key = _judge_key(cfg, train)
+                self.key = _judge_key(cfg, train, device) if dist.is_main() else ""  # only rank 0 keeps it
             generated = _generate(self.cfg, model.eval(), self.classes, cfg.pretrain.check_images, device)
             if self.judge is None:
                 self.judge = _train_judge(cfg, on_device(train, self.size, device), generated, self.norm,
@@ -135,9 +143,13 @@ class FidelityProbe:
     def keep(self, folder: Path) -> None:
         """Save the classifier, if a check trained it, into pretraining's output `folder` (not yet in place), for
         the check after pretraining (`_kept_judge`)."""
-        if self.judge is not None:
-            state = {k: v.detach().cpu().contiguous() for k, v in self.judge.state_dict().items()}
+        if self.judge is None or not self.key:
+            return
+        state = {k: v.detach().cpu().contiguous() for k, v in self.judge.state_dict().items()}
+        try:
             atomic_write_bytes(folder / PROBE_CLASSIFIER, safetensors_save(state, metadata={"key": self.key}))
+        except OSError as e:  # an optional file: the finished pretraining matters more
+            print(f"pretrain: could not keep the check's classifier ({e}); the check will train it again", flush=True)
 
 
 def generator_check(cfg: Config) -> Path:
@@ -157,7 +169,7 @@ def generator_check(cfg: Config) -> Path:
         size, net = ecfg.image_size or cfg.data.image_size, ecfg.nets[0]
         norm = channel_stats(train, size, device)
         real_xy = on_device(train, size, device)
-        judge = _kept_judge(cfg, _judge_key(cfg, train), train.channels, len(train.classes), device)
+        judge = _kept_judge(cfg, _judge_key(cfg, train, device), train.channels, len(train.classes), device)
         reused = judge is not None
         if reused:  # the checks on the way trained this very classifier
             fidelity = accuracy(judge, *on_device(generated, size, device), norm)
