@@ -38,12 +38,29 @@ def test_knn_precision_recall_density_coverage_on_points_with_known_answers():
     assert precision_recall(real, t([[0.5]]), 1) == (1.0, None)  # one fake point: no fake ball
 
 
-def test_identical_sets_score_perfectly_and_mean_distance():
+def test_a_real_point_is_scored_as_if_left_out_of_the_reference():
+    real = t([[0], [2], [3]])  # k = 1: radii 2, 1, 1
+    for fake in (t([[0]]), t([[1e-9]])):  # the real image 0 (or its features read again, off by rounding)
+        assert precision_recall(real, fake, 1)[0] == 0.0  # not in its own ball; 2 and 3 lie > 1 away
+        assert density_coverage(real, fake, 1) == (0.0, 0.0)
+    assert precision_recall(real, t([[0.01]]), 1)[0] == 1.0  # a point near it, not it: inside its ball
+    assert density_coverage(real, t([[2.5]]), 1) == (2.0, pytest.approx(2 / 3))  # in the balls of 2 and 3
+    # recall: real 0 lies only in the ball of the fake point that is real 0 (fake radii 5, 1, 1): not credited
+    assert precision_recall(real, t([[0], [5], [6]]), 1)[1] == pytest.approx(2 / 3)
+
+
+def test_a_copy_of_the_reference_scores_leave_one_out_and_mean_distance():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(30, 4, generator=g, dtype=torch.float64)
-    assert precision_recall(x, x, 3) == (1.0, 1.0)
-    density, coverage = density_coverage(x, x, 3)
-    assert coverage == 1.0 and density >= 1.0
+    k, d = 3, torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
+    radii = d.sort(1).values[:, k]  # the k-th nearest other point (the 0th is itself)
+    inside = [[j for j in range(30) if j != i and d[i, j] <= radii[j]] for i in range(30)]  # balls of others
+    precision, recall = precision_recall(x, x, k)
+    assert precision == sum(map(bool, inside)) / 30 and recall == precision  # the same set both ways
+    assert precision < 1.0  # without leaving out, a copy scores 1.0 by construction
+    density, coverage = density_coverage(x, x, k)
+    assert density == pytest.approx(sum(map(len, inside)) / (k * 30))
+    assert coverage == len({j for row in inside for j in row}) / 30
     assert mean_distance(t([[0, 0], [2, 0]]), t([[1, 1]])) == pytest.approx(1.0)
 
 

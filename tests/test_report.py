@@ -60,6 +60,7 @@ def test_samples_too_alike_are_named_when_fidelity_is_fine():
     metrics = {"ipc": {"10": {"distilled": overall(0.049, 0.25), "random_real": overall(0.103, 0.34)}}}
     (line,) = verdicts(results({"10": 92.5}, {"10": 94.4}, metrics=metrics))
     assert "too alike (diversity 0.049 vs 0.103 and coverage 0.250 vs 0.340" in line
+    assert "or mode guidance (sample.mode_guidance.scale, now 0.0; compare's mgd3 uses 0.1)" in line
     assert "sample.guidance, now 2.0" in line and "lambda_gen, now 0.008" in line
     close = {"ipc": {"10": {"distilled": overall(0.1, 0.33), "random_real": overall(0.103, 0.34)}}}
     (line,) = verdicts(results({"10": 94.0}, {"10": 94.4}, metrics=close))

@@ -8,6 +8,10 @@ Pure functions of feature tensors [N, F] (no I/O).
 - density / coverage (Naeem et al. 2020): density = Σ_fake #(real balls containing it) / (k · #fake),
   ~1 when fake matches real, can exceed 1; coverage = share of real balls that contain a fake point.
 - mean distance (representativeness): ‖mean(fake) − mean(real)‖₂.
+- a fake point that is a real point of the reference (a random real subset, a real-image coreset, a copied
+  train image: distance ≤ SAME_POINT × that real point's radius) is scored as if that real point were left
+  out: it is not credited with its own ball (nor is the real point with the fake point's), which it would
+  otherwise lie in by construction (precision 1.0 for any real subset).
 - DD-Ranking scores (accuracies as fractions): IOR = acc_distilled − acc_random_real,
   HLR = acc_full − acc_distilled, LRS = (e^(λ·IOR − (1−λ)·HLR) − e^−1) / (e − e^−1), λ = 0.5.
 """
@@ -30,24 +34,44 @@ def diversity(x: Tensor) -> float | None:
     return float((n * (n - 1) - (sim.sum() - sim.diagonal().sum())) / (n * (n - 1)))
 
 
+def _cdist(a: Tensor, b: Tensor) -> Tensor:
+    """Euclidean distances [M, N] in float64, summed directly (not through a matrix product, whose rounding
+    would make d(a, b) differ from d(b, a) and put a k-th neighbour on either side of its own ball's edge)."""
+    return torch.cdist(a.double(), b.double(), compute_mode="donot_use_mm_for_euclid_dist")
+
+
 def knn_radii(x: Tensor, k: int) -> Tensor:
     """[N] distance from each row to its k-th nearest other row."""
-    d = torch.cdist(x.double(), x.double())
+    d = _cdist(x, x)
     return d.kthvalue(k + 1, dim=1).values  # the 1st smallest is the point itself (distance 0)
+
+
+# relative to a real point's k-NN radius: a fake point this close to it is that real point (module doc)
+SAME_POINT = 1e-6
+
+
+def _distances(real: Tensor, fake: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
+    """(fake-to-real distances [M, N] with the pairs of a fake point and the real point it is set to inf, the real
+    points' k-NN radii [N] or None where there are k or fewer)."""
+    d = _cdist(fake, real)  # [M, N]
+    radii = knn_radii(real, k) if len(real) > k else None
+    same = d <= SAME_POINT * radii[None] if radii is not None else d == 0
+    return d.masked_fill(same, math.inf), radii
 
 
 def precision_recall(real: Tensor, fake: Tensor, k: int) -> tuple[float | None, float | None]:
     """Improved precision and recall; None where a set has no k-th neighbour (fewer than k + 1 rows)."""
-    d = torch.cdist(fake.double(), real.double())  # [M, N]
-    precision = float((d <= knn_radii(real, k)[None]).any(1).double().mean()) if len(real) > k else None
+    d, radii = _distances(real, fake, k)
+    precision = float((d <= radii[None]).any(1).double().mean()) if radii is not None else None
     recall = float((d <= knn_radii(fake, k)[:, None]).any(0).double().mean()) if len(fake) > k else None
     return precision, recall
 
 
 def density_coverage(real: Tensor, fake: Tensor, k: int) -> tuple[float | None, float | None]:
-    if len(real) <= k:
+    d, radii = _distances(real, fake, k)
+    if radii is None:
         return None, None
-    inside = torch.cdist(fake.double(), real.double()) <= knn_radii(real, k)[None]  # [M, N]
+    inside = d <= radii[None]  # [M, N]
     return float(inside.sum() / (k * len(fake))), float(inside.any(0).double().mean())
 
 

@@ -180,7 +180,8 @@ def verdicts(results: dict) -> list[str]:
         elif alike:
             line += (f"Likely cause: the samples are too alike ({' and '.join(alike)} for random real images"
                      f"{fine}). Try: {guidance}, a stronger diversity term (finetune.memory.lambda_gen, now "
-                     f"{cfg['finetune']['memory']['lambda_gen']}).")
+                     f"{cfg['finetune']['memory']['lambda_gen']}) or mode guidance (sample.mode_guidance.scale, now "
+                     f"{cfg['sample'].get('mode_guidance', {}).get('scale', 0.0)}; compare's mgd3 uses 0.1).")
         elif fid is None:
             line += ("No cause can be read: fidelity and the diversity metrics need the full-data classifiers "
                      "(evaluate.full=true).")
