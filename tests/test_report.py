@@ -56,6 +56,17 @@ def test_a_weak_generator_is_named_as_the_cause():
     assert "(pretrain.steps, now 4800, and pretrain.max_steps, now 9600) or" in line
 
 
+def test_fidelity_at_the_classifiers_own_accuracy_on_real_images_is_not_blamed_on_the_generator():
+    capped = results({"1": 14.1}, {"1": 15.1}, fidelity=95.9)
+    capped["full"] = summary(93.7)  # the full-data classifiers miss 6.3 % of real val images
+    (line,) = verdicts(capped)
+    assert "generator is not good enough" not in line
+    assert "fidelity 95.9 %, not below the full-data classifiers' own 93.7 % on real val images" in line
+    capped["full"] = summary(96.0)  # below what real images reach: the generator's
+    (line,) = verdicts(capped)
+    assert "generator is not good enough" in line and "95.9 %" in line
+
+
 def test_samples_too_alike_are_named_when_fidelity_is_fine():
     metrics = {"ipc": {"10": {"distilled": overall(0.049, 0.25), "random_real": overall(0.103, 0.34)}}}
     (line,) = verdicts(results({"10": 92.5}, {"10": 94.4}, metrics=metrics))
