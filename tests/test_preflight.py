@@ -5,6 +5,7 @@ import time
 import pytest
 import torch
 from helpers import make_shapes
+from PIL import Image
 
 from diffdistill.cli import main
 from diffdistill.config import build_config
@@ -63,7 +64,10 @@ def test_dry_run_prints_the_plan_and_makes_nothing(folders, tmp_path, capsys):
                  f"data.val={folders}/val", "sample.ipc=[1,5]", f"out_dir={tmp_path / 'runs'}"]) == 0
     out = capsys.readouterr().out
     assert "auto: pretrain.steps = 2000" in out
-    assert f"data: {folders}/train: 18 train images in 3 classes (6 per class), 16 px" in out
+    assert f"data: {folders}/train: 18 train images in 3 classes (6 per class), 16 px (the images: " in out
+    sides = sorted(min(Image.open(f).size) for f in (folders / "train").rglob("*.*"))
+    assert f"(the images: {sides[0]}–{sides[-1]} px, a peek at up to 64 files)" in out
+    assert "keeps more of their detail" not in out  # 24-32 px read at 16: not said
     assert "auto: pretrain.max_steps = 4000: 2 x pretrain.steps" in out
     # a batch larger than the set takes it all
     assert "pretrain: 2000 steps of batch 64 (2000 epochs); up to 4000 while the generator checks on the way" in out
@@ -81,6 +85,16 @@ def test_dry_run_prints_the_plan_and_makes_nothing(folders, tmp_path, capsys):
     total, most = (float(timed.split(word, 1)[1].split()[0].rstrip(",")) for word in ("total ~", "up to ~"))
     assert most >= total + float(minutes["pretrain"]) - 1 and "if pretraining goes on to pretrain.max_steps" in timed
     assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_says_when_large_images_are_read_small(folders, tmp_path, capsys):
+    assert main(["run", "configs/own-data.yaml", "--dry-run", f"data.train={folders}/train",
+                 f"data.val={folders}/val", "sample.ipc=[1,5]", "data.image_size=8",
+                 f"out_dir={tmp_path / 'runs'}"]) == 0
+    out = capsys.readouterr().out
+    least = min(min(Image.open(f).size) for f in (folders / "train").rglob("*.*"))  # 24-32 (make_shapes)
+    assert (f"every image is read at data.image_size 8 px, and so is the distilled set; data.image_size="
+            f"{8 * (least // 8)} keeps more of their detail") in out
 
 
 def test_a_plan_larger_than_the_free_disk_stops_before_training(tmp_path, capsys, monkeypatch):

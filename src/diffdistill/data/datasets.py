@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,18 +127,27 @@ def _read_image(path: Path, size: int) -> tuple[np.ndarray, bool]:
     return np.asarray(resize_center_crop(rgb, size)), gray
 
 
-def peek_channels(files: list[Path], count: int = 64) -> int:
-    """1 if `count` files spread over the list are all grayscale, else 3: the channel count without decoding
-    the whole set (a set that mixes them is read as RGB when all its images are decoded)."""
+def _peeked(files: list[Path], count: int) -> Iterator[tuple[str, tuple[int, int]]]:
+    """(mode, (width, height)) of `count` files spread over the list, from their headers (not decoded)."""
     step = max(1, len(files) // count)
     for path in files[::step][:count]:
         try:
             with Image.open(path) as img:
-                if img.mode not in _GRAY_MODES:
-                    return 3
+                yield img.mode, img.size
         except Exception as err:  # PIL raises many types for corrupt files
             raise StageError(f"cannot read image {path}: {err}") from None
-    return 1
+
+
+def peek_channels(files: list[Path], count: int = 64) -> int:
+    """1 if `count` files spread over the list are all grayscale, else 3: the channel count without decoding
+    the whole set (a set that mixes them is read as RGB when all its images are decoded)."""
+    return 3 if any(mode not in _GRAY_MODES for mode, _ in _peeked(files, count)) else 1
+
+
+def peek_sides(files: list[Path], count: int = 64) -> tuple[int, int]:
+    """The smallest and largest shorter side (px) of `count` files spread over the list (their headers)."""
+    sides = [min(size) for _, size in _peeked(files, count)]
+    return min(sides), max(sides)
 
 
 def list_class_folders(root: Path, key: str) -> list[str]:
