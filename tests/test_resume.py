@@ -162,19 +162,25 @@ def test_run_resume_makes_again_the_stages_whose_settings_changed_and_those_that
     assert main(["run", "configs/demo-digits.yaml", *out]) == 0
     run = tmp_path / "demo-digits"
 
+    last: list[str] = []  # the last line a resume printed
+
     def stamp(folder: str) -> int:
         return (run / folder / "config.yaml").stat().st_mtime_ns
 
     def resume(*extra: str) -> dict[str, str]:
         capsys.readouterr()
         assert main(["run", "configs/demo-digits.yaml", *out, *extra, "--resume"]) == 0
-        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("== ")]
-        return {line.split()[1]: line for line in lines}
+        printed = capsys.readouterr().out.splitlines()
+        last[:] = printed[-1:]
+        return {line.split()[1]: line for line in printed if line.startswith("== ")}
 
     pretrained = stamp("pretrain")
-    said = resume("threads=2", "pretrain.log_every=1", "sample.batch_size=7")
+    with monkeypatch.context() as patched:
+        patched.setattr("diffdistill.stages.report.verdicts", lambda results: ["IPC 1: a line"])
+        said = resume("threads=2", "pretrain.log_every=1", "sample.batch_size=7")
     assert list(said) == ["pretrain", "check", "sample", "evaluate"]
     assert all("done before:" in line for line in said.values()), said
+    assert last == ["below random real (convnet3): IPC 1: a line"]  # all done before: still said, last
     said = resume("sample.guidance=1.5")  # the check samples with the run's sampler too
     assert "done before:" in said["pretrain"]
     assert "done before with other settings (sample.guidance: 2.0 -> 1.5)" in said["check"]

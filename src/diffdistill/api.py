@@ -228,7 +228,21 @@ def run(cfg: Config, force: bool = False, resume: bool = False) -> Result:
         ran.add(name)
         say(f"{name} took {clock(time.perf_counter() - t0)} ({clock(time.perf_counter() - start)} so far)")
     say(f"done in {clock(time.perf_counter() - start)}: {cfg.run_dir}")
+    if "evaluate" not in ran:  # its report printed them; a resumed run whose evaluation was done before says them here
+        _close_with_verdicts(cfg.run_dir)
     return Result(cfg.run_dir)
+
+
+def _close_with_verdicts(run_dir: Path) -> None:
+    """Where the distilled set scores below random real images, one line per IPC with the likely cause (the
+    report's first lines)."""
+    from diffdistill.stages.report import verdicts
+
+    file = results_file(run_dir)
+    if is_main() and file.is_file():
+        results = json.loads(file.read_text())
+        for line in verdicts(results):
+            print(f"below random real ({results['net']}): {line}", flush=True)
 
 
 def sweep(path: str | Path, overrides: Sequence[str] = (), vary: Sequence[str] = (),
