@@ -11,6 +11,7 @@ from diffdistill.metrics import (
     mean_distance,
     per_class_metrics,
     precision_recall,
+    set_metrics,
 )
 
 
@@ -47,9 +48,22 @@ def test_a_real_point_is_scored_as_if_left_out_of_the_reference():
     assert density_coverage(real, t([[2.5]]), 1) == (2.0, pytest.approx(2 / 3))  # in the balls of 2 and 3
     # recall: real 0 lies only in the ball of the fake point that is real 0 (fake radii 5, 1, 1): not credited
     assert precision_recall(real, t([[0], [5], [6]]), 1)[1] == pytest.approx(2 / 3)
+    # an image the real set holds twice: a copy of it is left out of one copy's ball, not the other's
+    assert precision_recall(t([[0], [0], [3]]), t([[0]]), 1)[0] == 1.0
 
 
-def test_a_copy_of_the_reference_scores_leave_one_out_and_mean_distance():
+def test_set_metrics_is_the_parts_together():
+    g = torch.Generator().manual_seed(1)
+    real, fake = torch.randn(40, 8, generator=g), torch.randn(12, 8, generator=g)
+    fake[:3] = real[:3]  # some of them real points
+    m = set_metrics(real, fake, 3)
+    assert (m["precision"], m["recall"]) == precision_recall(real, fake, 3)
+    assert (m["density"], m["coverage"]) == density_coverage(real, fake, 3)
+    assert m["diversity"] == diversity(fake) and m["mean_distance"] == mean_distance(real, fake)
+
+
+def test_a_copy_of_the_reference_is_scored_without_its_own_balls_and_mean_distance():
+    """The rule by brute force: point i counts in the balls of the other points (radii of the whole set)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(30, 4, generator=g, dtype=torch.float64)
     k, d = 3, torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")

@@ -93,8 +93,8 @@ def test_dry_run_says_when_large_images_are_read_small(folders, tmp_path, capsys
                  f"out_dir={tmp_path / 'runs'}"]) == 0
     out = capsys.readouterr().out
     least = min(min(Image.open(f).size) for f in (folders / "train").rglob("*.*"))  # 24-32 (make_shapes)
-    assert (f"every image is read at data.image_size 8 px, and so is the distilled set; data.image_size="
-            f"{8 * (least // 8)} keeps more of their detail") in out
+    assert (f"every peeked image is at least {least} px and is read at data.image_size 8 px, and so is the "
+            "distilled set; data.image_size=16 keeps more of their detail") in out
 
 
 def test_a_plan_larger_than_the_free_disk_stops_before_training(tmp_path, capsys, monkeypatch):

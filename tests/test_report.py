@@ -224,6 +224,12 @@ def test_candidates_judge_the_generator_by_all_its_draws(tmp_path):
     res["data"]["distilled_set"] = str(samples)
     (line,) = verdicts(res)
     assert "generator is not good enough" in line and "95.0 % of the draws (before sample.candidates chose)" in line
+    (tmp_path / "pretrain").mkdir()  # the check's classifier, which judged the draws, scores 94.0 % on real images
+    (tmp_path / "pretrain" / "check.json").write_text(json.dumps({"classifier_val_accuracy": 94.0}))
+    (line,) = verdicts(res)  # the full-data classifiers' 99.0 % is not the ceiling of the draws' fidelity
+    assert "generator is not good enough" not in line
+    assert "fidelity 95.0 % of the draws, not below the generator check's classifier's own 94.0 %" in line
+    (tmp_path / "pretrain" / "check.json").unlink()
     (samples / "run_info.json").write_text(json.dumps({"candidates": {**summary, "assigned_draws": 790}}))
     (line,) = verdicts(res)
     assert "generator is not good enough" not in line and "fidelity 98.8 % of the draws," in line

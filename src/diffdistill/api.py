@@ -239,10 +239,15 @@ def _close_with_verdicts(run_dir: Path) -> None:
     from diffdistill.stages.report import verdicts
 
     file = results_file(run_dir)
-    if is_main() and file.is_file():
+    if not is_main() or not file.is_file():
+        return
+    try:
         results = json.loads(file.read_text())
-        for line in verdicts(results):
-            print(f"below random real ({results['net']}): {line}", flush=True)
+        lines = [f"below random real ({results['net']}): {line}" for line in verdicts(results)]
+    except (KeyError, TypeError, ValueError) as e:  # a results.json of an older version: the run itself is done
+        lines = [f"(could not read {file} for the comparison with random real images: {e!r})"]
+    for line in lines:
+        print(line, flush=True)
 
 
 def sweep(path: str | Path, overrides: Sequence[str] = (), vary: Sequence[str] = (),

@@ -9,9 +9,10 @@ Pure functions of feature tensors [N, F] (no I/O).
   ~1 when fake matches real, can exceed 1; coverage = share of real balls that contain a fake point.
 - mean distance (representativeness): ‖mean(fake) − mean(real)‖₂.
 - a fake point that is a real point of the reference (a random real subset, a real-image coreset, a copied
-  train image: distance ≤ SAME_POINT × that real point's radius) is scored as if that real point were left
-  out: it is not credited with its own ball (nor is the real point with the fake point's), which it would
-  otherwise lie in by construction (precision 1.0 for any real subset).
+  train image: its nearest real point within SAME_POINT × that point's radius) is not credited with that
+  point's ball, nor that real point with the fake point's ball, which each would otherwise lie in by
+  construction (precision 1.0 for any real subset). The other balls keep their radii; a duplicate of the
+  image in the real set keeps its own.
 - DD-Ranking scores (accuracies as fractions): IOR = acc_distilled − acc_random_real,
   HLR = acc_full − acc_distilled, LRS = (e^(λ·IOR − (1−λ)·HLR) − e^−1) / (e − e^−1), λ = 0.5.
 """
@@ -34,45 +35,52 @@ def diversity(x: Tensor) -> float | None:
     return float((n * (n - 1) - (sim.sum() - sim.diagonal().sum())) / (n * (n - 1)))
 
 
-def _cdist(a: Tensor, b: Tensor) -> Tensor:
-    """Euclidean distances [M, N] in float64, summed directly (not through a matrix product, whose rounding
-    would make d(a, b) differ from d(b, a) and put a k-th neighbour on either side of its own ball's edge)."""
-    return torch.cdist(a.double(), b.double(), compute_mode="donot_use_mm_for_euclid_dist")
-
-
 def knn_radii(x: Tensor, k: int) -> Tensor:
     """[N] distance from each row to its k-th nearest other row."""
-    d = _cdist(x, x)
+    d = torch.cdist(x.double(), x.double())
     return d.kthvalue(k + 1, dim=1).values  # the 1st smallest is the point itself (distance 0)
 
 
-# relative to a real point's k-NN radius: a fake point this close to it is that real point (module doc)
-SAME_POINT = 1e-6
+# a fake point whose nearest real point lies within this share of that point's k-NN radius is that real image
+# (module doc): features of one image computed in another batch differ by rounding only
+SAME_POINT = 1e-3
+# a point on a ball's edge (a k-th neighbour) is inside it, whichever way two distance computations round
+EDGE = 1e-9
 
 
-def _distances(real: Tensor, fake: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
-    """(fake-to-real distances [M, N] with the pairs of a fake point and the real point it is set to inf, the real
-    points' k-NN radii [N] or None where there are k or fewer)."""
-    d = _cdist(fake, real)  # [M, N]
+def _fake_to_real(real: Tensor, fake: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
+    """(distances [M, N] with each fake point's own real point, if it is one, at inf; inside [M, N]: fake i lies in
+    real j's ball, None where the real set has k or fewer points). Only the nearest real point can be a fake
+    point's own: a duplicate of it in the real set keeps its ball."""
+    d = torch.cdist(fake.double(), real.double())  # [M, N]
     radii = knn_radii(real, k) if len(real) > k else None
-    same = d <= SAME_POINT * radii[None] if radii is not None else d == 0
-    return d.masked_fill(same, math.inf), radii
+    if len(fake) and len(real):
+        near, at = d.min(1)  # [M]
+        own = near <= SAME_POINT * (radii[at] if radii is not None else 0.0)
+        d[own.nonzero().squeeze(1), at[own]] = math.inf
+    return d, (d <= radii[None] * (1 + EDGE) if radii is not None else None)
+
+
+def _ball_scores(real: Tensor, fake: Tensor, k: int) -> dict[str, float | None]:
+    """precision, recall, density and coverage of `fake` against `real` (module doc); None where a set has no
+    k-th neighbour (k or fewer rows)."""
+    d, inside = _fake_to_real(real, fake, k)
+    recall = float((d <= knn_radii(fake, k)[:, None] * (1 + EDGE)).any(0).double().mean()) if len(fake) > k else None
+    if inside is None:
+        return {"precision": None, "recall": recall, "density": None, "coverage": None}
+    return {"precision": float(inside.any(1).double().mean()), "recall": recall,
+            "density": float(inside.sum() / (k * len(fake))), "coverage": float(inside.any(0).double().mean())}
 
 
 def precision_recall(real: Tensor, fake: Tensor, k: int) -> tuple[float | None, float | None]:
     """Improved precision and recall; None where a set has no k-th neighbour (fewer than k + 1 rows)."""
-    d, radii = _distances(real, fake, k)
-    precision = float((d <= radii[None]).any(1).double().mean()) if radii is not None else None
-    recall = float((d <= knn_radii(fake, k)[:, None]).any(0).double().mean()) if len(fake) > k else None
-    return precision, recall
+    scores = _ball_scores(real, fake, k)
+    return scores["precision"], scores["recall"]
 
 
 def density_coverage(real: Tensor, fake: Tensor, k: int) -> tuple[float | None, float | None]:
-    d, radii = _distances(real, fake, k)
-    if radii is None:
-        return None, None
-    inside = d <= radii[None]  # [M, N]
-    return float(inside.sum() / (k * len(fake))), float(inside.any(0).double().mean())
+    scores = _ball_scores(real, fake, k)
+    return scores["density"], scores["coverage"]
 
 
 def mean_distance(real: Tensor, fake: Tensor) -> float:
@@ -80,10 +88,7 @@ def mean_distance(real: Tensor, fake: Tensor) -> float:
 
 
 def set_metrics(real: Tensor, fake: Tensor, k: int) -> dict[str, float | None]:
-    precision, recall = precision_recall(real, fake, k)
-    density, coverage = density_coverage(real, fake, k)
-    return {"diversity": diversity(fake), "precision": precision, "recall": recall, "density": density,
-            "coverage": coverage, "mean_distance": mean_distance(real, fake)}
+    return {"diversity": diversity(fake), **_ball_scores(real, fake, k), "mean_distance": mean_distance(real, fake)}
 
 
 def per_class_metrics(real: Tensor, real_labels: Tensor, fake: Tensor, fake_labels: Tensor, classes: list[str],

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffdistill.config import Config, epochs_for_ipc
-from diffdistill.data.datasets import data_classes, list_images, peek_sides, train_counts
+from diffdistill.data.datasets import data_classes, list_images, peek_sides, train_listing
 from diffdistill.errors import StageError
 from diffdistill.runs import JUDGE_OFF, TRAINING_STAGES, check_classifier_file, judge_missing, judge_setting, stage_dir
 from diffdistill.teachers import check_teacher
@@ -202,6 +202,7 @@ def eval_ipcs(cfg: Config) -> list[int]:
 
 
 PEEK = 64  # files whose headers --dry-run reads for the images' own size
+SIDE_STEP = 16  # a size it suggests is a multiple of this (the SD VAE's factor 8 times a DiT patch of 2)
 
 
 def check_plan(cfg: Config, order: list[str], distilled: str | None = None, timed: bool = False) -> Preflight:
@@ -213,20 +214,21 @@ def check_plan(cfg: Config, order: list[str], distilled: str | None = None, time
         _local_exists(cfg.autoencoder.pretrained, "autoencoder.pretrained")
         _local_exists(cfg.autoencoder.decoder, "autoencoder.decoder")
     names = data_classes(cfg.data)
-    counts, channels = train_counts(cfg.data)
+    counts, channels, files = train_listing(cfg.data)
     total = sum(counts.values())
     where = cfg.data.train or f"the built-in {cfg.data.builtin} set"
     lo, hi = min(counts.values()), max(counts.values())
     size = cfg.data.image_size
     sides = ""
-    if cfg.data.train is not None:  # the files' own size, from a few headers: a large image read small is said
-        least, most = peek_sides(list_images(cfg.data.train, names, "data.train")[0], PEEK)
+    if files:  # the files' own size, from a few headers: a large image read small is said
+        least, most = peek_sides(files, PEEK)
         sides = f" (the images: {least if least == most else f'{least}–{most}'} px, a peek at up to {PEEK} files)"
     out.say(f"data: {where}: {total} train images in {len(names)} classes "
             f"({lo if lo == hi else f'{lo}–{hi}'} per class), {size} px{sides}")
-    if sides and least >= 2 * size:
-        out.say(f"      every image is read at data.image_size {size} px, and so is the distilled set; "
-                f"data.image_size={size * (min(least, 4 * size) // size)} keeps more of their detail (slower per step)")
+    larger = SIDE_STEP * (min(least, 4 * size) // SIDE_STEP) if sides else 0  # at most 4x: slower by 16x or more
+    if sides and least >= 2 * size and larger > size:
+        out.say(f"      every peeked image is at least {least} px and is read at data.image_size {size} px, and so "
+                f"is the distilled set; data.image_size={larger} keeps more of their detail (slower per step)")
     if {"check", "evaluate"} & set(order):
         val = _val_count(cfg, names)
         if val is not None:

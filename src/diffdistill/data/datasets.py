@@ -340,7 +340,14 @@ def list_train(cfg: DataConfig, channels: int) -> ImageFiles:
 def train_counts(cfg: DataConfig) -> tuple[dict[str, int], int]:
     """Images per class of the train set, in class order, and its channel count (`data.channels`, else a peek
     at a few files): listed, not decoded (the small built-in set is read)."""
+    counts, channels, _ = train_listing(cfg)
+    return counts, channels
+
+
+def train_listing(cfg: DataConfig) -> tuple[dict[str, int], int, list[Path] | None]:
+    """`train_counts` and the train files it listed (None for a built-in set)."""
     names = data_classes(cfg)
+    files = None
     if cfg.train is None:
         train, _ = load_data(cfg, need_val=False)
         labels, channels = train.labels.tolist(), train.channels
@@ -348,7 +355,7 @@ def train_counts(cfg: DataConfig) -> tuple[dict[str, int], int]:
         files, labels = list_images(cfg.train, names, "data.train")
         channels = cfg.channels or peek_channels(files)
     per = Counter(labels)
-    return {name: per[c] for c, name in enumerate(names)}, channels
+    return {name: per[c] for c, name in enumerate(names)}, channels, files
 
 
 def data_classes(cfg: DataConfig) -> list[str]:

@@ -61,7 +61,7 @@ from diffdistill.data.pixels import (
 from diffdistill.errors import StageError
 from diffdistill.files import atomic_write_bytes, atomic_write_json, check_output_free, staged_dir
 from diffdistill.losses import soft_label_loss, soft_targets
-from diffdistill.metrics import dd_ranking, per_class_metrics
+from diffdistill.metrics import dd_ranking, diversity, per_class_metrics
 from diffdistill.models.classifiers import DEFAULT_NORM, build_classifier
 from diffdistill.plots import EXAMPLE_CLASSES, EXAMPLES_PER_CLASS
 from diffdistill.progress import progress
@@ -604,10 +604,12 @@ def feature_metrics(plan: Plan, records: dict) -> dict:
     real, real_y = features(model, x_train, plan.norm), y_train.cpu()
     x_syn, _ = plan.prepare(plan.syn)
     fake_all = features(model, x_syn, plan.norm)
-    real_div = per_class_metrics(real, real_y, real, real_y, names, ecfg.knn)["overall"]["diversity"]
+    divs = [v for c in range(len(names)) if (v := diversity(real[real_y == c])) is not None]
+    real_div = sum(divs) / len(divs) if divs else None  # the mean over classes, as per_class_metrics takes it
     out: dict = {
         "feature_space": f"penultimate layer of the {net} trained on the full real train set (seed 0)",
         "k": ecfg.knn, "reference": f"the real train set ({len(plan.train)} images)",
+        "real_left_out": True,  # a sample that is a train image is not credited with its own ball (metrics.py)
         "real_train_diversity": real_div, "ipc": {},
     }
     distilled, random_real = KINDS[ecfg.labels[0]]  # the protocols share their images: any one will do

@@ -139,14 +139,18 @@ def verdicts(results: dict) -> list[str]:
     cfg, fid = results["config"], results.get("fidelity")
     choice = choice_summary(results)
     which, of_first = "distilled images", ""
+    # the classifier that judged fidelity, and its own accuracy on real val images
+    judge, real = "the full-data classifiers'", (results.get("full") or {}).get("mean")
     if fid and choice:  # the kept images were chosen by a classifier like the evaluation's: judge by the draws
         drawn, counted, when = drawn_fidelity(*choice)
         if drawn < fid["mean"]:
             fid, which, of_first = {**fid, "mean": drawn}, f"{counted} ({when})", f" of the {counted}"
+            check = generator_check_file(Path(cfg["out_dir"], cfg["name"]))  # the check's classifier judged them
+            judge = "the generator check's classifier's"
+            real = json.loads(check.read_text()).get("classifier_val_accuracy") if check.is_file() else None
     metrics = (results.get("metrics") or {}).get("ipc", {})
-    # below the goal but not below the full-data classifiers' own accuracy on real val images: a classifier that
-    # misses that share of real images cannot tell a generator at the goal from this one
-    real = (results.get("full") or {}).get("mean")
+    # below the goal but not below the judge's own accuracy on real val images: a classifier that misses that
+    # share of real images cannot show that a generator falls short of the goal
     capped = bool(fid) and real is not None and real <= fid["mean"] < FIDELITY_GOAL
     lines = []
     for ipc, e in results["ipc"].items():
@@ -168,8 +172,8 @@ def verdicts(results: dict) -> list[str]:
         own = Path(results["data"]["distilled_set"]) == Path(cfg["out_dir"], cfg["name"], "samples")
         fine = f"; fidelity {fid['mean']:.1f} %{of_first} is fine" if fid else ""
         if capped:
-            fine = (f"; fidelity {fid['mean']:.1f} %{of_first} is below {FIDELITY_GOAL:.0f} % but not below the "
-                    f"full-data classifiers' own {real:.1f} % on real val images")
+            fine = (f"; fidelity {fid['mean']:.1f} %{of_first} is below {FIDELITY_GOAL:.0f} % but not below "
+                    f"{judge} own {real:.1f} % on real val images")
         guidance = f"lower guidance (sample.guidance, now {cfg['sample']['guidance']})"
         if not own:
             line += "The set was made elsewhere (--distilled): this run's generator settings do not apply to it."
@@ -194,7 +198,7 @@ def verdicts(results: dict) -> list[str]:
                      "(evaluate.full=true).")
         else:
             measured = "diversity and coverage near random real's" if dm else "diversity and coverage not measured"
-            ceiling = f", not below the full-data classifiers' own {real:.1f} % on real val images" if capped else ""
+            ceiling = f", not below {judge} own {real:.1f} % on real val images" if capped else ""
             line += (f"No single cause in the measurements (fidelity {fid['mean']:.1f} %{of_first}{ceiling}, "
                      f"{measured}). "
                      f"Try: more seeds (evaluate.seeds) to see whether the gap is real, or more fine-tuning "
