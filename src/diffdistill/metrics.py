@@ -57,7 +57,7 @@ def _fake_to_real(real: Tensor, fake: Tensor, k: int) -> tuple[Tensor, Tensor | 
     if len(fake) and len(real):
         near, at = d.min(1)  # [M]
         own = near <= SAME_POINT * (radii[at] if radii is not None else 0.0)
-        d[own.nonzero().squeeze(1), at[own]] = math.inf
+        d[own, at[own]] = math.inf
     return d, (d <= radii[None] * (1 + EDGE) if radii is not None else None)
 
 

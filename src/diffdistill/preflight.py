@@ -219,14 +219,13 @@ def check_plan(cfg: Config, order: list[str], distilled: str | None = None, time
     where = cfg.data.train or f"the built-in {cfg.data.builtin} set"
     lo, hi = min(counts.values()), max(counts.values())
     size = cfg.data.image_size
-    sides = ""
-    if files:  # the files' own size, from a few headers: a large image read small is said
-        least, most = peek_sides(files, PEEK)
-        sides = f" (the images: {least if least == most else f'{least}–{most}'} px, a peek at up to {PEEK} files)"
+    least, most = peek_sides(files, PEEK) if files else (0, 0)  # the files' own size, from a few headers
+    sides = f" (the images: {least if least == most else f'{least}–{most}'} px, a peek at up to {PEEK} files)" \
+        if files else ""
     out.say(f"data: {where}: {total} train images in {len(names)} classes "
             f"({lo if lo == hi else f'{lo}–{hi}'} per class), {size} px{sides}")
-    larger = SIDE_STEP * (min(least, 4 * size) // SIDE_STEP) if sides else 0  # at most 4x: slower by 16x or more
-    if sides and least >= 2 * size and larger > size:
+    larger = SIDE_STEP * (min(least, 4 * size) // SIDE_STEP)  # at most 4x: slower by 16x or more
+    if least >= 2 * size and larger > size:  # a large image read small is said
         out.say(f"      every peeked image is at least {least} px and is read at data.image_size {size} px, and so "
                 f"is the distilled set; data.image_size={larger} keeps more of their detail (slower per step)")
     if {"check", "evaluate"} & set(order):

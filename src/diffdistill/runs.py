@@ -61,13 +61,13 @@ def check_classifier_file(run_dir: Path) -> Path:
     return stage_dir(run_dir, "pretrain") / "check-classifier.safetensors"
 
 
+PROBE_CLASSIFIER = "probe-classifier.safetensors"  # written into pretraining's folder before it is in place
+
+
 def probe_classifier_file(run_dir: Path) -> Path:
     """The classifier the generator checks on the way trained (pretrain.max_steps): the check after pretraining
     takes it instead of training its own when it was trained from the same settings and pixels."""
     return stage_dir(run_dir, "pretrain") / PROBE_CLASSIFIER
-
-
-PROBE_CLASSIFIER = "probe-classifier.safetensors"  # written into pretraining's folder before it is in place
 
 
 CLASS_MEANS = "class_means"  # in the check's classifier file: each real class's mean feature [classes, F]

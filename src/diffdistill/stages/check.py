@@ -88,19 +88,20 @@ def _judge_key(cfg: Config, train, device: torch.device) -> str:
                        "threads": torch.get_num_threads()}, sort_keys=True)
 
 
-def _kept_judge(cfg: Config, key: str, channels: int, num_classes: int, device: torch.device):
-    """The classifier the checks on the way kept (`FidelityProbe.keep`), if it was made from `key`; else None."""
+def _kept_judge(cfg: Config, train, device: torch.device):
+    """The classifier the checks on the way kept (`FidelityProbe.keep`), if it was made from what this check's
+    would be (`_judge_key`: the train set is hashed only when there is such a file); else None."""
     path = probe_classifier_file(cfg.run_dir)
     if not path.is_file():
         return None
     ecfg = cfg.evaluate
     try:
         with safe_open(path, "pt") as f:
-            if (f.metadata() or {}).get("key") != key:
+            if (f.metadata() or {}).get("key") != _judge_key(cfg, train, device):
                 return None
             state = {k: f.get_tensor(k) for k in f.keys()}
-        model = build_classifier(ecfg.nets[0], channels, num_classes, ecfg.image_size or cfg.data.image_size,
-                                 ecfg.width, ecfg.norm)
+        model = build_classifier(ecfg.nets[0], train.channels, len(train.classes),
+                                 ecfg.image_size or cfg.data.image_size, ecfg.width, ecfg.norm)
         model.load_state_dict(state)
     except (OSError, RuntimeError, ValueError) as e:  # unreadable or another architecture: train one instead
         print(f"generator check: not reusing {path} ({e.__class__.__name__}); training its classifier", flush=True)
@@ -169,7 +170,7 @@ def generator_check(cfg: Config) -> Path:
         size, net = ecfg.image_size or cfg.data.image_size, ecfg.nets[0]
         norm = channel_stats(train, size, device)
         real_xy = on_device(train, size, device)
-        judge = _kept_judge(cfg, _judge_key(cfg, train, device), train.channels, len(train.classes), device)
+        judge = _kept_judge(cfg, train, device)
         reused = judge is not None
         if reused:  # the checks on the way trained this very classifier
             fidelity = accuracy(judge, *on_device(generated, size, device), norm)
