@@ -1,7 +1,7 @@
-"""Your own data, measured: four folder sets, each run end to end through a config with several seeds; prints
+"""Your own data, measured: five folder sets, each run end to end through a config with several seeds; prints
 JSON and writes own-data.md (distilled vs random real per IPC, fidelity, time). Its sampling settings were chosen
 on glyphs, and sample.candidates after looking at all three of the first sets; doodles came after every choice
-(held out).
+(held out), and scenes100 after the last (held out: the recipe's upper end of 100 classes, a few thousand images).
 
 The sets are drawn here from a seed (class subfolders of PNGs, train and val), so anyone can remake them:
 - glyphs:   10 letters, grayscale 28 px: a font's glyph at a random size, rotation, shift and stroke blur.
@@ -10,6 +10,8 @@ The sets are drawn here from a seed (class subfolders of PNGs, train and val), s
 - shapes30: 30 classes (5 shapes × 6 hues) of RGB 32 px drawings on cluttered backgrounds.
 - doodles:  10 classes of RGB 32 px hand-drawn-like strokes (a class's polyline jittered, turned, scaled and
             shifted, in a random colour and width) over colour gradients with noise.
+- scenes100: 100 classes of RGB 32 px scenes, 40 train and 10 val images each: a class's layout of three soft
+            colour patches (moved, resized and recoloured a little) over a random two-tone background.
 
     python benchmarks/own_data.py --seeds 0,1,2        # configs/own-data.yaml, as a user would run it
     python benchmarks/own_data.py --seeds 0,1,2 --jobs 4   # on a GPU: four runs at once
@@ -115,14 +117,42 @@ def doodle(label: int, rng: np.random.Generator, size: int = 32) -> Image.Image:
     return img
 
 
-# name -> (drawing function, number of classes); a new set goes last (each set's seed is its index here)
-SETS: dict[str, tuple[Callable[[int, np.random.Generator], Image.Image], int]] = {
-    "glyphs": (glyph, 10), "textures": (texture, 10), "shapes30": (shape, 30), "doodles": (doodle, 10)}
+def scene_layout(label: int) -> np.ndarray:
+    """The class's layout: 3 soft ellipses, each a row (x, y, radius x, radius y, hue in [0, 1)), fixed per class
+    (its own seed)."""
+    rng = np.random.default_rng([11, label])
+    return np.column_stack([rng.uniform(0.2, 0.8, (3, 2)), rng.uniform(0.1, 0.3, (3, 2)), rng.random(3)])
+
+
+def scene(label: int, rng: np.random.Generator, size: int = 32) -> Image.Image:
+    """The class's layout of soft colour patches, each moved, resized and recoloured a little, over a random
+    two-tone background (a horizon at a random height) with noise: many classes that differ in where which
+    colour lies."""
+    yy, xx = (np.mgrid[0:size, 0:size] + 0.5) / size
+    sky, ground = rng.integers(0, 256, (2, 3))
+    horizon = rng.uniform(0.3, 0.7)
+    img = np.where((yy < horizon)[..., None], sky, ground).astype(float)
+    for x, y, rx, ry, hue in scene_layout(label):
+        x, y = np.array([x, y]) + rng.normal(0, 0.05, 2)
+        rx, ry = np.array([rx, ry]) * rng.uniform(0.85, 1.15, 2)
+        colour = Image.new("HSV", (1, 1), (int(255 * (hue + rng.normal(0, 0.03))) % 256, int(rng.integers(160, 256)),
+                                           int(rng.integers(150, 256)))).convert("RGB").getpixel((0, 0))
+        alpha = np.exp(-(((xx - x) / rx) ** 2 + ((yy - y) / ry) ** 2) ** 2)[..., None]  # a soft-edged ellipse
+        img = img * (1 - alpha) + np.array(colour, float) * alpha
+    img += rng.normal(0, 12, img.shape)
+    return Image.fromarray(img.clip(0, 255).astype(np.uint8))
+
+
+# name -> (drawing function, number of classes, train and val images per class when not given); a new set goes
+# last (each set's seed is its index here)
+SETS: dict[str, tuple[Callable[[int, np.random.Generator], Image.Image], int, int, int]] = {
+    "glyphs": (glyph, 10, 250, 50), "textures": (texture, 10, 250, 50), "shapes30": (shape, 30, 250, 50),
+    "doodles": (doodle, 10, 250, 50), "scenes100": (scene, 100, 40, 10)}
 
 
 def make_set(root: Path, name: str, train_per_class: int, val_per_class: int, seed: int = 0) -> Path:
     """<root>/<name>/{train,val}/<class>/<i>.png, drawn from `seed`; kept if already complete."""
-    draw, classes = SETS[name]
+    draw, classes = SETS[name][:2]
     out = root / name
     done = out / ".complete"
     if done.is_file() and done.read_text() == f"{train_per_class} {val_per_class} {seed}":
@@ -189,8 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="configs/own-data.yaml")
     parser.add_argument("--sets", default=",".join(SETS))
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--train-per-class", type=int, default=250)
-    parser.add_argument("--val-per-class", type=int, default=50)
+    parser.add_argument("--train-per-class", type=int, help="default: the set's own (250; scenes100: 40)")
+    parser.add_argument("--val-per-class", type=int, help="default: the set's own (50; scenes100: 10)")
     parser.add_argument("--out", default="runs/own-data")
     parser.add_argument("--keep", action="store_true", help="keep the runs that an earlier call with the same "
                         "config and overrides finished (own-data.json)")
@@ -210,7 +240,9 @@ def main(argv: list[str] | None = None) -> None:
             if same and (root / f"{r['set']}-s{r['seed']}" / "results.json").is_file()}
     runs = []  # (set, seed, run name, its data folder), in table order
     for name in args.sets.split(","):
-        data = make_set(root / "data", name, args.train_per_class, args.val_per_class)
+        train_per_class, val_per_class = SETS[name][2:]
+        data = make_set(root / "data", name, args.train_per_class or train_per_class,
+                        args.val_per_class or val_per_class)
         runs += [(name, int(seed), f"{name}-s{seed}", data) for seed in args.seeds.split(",")]
     todo = [r for r in runs if r[:2] not in done]
     resumed = {run for _, _, run, _ in todo if args.resume and (root / run).is_dir()}  # stages kept: minutes partial

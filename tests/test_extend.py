@@ -32,10 +32,8 @@ class Scripted:
     """A probe that answers from a list (and counts its calls); raises where the list says so. With `inner` it
     first lets a real probe do all its work (sampling, training the classifier) and ignores the answer."""
 
-    goal = 97.0
-
-    def __init__(self, answers: list, inner: FidelityProbe | None = None) -> None:
-        self.answers, self.calls, self.inner = list(answers), 0, inner
+    def __init__(self, answers: list, inner: FidelityProbe | None = None, goal: float = 97.0) -> None:
+        self.answers, self.calls, self.inner, self.goal = list(answers), 0, inner, goal
 
     def __call__(self, model) -> float:
         self.calls += 1
@@ -86,7 +84,7 @@ def straight(tmp_path_factory):
     return cfg
 
 
-def test_a_low_check_makes_pretraining_go_on_to_the_model_of_a_longer_run(tmp_path, straight, capsys):
+def test_a_low_check_makes_pretraining_go_on_to_the_model_of_a_longer_run(tmp_path, straight, capsys, monkeypatch):
     cfg = _cfg(tmp_path, "goes-on", "pretrain.max_steps=16")
     # at step 8 and 12 (the last round ends at max_steps unchecked); the real probe's work leaves training as it was
     probe = Scripted([10.0, 50.0], inner=FidelityProbe(cfg))
@@ -97,13 +95,16 @@ def test_a_low_check_makes_pretraining_go_on_to_the_model_of_a_longer_run(tmp_pa
     info = _info(cfg)
     assert info["steps"] == 16 and info["extension"]["max_steps"] == 16 and info["extension"]["goal"] == 97.0
     assert _checks(cfg) == [(8, 10.0), (12, 50.0)]
-    assert main(["check", "configs/demo-digits.yaml", f"out_dir={tmp_path}", "name=goes-on", *TINY,
-                 "pretrain.max_steps=16"]) == 0  # a tiny model of 16 steps: below the goal
     out = capsys.readouterr().out
-    assert ("raise pretrain.steps (now 8) or pretrain.max_steps (now 16; pretraining went on to 16 steps) or "
-            "model.size") in out
     assert "generator check at step 8: 10.0 % below the 97 % goal: pretraining goes on to step 12 (max_steps 16)" \
         in out and "goes on to step 16" in out
+    check = ["check", "configs/demo-digits.yaml", f"out_dir={tmp_path}", "name=goes-on", *TINY, "pretrain.max_steps=16"]
+    assert main(check) == 0  # the tiny classifier misses real images as often as the samples: its goal is met
+    assert "below 97 %, but as often as real images: the goal is met" in capsys.readouterr().out
+    monkeypatch.setattr(check_stage, "fidelity_goal", lambda real: 97.0)  # as a classifier right on real images
+    assert main(check) == 0  # a tiny model of 16 steps: below the goal
+    assert ("below the 97 % goal: the generator underfits — raise pretrain.steps (now 8) or pretrain.max_steps "
+            "(now 16; pretraining went on to 16 steps) or model.size") in capsys.readouterr().out
 
 
 def test_a_check_that_reaches_the_goal_stops_pretraining_there(tmp_path, capsys):
@@ -113,6 +114,16 @@ def test_a_check_that_reaches_the_goal_stops_pretraining_there(tmp_path, capsys)
     assert probe.calls == 1 and _info(cfg)["steps"] == 8 and _checks(cfg) == [(8, 97.0)]
     assert [s for s, _ in _losses(cfg)] == [2, 4, 6, 8]
     assert "97.0 % reaches the 97 % goal: pretraining stops here" in capsys.readouterr().out
+
+
+def test_a_goal_the_classifier_lowered_is_the_one_pretraining_stops_at(tmp_path, capsys):
+    """Where the check's classifier scores below 97 % on real val images, its own accuracy is the goal."""
+    cfg = _cfg(tmp_path, "lowered", "pretrain.max_steps=16")
+    probe = Scripted([92.0], goal=91.5)
+    train_stage(cfg, "pretrain", probe=probe)
+    assert probe.calls == 1 and _info(cfg)["steps"] == 8
+    assert _info(cfg)["extension"]["goal"] == 91.5 and _info(cfg)["extension"]["checks"][0]["goal"] == 91.5
+    assert "92.0 % reaches the 91.5 % goal: pretraining stops here" in capsys.readouterr().out
 
 
 def test_an_interrupted_round_resumes_to_the_same_model(tmp_path, straight):
@@ -158,14 +169,19 @@ def test_the_check_on_the_way_scores_what_the_generator_check_finds(tmp_path):
     samples the check's seeds, so on the final model it gives check.json's fidelity."""
     cfg = resolve_config(_cfg(tmp_path, "probe", "pretrain.max_steps=12"))
     _train(cfg, "pretrain", force=False, resume=False)
-    (check,) = _info(cfg)["extension"]["checks"]  # a tiny model of 8 steps is below the goal: it went on to 12
-    assert check["step"] == 8 and check["fidelity"] < 97 and _info(cfg)["steps"] == 12
+    # a tiny model of 8 steps is below 97 %, but the tiny classifier misses more real val images: it stopped there
+    (check,) = _info(cfg)["extension"]["checks"]
+    assert check["step"] == 8 and check["goal"] <= check["fidelity"] < 97 and _info(cfg)["steps"] == 8
     assert main(["check", "configs/demo-digits.yaml", f"out_dir={tmp_path}", "name=probe", *TINY,
                  "pretrain.max_steps=12"]) == 0
-    found = json.loads(generator_check_file(cfg.run_dir).read_text())["fidelity"]
+    check = json.loads(generator_check_file(cfg.run_dir).read_text())
     model = load_dit(str(stage_dir(cfg.run_dir, "pretrain") / "ema"), key="pretrain")
     probe = FidelityProbe(cfg)
-    assert probe(model) == found and probe(model) == found  # the classifier is trained once, then kept
+    assert probe.goal == 97.0  # until its classifier is trained
+    assert probe(model) == check["fidelity"] and probe(model) == check["fidelity"]  # trained once, then kept
+    # a tiny classifier misses real images: its own accuracy on them is the goal, on the way and in the check
+    assert check["classifier_val_accuracy"] < 97 and probe.goal == check["goal"] == check["classifier_val_accuracy"]
+    assert check["goal"] == _info(cfg)["extension"]["checks"][0]["goal"] == _info(cfg)["extension"]["goal"]
 
 
 def _check(tmp_path, name: str, *overrides: str) -> tuple[dict, dict]:

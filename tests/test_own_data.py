@@ -13,7 +13,8 @@ import own_data  # noqa: E402
 
 
 @pytest.mark.parametrize("name, classes, size, mode", [("glyphs", 10, 28, "L"), ("textures", 10, 32, "RGB"),
-                                                       ("shapes30", 30, 32, "RGB"), ("doodles", 10, 32, "RGB")])
+                                                       ("shapes30", 30, 32, "RGB"), ("doodles", 10, 32, "RGB"),
+                                                       ("scenes100", 100, 32, "RGB")])
 def test_sets_are_class_folders_drawn_from_a_seed(tmp_path, name, classes, size, mode):
     root = own_data.make_set(tmp_path / "a", name, 3, 2)
     assert sorted(p.name for p in (root / "train").iterdir()) == [f"{c:02d}" for c in range(classes)]

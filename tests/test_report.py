@@ -265,7 +265,17 @@ def test_the_report_says_how_long_pretraining_went_on_and_why(tmp_path):
     assert ("Generator check right after pretraining (before fine-tuning): 91.0 % of 100 samples assigned their "
             "class by a convnet3, 30 epochs on the real train set. Pretraining ran 12000 steps: the checks on the "
             "way (pretrain.max_steps 16000, goal 97 %) found 76.0 % at step 8000, 97.0 % at step 12000.") in report
+    # a classifier that scores 93.4 % on real val images set the goal there
+    (tmp_path / "pretrain" / "check.json").write_text(json.dumps(
+        {"fidelity": 91.0, "num_images": 100, "classifier": "convnet3, 30 epochs on the real train set",
+         "classifier_val_accuracy": 93.4}))
+    info["extension"]["goal"] = 93.4
+    (tmp_path / "pretrain" / "run_info.json").write_text(json.dumps(info))
+    write_report(tmp_path)
+    assert ("class by a convnet3, 30 epochs on the real train set (on real val images it scores 93.4 %). Pretraining "
+            "ran 12000 steps: the checks on the way (pretrain.max_steps 16000, goal 93.4 %)") in \
+        (tmp_path / "report.md").read_text()
     info["extension"]["checks"] = []  # it stopped at pretrain.steps without a check: nothing more to say
     (tmp_path / "pretrain" / "run_info.json").write_text(json.dumps(info))
     write_report(tmp_path)
-    assert "the real train set.\n" in (tmp_path / "report.md").read_text()
+    assert "the real train set (on real val images it scores 93.4 %).\n" in (tmp_path / "report.md").read_text()

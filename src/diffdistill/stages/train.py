@@ -376,23 +376,24 @@ class TrainLoop:
             return False
         t0 = time.perf_counter()
         ema = self._ema_model()
-        fidelity = dist.broadcast_object(probe(ema))
+        fidelity = probe(ema)
+        fidelity, goal = dist.broadcast_object((fidelity, probe.goal))  # the goal is set by the first call
         del ema
         took = time.perf_counter() - t0
-        self.checks.append({"step": self.step, "fidelity": fidelity, "seconds": round(took, 1)})
+        self.checks.append({"step": self.step, "fidelity": fidelity, "goal": goal, "seconds": round(took, 1)})
         self.check_seconds += took
         self.t_log += took  # the check's time is not the steps' (ms_per_step of the next row)
-        if fidelity >= probe.goal:
-            say = f"reaches the {probe.goal:.0f} % goal: pretraining stops here"
+        if fidelity >= goal:
+            say = f"reaches the {round(goal, 1):g} % goal: pretraining stops here"
         else:
             self.target = min(most, self.step + max(1, self.tcfg.steps // 2))
-            say = f"below the {probe.goal:.0f} % goal: pretraining goes on to step {self.target} (max_steps {most})"
+            say = f"below the {round(goal, 1):g} % goal: pretraining goes on to step {self.target} (max_steps {most})"
         if dist.is_main():
             print(f"{self.stage}: generator check at step {self.step}: {fidelity:.1f} % {say}", flush=True)
         every = self.tcfg.checkpoint_every
-        if fidelity < probe.goal and every and self.step % every == 0:
+        if fidelity < goal and every and self.step % every == 0:
             self.save(ckpt_root)
-        return fidelity < probe.goal
+        return fidelity < goal
 
     def _ema_model(self):
         """A copy of the model holding the EMA weights, for sampling (the training model is left as it is)."""
