@@ -241,8 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     runs = []  # (set, seed, run name, its data folder), in table order
     for name in args.sets.split(","):
         train_per_class, val_per_class = SETS[name][2:]
-        data = make_set(root / "data", name, args.train_per_class or train_per_class,
-                        args.val_per_class or val_per_class)
+        data = make_set(root / "data", name, train_per_class if args.train_per_class is None else args.train_per_class,
+                        val_per_class if args.val_per_class is None else args.val_per_class)
         runs += [(name, int(seed), f"{name}-s{seed}", data) for seed in args.seeds.split(",")]
     todo = [r for r in runs if r[:2] not in done]
     resumed = {run for _, _, run, _ in todo if args.resume and (root / run).is_dir()}  # stages kept: minutes partial

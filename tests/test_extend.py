@@ -32,11 +32,13 @@ class Scripted:
     """A probe that answers from a list (and counts its calls); raises where the list says so. With `inner` it
     first lets a real probe do all its work (sampling, training the classifier) and ignores the answer."""
 
-    def __init__(self, answers: list, inner: FidelityProbe | None = None, goal: float = 97.0) -> None:
-        self.answers, self.calls, self.inner, self.goal = list(answers), 0, inner, goal
+    def __init__(self, answers: list, inner: FidelityProbe | None = None, lowered: float | None = None) -> None:
+        self.answers, self.calls, self.inner, self.goal, self.lowered = list(answers), 0, inner, 97.0, lowered
 
     def __call__(self, model) -> float:
         self.calls += 1
+        if self.lowered is not None:  # as FidelityProbe: the goal is known once its classifier is trained
+            self.goal = self.lowered
         if self.inner:
             self.inner(model)
         answer = self.answers.pop(0)
@@ -100,7 +102,8 @@ def test_a_low_check_makes_pretraining_go_on_to_the_model_of_a_longer_run(tmp_pa
         in out and "goes on to step 16" in out
     check = ["check", "configs/demo-digits.yaml", f"out_dir={tmp_path}", "name=goes-on", *TINY, "pretrain.max_steps=16"]
     assert main(check) == 0  # the tiny classifier misses real images as often as the samples: its goal is met
-    assert "below 97 %, but as often as real images: the goal is met" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "below 97 %, but not below the classifier's own " in out and "the check sees no shortfall" in out
     monkeypatch.setattr(check_stage, "fidelity_goal", lambda real: 97.0)  # as a classifier right on real images
     assert main(check) == 0  # a tiny model of 16 steps: below the goal
     assert ("below the 97 % goal: the generator underfits — raise pretrain.steps (now 8) or pretrain.max_steps "
@@ -117,13 +120,17 @@ def test_a_check_that_reaches_the_goal_stops_pretraining_there(tmp_path, capsys)
 
 
 def test_a_goal_the_classifier_lowered_is_the_one_pretraining_stops_at(tmp_path, capsys):
-    """Where the check's classifier scores below 97 % on real val images, its own accuracy is the goal."""
+    """Where the check's classifier scores below 97 % on real val images, its own accuracy is the goal (known
+    after the probe's first call); a fidelity equal to it stops pretraining."""
     cfg = _cfg(tmp_path, "lowered", "pretrain.max_steps=16")
-    probe = Scripted([92.0], goal=91.5)
+    probe = Scripted([90.0, 91.5], lowered=91.5)
     train_stage(cfg, "pretrain", probe=probe)
-    assert probe.calls == 1 and _info(cfg)["steps"] == 8
-    assert _info(cfg)["extension"]["goal"] == 91.5 and _info(cfg)["extension"]["checks"][0]["goal"] == 91.5
-    assert "92.0 % reaches the 91.5 % goal: pretraining stops here" in capsys.readouterr().out
+    assert probe.calls == 2 and _info(cfg)["steps"] == 12
+    assert _info(cfg)["extension"]["goal"] == 91.5 and [c["goal"] for c in _info(cfg)["extension"]["checks"]] == \
+        [91.5, 91.5]
+    out = capsys.readouterr().out
+    assert "at step 8: 90.0 % below the 91.5 % goal: pretraining goes on to step 12" in out
+    assert "at step 12: 91.5 % reaches the 91.5 % goal: pretraining stops here" in out
 
 
 def test_an_interrupted_round_resumes_to_the_same_model(tmp_path, straight):

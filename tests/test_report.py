@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffdistill.stages.report import candidates_line, verdicts, write_report
+from diffdistill.stages.report import candidates_line, fidelity_goal, goal_text, verdicts, write_report
 
 
 def summary(mean: float, std: float = 0.5) -> dict:
@@ -248,6 +248,13 @@ def test_the_redraw_line_says_partly_by_construction_only_when_an_image_was_redr
     lost = redraw_line({"redrawn": 2, "replaced": 0, "assigned": 98, "of": 100})  # every redraw did worse
     assert "by construction" not in lost and "0 kept a later draw" in lost and "the generator's own" in lost
     assert "2 kept a later draw" in redraw_line({"redrawn": 6, "replaced": 2, "assigned": 98, "of": 100})
+
+
+def test_a_goal_the_classifier_lowered_says_so():
+    assert goal_text(97.0) == "the 97 % goal"
+    assert goal_text(91.0) == "the 91 % goal (the classifier's own accuracy on real val images, below 97 %)"
+    assert goal_text(93.44) == "the 93.4 % goal (the classifier's own accuracy on real val images, below 97 %)"
+    assert fidelity_goal(None) == 97.0 and fidelity_goal(99.5) == 97.0 and fidelity_goal(93.4) == 93.4
 
 
 def test_the_report_says_how_long_pretraining_went_on_and_why(tmp_path):

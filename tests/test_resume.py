@@ -223,8 +223,9 @@ def test_a_setting_an_older_version_did_not_write_counts_with_its_default(tmp_pa
 
 def test_a_pretraining_that_goes_on_by_the_check_depends_on_the_checks_settings(tmp_path):
     """A pretraining that checked itself on the way (pretrain.max_steps) let the check's verdict decide how long
-    it ran: it is made again when a setting the check reads changes, not when only sampling's own keys, the later
-    evaluation nets or the val folders do; one that made no check depends on its own keys only."""
+    it ran: it is made again when a setting the check reads changes (the val folders too: the classifier's accuracy
+    on them can lower the goal), not when only sampling's own keys or the later evaluation nets do; one that made
+    no check depends on its own keys only."""
     from diffdistill.config import load_config, to_dict
     from diffdistill.runs import changed_settings
 
@@ -240,7 +241,8 @@ def test_a_pretraining_that_goes_on_by_the_check_depends_on_the_checks_settings(
     checked = [{"step": 4000, "fidelity": 80.0}]
     later = [*going_on, "pretrain.check_images=5", "sample.guidance=3", "sample.ipc=[1]",
              "evaluate.nets=[convnet3,resnet18]", "data.val=/elsewhere"]
-    assert changes(going_on, later, checked) == ["pretrain.check_images: 10 -> 5", "sample.guidance: 2.0 -> 3.0"]
+    assert changes(going_on, later, checked) == ["data.val: None -> /elsewhere", "pretrain.check_images: 10 -> 5",
+                                                 "sample.guidance: 2.0 -> 3.0"]
     assert changes(going_on, later, []) == []  # it stopped at pretrain.steps without a check
     assert changes([], going_on, []) == ["pretrain.max_steps: 0 -> 8000"]
 

@@ -222,14 +222,14 @@ def changed_settings(cfg: Config, stage: str) -> list[str]:
     if recorded is None:
         return []
     saved, now = {**flat_keys(to_dict(Config())), **flat_keys(recorded)}, flat_keys(to_dict(cfg))
-    # a pretraining that checked itself on the way (pretrain.max_steps) depends on what the check reads, but for
-    # the val folders (it scores only samples)
+    # a pretraining that checked itself on the way (pretrain.max_steps) depends on what the check reads, the val
+    # folders included (the classifier's accuracy on them can lower the goal)
     checked = stage == "pretrain" and bool(((_record(cfg.run_dir, stage) or {}).get("extension") or {}).get("checks"))
     if stage == "check" or checked:  # the check's classifier is the first net's
         saved["evaluate.nets"], now["evaluate.nets"] = list(saved["evaluate.nets"])[:1], list(now["evaluate.nets"])[:1]
     unused = unused_data_keys(saved, now)
     return [f"{key}: {saved.get(key)} -> {value}" for key, value in now.items()
-            if (_depends(stage, key) or (checked and key not in VAL_KEYS and _depends("check", key)))
+            if (_depends(stage, key) or (checked and _depends("check", key)))
             and saved.get(key) != value and key not in unused]
 
 

@@ -99,9 +99,10 @@ def fidelity_goal(real_accuracy: float | None) -> float:
 
 def goal_text(goal: float) -> str:
     """'the 97 % goal', or where the classifier's own accuracy set it, says so."""
+    shown = f"the {goal:.1f}".removesuffix(".0") + " % goal"
     if goal >= FIDELITY_GOAL:
-        return f"the {FIDELITY_GOAL:.0f} % goal"
-    return f"the {goal:.1f} % goal (the classifier's own accuracy on real val images, below {FIDELITY_GOAL:.0f} %)"
+        return shown
+    return f"{shown} (the classifier's own accuracy on real val images, below {FIDELITY_GOAL:.0f} %)"
 
 
 def choice_summary(results: dict) -> tuple[str, dict] | None:
@@ -345,8 +346,9 @@ def _went_on(run_dir: Path) -> str:
     if not ext or not ext["checks"]:
         return ""
     said = ", ".join(f"{c['fidelity']:.1f} % at step {c['step']}" for c in ext["checks"])
+    goal = f"{ext['goal']:.1f}".removesuffix(".0")
     return (f" Pretraining ran {info['steps']} steps: the checks on the way "
-            f"(pretrain.max_steps {ext['max_steps']}, goal {round(ext['goal'], 1):g} %) found {said}.")
+            f"(pretrain.max_steps {ext['max_steps']}, goal {goal} %) found {said}.")
 
 
 def samples_section(run_dir: Path, results: dict) -> list[str]:

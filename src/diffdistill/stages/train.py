@@ -329,8 +329,10 @@ class TrainLoop:
                 log_file.close()
         seconds = time.perf_counter() - t_start
         memory = self.mem_timer.seconds()  # device time of the memory work (CUDA events on a GPU)
-        went_on = {"extension": {"max_steps": self.tcfg.max_steps, "goal": probe.goal, "checks": self.checks}} \
-            if probe is not None and self.tcfg.max_steps else {}
+        went_on = {}
+        if probe is not None and self.tcfg.max_steps:  # a resumed session may make no check: the last one's goal
+            goal = self.checks[-1].get("goal", probe.goal) if self.checks else probe.goal
+            went_on = {"extension": {"max_steps": self.tcfg.max_steps, "goal": goal, "checks": self.checks}}
         training = seconds - self.check_seconds  # the share of the steps' time, not of the checks'
         return {"steps": self.step, "seconds": round(seconds, 2), "memory_seconds": round(memory, 3),
                 "memory_share_percent": round(100 * memory / max(training, 1e-9), 2), "last_log": row, **went_on}
@@ -383,11 +385,12 @@ class TrainLoop:
         self.checks.append({"step": self.step, "fidelity": fidelity, "goal": goal, "seconds": round(took, 1)})
         self.check_seconds += took
         self.t_log += took  # the check's time is not the steps' (ms_per_step of the next row)
+        shown = f"{goal:.1f}".removesuffix(".0")
         if fidelity >= goal:
-            say = f"reaches the {round(goal, 1):g} % goal: pretraining stops here"
+            say = f"reaches the {shown} % goal: pretraining stops here"
         else:
             self.target = min(most, self.step + max(1, self.tcfg.steps // 2))
-            say = f"below the {round(goal, 1):g} % goal: pretraining goes on to step {self.target} (max_steps {most})"
+            say = f"below the {shown} % goal: pretraining goes on to step {self.target} (max_steps {most})"
         if dist.is_main():
             print(f"{self.stage}: generator check at step {self.step}: {fidelity:.1f} % {say}", flush=True)
         every = self.tcfg.checkpoint_every
