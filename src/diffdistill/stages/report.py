@@ -97,9 +97,14 @@ def fidelity_goal(real_accuracy: float | None) -> float:
     return FIDELITY_GOAL if real_accuracy is None else min(FIDELITY_GOAL, real_accuracy)
 
 
+def _goal_number(goal: float) -> str:
+    """97.0 -> '97', 93.44 -> '93.4' (as the training loop prints a check's goal)."""
+    return f"{goal:.1f}".removesuffix(".0")
+
+
 def goal_text(goal: float) -> str:
     """'the 97 % goal', or where the classifier's own accuracy set it, says so."""
-    shown = f"the {goal:.1f}".removesuffix(".0") + " % goal"
+    shown = f"the {_goal_number(goal)} % goal"
     if goal >= FIDELITY_GOAL:
         return shown
     return f"{shown} (the classifier's own accuracy on real val images, below {FIDELITY_GOAL:.0f} %)"
@@ -346,9 +351,8 @@ def _went_on(run_dir: Path) -> str:
     if not ext or not ext["checks"]:
         return ""
     said = ", ".join(f"{c['fidelity']:.1f} % at step {c['step']}" for c in ext["checks"])
-    goal = f"{ext['goal']:.1f}".removesuffix(".0")
     return (f" Pretraining ran {info['steps']} steps: the checks on the way "
-            f"(pretrain.max_steps {ext['max_steps']}, goal {goal} %) found {said}.")
+            f"(pretrain.max_steps {ext['max_steps']}, goal {_goal_number(ext['goal'])} %) found {said}.")
 
 
 def samples_section(run_dir: Path, results: dict) -> list[str]:
