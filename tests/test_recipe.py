@@ -12,15 +12,25 @@ from diffdistill.cli import main
 from diffdistill.config import ConfigError, build_config, to_dict
 
 
-@pytest.mark.parametrize("images, classes, batch, steps", [
-    (1437, 10, 64, 4800),  # the demo's digits: 200 epochs = 4490.6 steps, 480 × 10 classes = 4800
-    (2500, 10, 64, 7900),  # 200 × 2500 / 64 = 7812.5, rounded up to hundreds
-    (7500, 30, 64, 20000),  # 23437.5: the ceiling
-    (120, 2, 64, 2000),  # 375 and 960: the floor
-    (2500, 10, 32, 15700),  # half the batch, twice the steps
+@pytest.mark.parametrize("images, batch, steps", [
+    (1437, 64, 4500),  # the demo's digits: 200 epochs = 4490.6 steps, rounded up to hundreds
+    (2500, 64, 7900),  # 200 × 2500 / 64 = 7812.5
+    (7500, 64, 20000),  # 23437.5: the ceiling
+    (120, 64, 2000),  # 375: the floor
+    (2500, 32, 15700),  # half the batch, twice the steps
 ])
-def test_pretrain_steps_follow_images_and_classes(images, classes, batch, steps):
-    assert recipe.pretrain_steps(images, classes, batch)[0] == steps
+def test_pretrain_steps_follow_the_images(images, batch, steps):
+    assert recipe.pretrain_steps(images, batch)[0] == steps
+
+
+@pytest.mark.parametrize("steps, classes, most", [
+    (7900, 10, 15800),  # glyphs: 480 × 10 = 4800 < 7900: twice the steps
+    (12500, 100, 40000),  # scenes100 (40 images per class): 48,000 by its classes, at the ceiling, twice
+    (2000, 30, 28800),  # 14,400 by 30 classes, twice
+    (2000, 2, 4000),  # 960: the floor, twice
+])
+def test_max_steps_give_many_small_classes_room_by_their_classes(steps, classes, most):
+    assert recipe.max_pretrain_steps(steps, classes)[0] == most
 
 
 @pytest.mark.parametrize("size, factor", [(16, 2), (32, 4), (28, 2), (64, 4), (48, 4), (8, 1), (256, 4)])
@@ -52,7 +62,7 @@ def test_resolve_replaces_only_auto_keys_and_says_why():
     out = recipe.resolve(cfg, facts)
     assert (out.pretrain.steps, out.model.size, out.autoencoder.unshuffle) == (7900, "tiny", 4)
     assert [key for key, _ in out.auto] == ["autoencoder.unshuffle", "model.size", "pretrain.steps"]
-    assert dict(out.auto)["pretrain.steps"].startswith("7900: max(200 epochs of 2500 images")
+    assert dict(out.auto)["pretrain.steps"].startswith("7900: 200 epochs of 2500 images")
     assert "auto" not in to_dict(out)  # config.yaml holds the values, run_info.json the reasons
     fixed = build_config({"pretrain": {"steps": 300}})
     assert recipe.resolve(fixed, facts) == fixed and not recipe.has_auto(fixed)

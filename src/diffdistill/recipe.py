@@ -14,13 +14,15 @@ from diffdistill.config import AUTO, Config, ConfigError
 from diffdistill.data.datasets import train_counts
 from diffdistill.models.dit import SIZES
 
-# pretrain.steps: enough passes over the data and enough steps per class (4,800 steps of 64 on the demo's 1,437
-# digits of 10 classes are 480 per class and 214 epochs), within a floor and a ceiling that bound a CPU run
+# pretrain.steps: enough passes over the data, within a floor and a ceiling that bound a CPU run; the generator
+# check there says whether pretraining goes on
 EPOCHS = 200
-STEPS_PER_CLASS = 480
 STEP_FLOOR, STEP_CEILING = 2000, 20000
-# pretrain.max_steps: how far pretraining may go on while the generator check is below its goal
+# pretrain.max_steps: how far pretraining may go on while the generator check is below its goal: twice the steps,
+# or twice enough steps per class (4,800 steps of 64 on the demo's 1,437 digits of 10 classes are 480 per class and
+# 214 epochs) where many classes have few images each
 MAX_STEPS_FACTOR = 2
+STEPS_PER_CLASS = 480
 # model.size: the tiny DiT while a token carries few values; a wider one for RGB tokens
 TOKEN_VALUES_TINY = 64
 SIZE_NARROW, SIZE_WIDE = "tiny", "small"
@@ -67,12 +69,23 @@ def model_size(latent_channels: int) -> tuple[str, str]:
     return size, f"{latent_channels} latent channels x {PATCH}x{PATCH} patch = {values} values per token"
 
 
-def pretrain_steps(images: int, classes: int, batch_size: int) -> tuple[int, str]:
-    by_epochs = EPOCHS * images / batch_size
-    by_classes = STEPS_PER_CLASS * classes
-    steps = min(STEP_CEILING, max(STEP_FLOOR, 100 * math.ceil(max(by_epochs, by_classes) / 100)))
-    return steps, (f"max({EPOCHS} epochs of {images} images at batch {batch_size}, {STEPS_PER_CLASS} x "
-                   f"{classes} classes) within [{STEP_FLOOR}, {STEP_CEILING}]")
+def _bounded(steps: float) -> int:
+    return min(STEP_CEILING, max(STEP_FLOOR, 100 * math.ceil(steps / 100)))
+
+
+def pretrain_steps(images: int, batch_size: int) -> tuple[int, str]:
+    steps = _bounded(EPOCHS * images / batch_size)
+    return steps, f"{EPOCHS} epochs of {images} images at batch {batch_size}, within [{STEP_FLOOR}, {STEP_CEILING}]"
+
+
+def max_pretrain_steps(steps: int, classes: int) -> tuple[int, str]:
+    """How far the checks on the way may take pretraining: a set of many small classes gets room by its classes
+    (scenes100: 100 classes of 40 images, 12,500 steps, up to 40,000), the others twice their steps."""
+    by_classes = _bounded(STEPS_PER_CLASS * classes)
+    most = MAX_STEPS_FACTOR * max(steps, by_classes)
+    return most, (f"{MAX_STEPS_FACTOR} x max(pretrain.steps, {STEPS_PER_CLASS} x {classes} classes within "
+                  f"[{STEP_FLOOR}, {STEP_CEILING}]), reached only while the generator checks on the way are below "
+                  "their goal")
 
 
 def resolve(cfg: Config, facts: DataFacts) -> Config:
@@ -97,18 +110,17 @@ def resolve(cfg: Config, facts: DataFacts) -> Config:
         chosen.append(("model.size", f"{size}: {why}"))
     pretrain = cfg.pretrain
     if pretrain.steps == AUTO:
-        steps, why = pretrain_steps(facts.images, facts.classes, pretrain.batch_size)
+        steps, why = pretrain_steps(facts.images, pretrain.batch_size)
         pretrain = dataclasses.replace(pretrain, steps=steps)
         chosen.append(("pretrain.steps", f"{steps}: {why}"))
     if pretrain.max_steps == AUTO:
         why_not = {"pretrain.steps is 0": pretrain.steps == 0, "pretrain.check_images is 0": not pretrain.check_images,
                    "evaluate.full is false": not cfg.evaluate.full}  # the check needs a full-data classifier
         off = next((why for why, holds in why_not.items() if holds), None)
-        most = 0 if off else MAX_STEPS_FACTOR * pretrain.steps
+        most, why = (0, f"no generator check to go on by ({off})") if off else \
+            max_pretrain_steps(pretrain.steps, facts.classes)
         pretrain = dataclasses.replace(pretrain, max_steps=most)
-        chosen.append(("pretrain.max_steps", f"0: no generator check to go on by ({off})" if off else
-                       f"{most}: {MAX_STEPS_FACTOR} x pretrain.steps, reached only while the generator checks on the "
-                       "way are below their goal"))
+        chosen.append(("pretrain.max_steps", f"{most}: {why}"))
     elif 0 < pretrain.max_steps < pretrain.steps:
         raise ConfigError(f"config key 'pretrain.max_steps': expected 0, auto or at least pretrain.steps "
                           f"({pretrain.steps}), got {pretrain.max_steps}")
