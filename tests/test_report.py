@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffdistill.stages.report import candidates_line, fidelity_goal, goal_text, verdicts, write_report
+from diffdistill.metrics import fidelity_goal
+from diffdistill.stages.report import candidates_line, goal_text, verdicts, write_report
 
 
 def summary(mean: float, std: float = 0.5) -> dict:

@@ -15,6 +15,7 @@ Pure functions of feature tensors [N, F] (no I/O).
   image in the real set keeps its own.
 - DD-Ranking scores (accuracies as fractions): IOR = acc_distilled − acc_random_real,
   HLR = acc_full − acc_distilled, LRS = (e^(λ·IOR − (1−λ)·HLR) − e^−1) / (e − e^−1), λ = 0.5.
+- fidelity goal: the share (%) of samples a classifier trained on real images should assign their class.
 """
 
 from __future__ import annotations
@@ -23,6 +24,20 @@ import math
 
 import torch
 from torch import Tensor
+
+# what the check, the training loop and the report call a good generator
+FIDELITY_GOAL = 97.0
+
+
+def fidelity_goal(real_accuracy: float | None) -> float:
+    """FIDELITY_GOAL, or the classifier's own accuracy on real val images where that is lower (a classifier that
+    misses that share of real images cannot show that a generator falls short of them)."""
+    return FIDELITY_GOAL if real_accuracy is None else min(FIDELITY_GOAL, real_accuracy)
+
+
+def goal_number(goal: float) -> str:
+    """97.0 -> '97', 93.44 -> '93.4': a goal as the terminal and report.md print it."""
+    return f"{goal:.1f}".removesuffix(".0")
 
 
 def diversity(x: Tensor) -> float | None:

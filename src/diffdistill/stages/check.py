@@ -31,6 +31,7 @@ from diffdistill.data.datasets import ImageSet, load_data
 from diffdistill.data.pixels import channel_stats, pixel_sha256
 from diffdistill.errors import StageError
 from diffdistill.files import atomic_write_bytes, atomic_write_json
+from diffdistill.metrics import FIDELITY_GOAL, fidelity_goal
 from diffdistill.models.classifiers import build_classifier
 from diffdistill.models.dit import load_dit
 from diffdistill.runs import (
@@ -45,7 +46,7 @@ from diffdistill.runs import (
 )
 from diffdistill.runtime import derive_seed, package_versions, sample_batch, setup
 from diffdistill.stages.evaluate import accuracy, class_means, on_device, train_classifier
-from diffdistill.stages.report import FIDELITY_GOAL, fidelity_goal, goal_text
+from diffdistill.stages.report import goal_text
 from diffdistill.stages.sample import Judge, sample_images
 
 

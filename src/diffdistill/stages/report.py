@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from diffdistill.data.datasets import IMAGE_EXTENSIONS
 from diffdistill.errors import StageError
 from diffdistill.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from diffdistill.metrics import FIDELITY_GOAL, fidelity_goal, goal_number
 from diffdistill.plots import (
     EXAMPLE_CLASSES,
     EXAMPLES_PER_CLASS,
@@ -81,30 +82,16 @@ def accuracy_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-# what the report calls a good generator, and samples "too alike": diversity or coverage below this share of
-# the random-real subsets' at the same IPC
-FIDELITY_GOAL = 97.0
+# samples "too alike": diversity or coverage below this share of the random-real subsets' at the same IPC
 TOO_ALIKE = 0.75
 # samples "unlike real images": precision (the share inside real images' k-NN balls) below this share of the
 # random-real subsets' — classifiable, but off the real images' manifold
 UNREALISTIC = 0.75
 
 
-def fidelity_goal(real_accuracy: float | None) -> float:
-    """The share (%) of samples a classifier should assign their class: FIDELITY_GOAL, or the classifier's own
-    accuracy on real val images where that is lower (a classifier that misses that share of real images cannot
-    show that a generator falls short of them)."""
-    return FIDELITY_GOAL if real_accuracy is None else min(FIDELITY_GOAL, real_accuracy)
-
-
-def _goal_number(goal: float) -> str:
-    """97.0 -> '97', 93.44 -> '93.4' (as the training loop prints a check's goal)."""
-    return f"{goal:.1f}".removesuffix(".0")
-
-
 def goal_text(goal: float) -> str:
     """'the 97 % goal', or where the classifier's own accuracy set it, says so."""
-    shown = f"the {_goal_number(goal)} % goal"
+    shown = f"the {goal_number(goal)} % goal"
     if goal >= FIDELITY_GOAL:
         return shown
     return f"{shown} (the classifier's own accuracy on real val images, below {FIDELITY_GOAL:.0f} %)"
@@ -352,7 +339,7 @@ def _went_on(run_dir: Path) -> str:
         return ""
     said = ", ".join(f"{c['fidelity']:.1f} % at step {c['step']}" for c in ext["checks"])
     return (f" Pretraining ran {info['steps']} steps: the checks on the way "
-            f"(pretrain.max_steps {ext['max_steps']}, goal {_goal_number(ext['goal'])} %) found {said}.")
+            f"(pretrain.max_steps {ext['max_steps']}, goal {goal_number(ext['goal'])} %) found {said}.")
 
 
 def samples_section(run_dir: Path, results: dict) -> list[str]:

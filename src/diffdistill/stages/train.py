@@ -44,6 +44,7 @@ from diffdistill.files import check_output_free, staged_dir
 from diffdistill.latents import BatchOrder, latent_source
 from diffdistill.losses import memory_loss_dense
 from diffdistill.memory import MemoryBank
+from diffdistill.metrics import goal_number
 from diffdistill.models.adapters import EMA, Trainable, make_trainable
 from diffdistill.models.dit import (
     build_dit,
@@ -385,7 +386,7 @@ class TrainLoop:
         self.checks.append({"step": self.step, "fidelity": fidelity, "goal": goal, "seconds": round(took, 1)})
         self.check_seconds += took
         self.t_log += took  # the check's time is not the steps' (ms_per_step of the next row)
-        shown = f"{goal:.1f}".removesuffix(".0")
+        shown = goal_number(goal)
         if fidelity >= goal:
             say = f"reaches the {shown} % goal: pretraining stops here"
         else:
