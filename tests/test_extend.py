@@ -236,15 +236,15 @@ def test_every_setting_that_trains_the_checks_classifier_is_in_its_key():
     assert {"seed", "data.train", "data.image_size", "data.hflip", "data.classes"} <= settings.keys()
 
 
-def test_max_steps_is_checked_and_auto_doubles_the_steps():
+def test_max_steps_is_checked_and_auto_doubles_the_steps_set_by_hand():
     def load(*overrides):
         return resolve_config(load_config("configs/demo-digits.yaml", ["pretrain.check_images=1", *overrides]))
 
-    auto = load("pretrain.steps=6000", "pretrain.max_steps=auto")  # 6000 > 480 × the digits' 10 classes
-    assert auto.pretrain.max_steps == 12000
-    assert any(k == "pretrain.max_steps" and v.startswith("12000: 2 x max(pretrain.steps, 480 x 10 classes")
-               for k, v in auto.auto)
-    assert load("pretrain.steps=3000", "pretrain.max_steps=auto").pretrain.max_steps == 9600  # by the classes
+    auto = load("pretrain.steps=3000", "pretrain.max_steps=auto")  # not by the classes: the steps are a number
+    assert auto.pretrain.max_steps == 6000
+    assert any(k == "pretrain.max_steps" and v.startswith("6000: 2 x pretrain.steps") for k, v in auto.auto)
+    both = load("pretrain.steps=auto", "pretrain.max_steps=auto")  # 200 epochs of the 1,437 digits: 4,500 steps
+    assert (both.pretrain.steps, both.pretrain.max_steps) == (4500, 9600)  # room by 480 × 10 classes
     with pytest.raises(ConfigError, match=r"'pretrain.max_steps': expected 0, auto or at least pretrain.steps"):
         load("pretrain.steps=3000", "pretrain.max_steps=2000")
     with pytest.raises(ConfigError, match=r"'pretrain.max_steps': expected 0 or auto while pretrain.check_images "

@@ -68,7 +68,7 @@ def test_dry_run_prints_the_plan_and_makes_nothing(folders, tmp_path, capsys):
     sides = sorted(min(Image.open(f).size) for f in (folders / "train").rglob("*.*"))
     assert f"(the images: {sides[0]}–{sides[-1]} px, a peek at up to 64 files)" in out
     assert "keeps more of their detail" not in out  # 24-32 px read at 16: not said
-    assert "auto: pretrain.max_steps = 4000: 2 x pretrain.steps" in out
+    assert "auto: pretrain.max_steps = 4000: 2 x max(pretrain.steps, min(20000, 480 x 3 classes) = 1440)" in out
     # a batch larger than the set takes it all
     assert "pretrain: 2000 steps of batch 64 (2000 epochs); up to 4000 while the generator checks on the way" in out
     assert "sample: 15 images (5 per class), ddpm 50 steps, guidance 2.0" in out

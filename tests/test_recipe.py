@@ -25,12 +25,24 @@ def test_pretrain_steps_follow_the_images(images, batch, steps):
 
 @pytest.mark.parametrize("steps, classes, most", [
     (7900, 10, 15800),  # glyphs: 480 × 10 = 4800 < 7900: twice the steps
-    (12500, 100, 40000),  # scenes100 (40 images per class): 48,000 by its classes, at the ceiling, twice
+    (12500, 100, 40000),  # scenes100 (40 images per class): 48,000 by its classes, the ceiling, twice
     (2000, 30, 28800),  # 14,400 by 30 classes, twice
-    (2000, 2, 4000),  # 960: the floor, twice
+    (2000, None, 4000),  # steps set by hand: twice themselves, whatever the classes
 ])
 def test_max_steps_give_many_small_classes_room_by_their_classes(steps, classes, most):
     assert recipe.max_pretrain_steps(steps, classes)[0] == most
+
+
+def test_a_many_class_set_is_checked_at_200_epochs_with_room_by_its_classes():
+    facts = recipe.DataFacts(images=4000, classes=100, image_size=16, channels=3)
+    cfg = build_config({"pretrain": {"steps": "auto", "max_steps": "auto", "check_images": 10}})
+    out = recipe.resolve(cfg, facts)
+    assert (out.pretrain.steps, out.pretrain.max_steps) == (12500, 40000)
+    assert dict(out.auto)["pretrain.max_steps"].startswith(
+        "40000: 2 x max(pretrain.steps, min(20000, 480 x 100 classes) = 20000), reached only while")
+    by_hand = recipe.resolve(build_config({"pretrain": {"steps": 300, "max_steps": "auto", "check_images": 10}}),
+                             facts)
+    assert by_hand.pretrain.max_steps == 600  # a short trial stays short: no room by the classes
 
 
 @pytest.mark.parametrize("size, factor", [(16, 2), (32, 4), (28, 2), (64, 4), (48, 4), (8, 1), (256, 4)])

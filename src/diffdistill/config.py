@@ -138,7 +138,7 @@ class TrainConfig:
     check_images: int = _num(0, NON_NEGATIVE)
     # pretrain only, with the check: while a generator check made on the way (the check's classifier and seeds, on
     # the EMA model) is below the fidelity goal, pretraining goes on past `steps` in rounds of steps / 2, up to
-    # max_steps in all; 0: it stops at `steps`; auto: 2 × max(steps, 480 × classes) (recipe.py). The same weights
+    # max_steps in all; 0: it stops at `steps`; auto: 2 × steps (recipe.py: more for many classes). The same weights
     # as a run of that many steps
     max_steps: int | Literal["auto"] = _num(0, _check(lambda v: v == AUTO or v >= 0, "a number >= 0 or auto"))
     memory: MemoryConfig = field(default_factory=MemoryConfig)

@@ -1,5 +1,5 @@
 """How diverse and how representative a sample set is, measured against real data in a feature space.
-Pure functions of feature tensors [N, F] (no I/O).
+Pure functions of feature tensors [N, F] (no I/O), and the fidelity goal, of plain numbers.
 
 - diversity: mean pairwise cosine distance 1 − cos(f_i, f_j) over pairs i < j inside a set.
 - precision / recall (Kynkäänniemi et al. 2019): each real point's ball reaches its k-th nearest real

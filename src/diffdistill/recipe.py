@@ -19,8 +19,8 @@ from diffdistill.models.dit import SIZES
 EPOCHS = 200
 STEP_FLOOR, STEP_CEILING = 2000, 20000
 # pretrain.max_steps: how far pretraining may go on while the generator check is below its goal: twice the steps,
-# or twice enough steps per class (4,800 steps of 64 on the demo's 1,437 digits of 10 classes are 480 per class and
-# 214 epochs) where many classes have few images each
+# or, where many classes have few images each, twice enough steps per class (480: the demo's 4,800 steps of 64 on
+# 1,437 digits of 10 classes, 214 epochs, which an earlier rule took as a floor of pretrain.steps)
 MAX_STEPS_FACTOR = 2
 STEPS_PER_CLASS = 480
 # model.size: the tiny DiT while a token carries few values; a wider one for RGB tokens
@@ -78,14 +78,18 @@ def pretrain_steps(images: int, batch_size: int) -> tuple[int, str]:
     return steps, f"{EPOCHS} epochs of {images} images at batch {batch_size}, within [{STEP_FLOOR}, {STEP_CEILING}]"
 
 
-def max_pretrain_steps(steps: int, classes: int) -> tuple[int, str]:
-    """How far the checks on the way may take pretraining: a set of many small classes gets room by its classes
-    (scenes100: 100 classes of 40 images, 12,500 steps, up to 40,000), the others twice their steps."""
-    by_classes = _bounded(STEPS_PER_CLASS * classes)
-    most = MAX_STEPS_FACTOR * max(steps, by_classes)
-    return most, (f"{MAX_STEPS_FACTOR} x max(pretrain.steps, {STEPS_PER_CLASS} x {classes} classes within "
-                  f"[{STEP_FLOOR}, {STEP_CEILING}]), reached only while the generator checks on the way are below "
-                  "their goal")
+def max_pretrain_steps(steps: int, classes: int | None) -> tuple[int, str]:
+    """How far the checks on the way may take pretraining: twice the steps, or where the steps were auto
+    (`classes` given), twice 480 steps per class if that is more: a set of many small classes gets room by its
+    classes (scenes100: 100 classes of 40 images, 12,500 steps, up to 40,000). A number set for pretrain.steps
+    keeps twice itself (a short trial run stays short)."""
+    why = "reached only while the generator checks on the way are below their goal"
+    if classes is None:
+        return MAX_STEPS_FACTOR * steps, f"{MAX_STEPS_FACTOR} x pretrain.steps, {why}"
+    by_classes = min(STEP_CEILING, STEPS_PER_CLASS * classes)
+    return MAX_STEPS_FACTOR * max(steps, by_classes), (
+        f"{MAX_STEPS_FACTOR} x max(pretrain.steps, min({STEP_CEILING}, {STEPS_PER_CLASS} x {classes} classes) = "
+        f"{by_classes}), {why}")
 
 
 def resolve(cfg: Config, facts: DataFacts) -> Config:
@@ -109,7 +113,8 @@ def resolve(cfg: Config, facts: DataFacts) -> Config:
         model = dataclasses.replace(model, size=size)
         chosen.append(("model.size", f"{size}: {why}"))
     pretrain = cfg.pretrain
-    if pretrain.steps == AUTO:
+    steps_auto = pretrain.steps == AUTO
+    if steps_auto:
         steps, why = pretrain_steps(facts.images, pretrain.batch_size)
         pretrain = dataclasses.replace(pretrain, steps=steps)
         chosen.append(("pretrain.steps", f"{steps}: {why}"))
@@ -118,7 +123,7 @@ def resolve(cfg: Config, facts: DataFacts) -> Config:
                    "evaluate.full is false": not cfg.evaluate.full}  # the check needs a full-data classifier
         off = next((why for why, holds in why_not.items() if holds), None)
         most, why = (0, f"no generator check to go on by ({off})") if off else \
-            max_pretrain_steps(pretrain.steps, facts.classes)
+            max_pretrain_steps(pretrain.steps, facts.classes if steps_auto else None)
         pretrain = dataclasses.replace(pretrain, max_steps=most)
         chosen.append(("pretrain.max_steps", f"{most}: {why}"))
     elif 0 < pretrain.max_steps < pretrain.steps:
