@@ -243,7 +243,8 @@ def test_max_steps_is_checked_and_auto_doubles_the_steps_set_by_hand():
     auto = load("pretrain.steps=3000", "pretrain.max_steps=auto")  # not by the classes: the steps are a number
     assert auto.pretrain.max_steps == 6000
     assert any(k == "pretrain.max_steps" and v.startswith("6000: 2 x pretrain.steps") for k, v in auto.auto)
-    both = load("pretrain.steps=auto", "pretrain.max_steps=auto")  # 200 epochs of the 1,437 digits: 4,500 steps
+    # 200 epochs of the 1,437 digits at batch 64: 4,500 steps
+    both = load("pretrain.steps=auto", "pretrain.max_steps=auto", "pretrain.batch_size=64")
     assert (both.pretrain.steps, both.pretrain.max_steps) == (4500, 9600)  # room by 480 × 10 classes
     with pytest.raises(ConfigError, match=r"'pretrain.max_steps': expected 0, auto or at least pretrain.steps"):
         load("pretrain.steps=3000", "pretrain.max_steps=2000")
