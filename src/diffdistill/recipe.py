@@ -69,12 +69,8 @@ def model_size(latent_channels: int) -> tuple[str, str]:
     return size, f"{latent_channels} latent channels x {PATCH}x{PATCH} patch = {values} values per token"
 
 
-def _bounded(steps: float) -> int:
-    return min(STEP_CEILING, max(STEP_FLOOR, 100 * math.ceil(steps / 100)))
-
-
 def pretrain_steps(images: int, batch_size: int) -> tuple[int, str]:
-    steps = _bounded(EPOCHS * images / batch_size)
+    steps = min(STEP_CEILING, max(STEP_FLOOR, 100 * math.ceil(EPOCHS * images / batch_size / 100)))
     return steps, f"{EPOCHS} epochs of {images} images at batch {batch_size}, within [{STEP_FLOOR}, {STEP_CEILING}]"
 
 
